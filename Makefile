@@ -1,0 +1,48 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   creates .venv, installs tracklog and trains the demo agent
+#   make test   installs the dev tools, then runs ruff, mypy --strict and pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# The CPU build of torch that lies on this machine's disk; it must be installed
+# before stable-baselines3, or pip resolves a multi-GB CUDA build instead.
+TORCH := torch==2.13.0
+
+.PHONY: install install-dev demo test lint typecheck pytest bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m tracklog.demo --settings examples/demo.yaml
+
+lint: install-dev
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
+
+typecheck: install-dev
+	$(BIN)/mypy --strict
+
+pytest: install-dev
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis

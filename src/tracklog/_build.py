@@ -1,0 +1,69 @@
+"""``build_logger``: settings in, a ready :class:`tracklog.Logger` out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import assert_never
+
+from stable_baselines3.common.logger import KVWriter
+
+from tracklog._logger import Logger
+from tracklog._media import MediaStore
+from tracklog.outputs import CsvOutputFormat, FixedHumanOutputFormat, JsonlOutputFormat
+from tracklog.settings import (
+    ConsoleOutput,
+    CsvOutput,
+    FileOutput,
+    JsonlOutput,
+    LoggerSettings,
+    OutputSettings,
+    load_settings,
+)
+
+__all__ = ["build_logger"]
+
+
+def _make_output(output: OutputSettings, settings: LoggerSettings, media: MediaStore) -> KVWriter:
+    match output:
+        case ConsoleOutput():
+            return FixedHumanOutputFormat(None, max_length=output.max_length)
+        case FileOutput():
+            return FixedHumanOutputFormat(
+                settings.resolve(output.path), max_length=output.max_length
+            )
+        case JsonlOutput():
+            return JsonlOutputFormat(settings.resolve(output.path), media=media)
+        case CsvOutput():
+            return CsvOutputFormat(settings.resolve(output.path), media=media)
+        case _:
+            assert_never(output)
+
+
+def build_logger(
+    settings: LoggerSettings | Mapping[str, object] | str | os.PathLike[str],
+) -> Logger:
+    """Validate ``settings`` completely, then create ``run_dir`` and every output.
+
+    ``settings`` is a :class:`LoggerSettings`, a mapping, or a path to a YAML, TOML or
+    JSON file. Invalid settings raise :class:`pydantic.ValidationError` (naming the
+    field path) before any file or directory exists. If an output fails to open, the
+    ones already opened are closed again before the error propagates.
+    """
+    resolved = load_settings(settings)
+    resolved.run_dir.mkdir(parents=True, exist_ok=True)
+    media = MediaStore(resolved.run_dir)
+    outputs: list[KVWriter] = []
+    try:
+        for output in resolved.outputs:
+            outputs.append(_make_output(output, resolved, media))
+    except BaseException:
+        for opened in outputs:
+            opened.close()
+        raise
+    return Logger(
+        folder=str(resolved.run_dir),
+        output_formats=outputs,
+        level=resolved.level_number,
+        settings=resolved,
+    )

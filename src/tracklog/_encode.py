@@ -1,0 +1,90 @@
+"""Byte encodings of media values: PNG, H.264 MP4, ``.npy`` and JSON.
+
+Pure functions over the frozen values, so any output format (and any thread) can
+call them; which value gets which encoding is decided by each backend's converter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+
+from tracklog.values import Histogram, HParam, Image, Video
+
+__all__ = ["hparam_json", "mp4", "npy", "png"]
+
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _tile(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Lay a batch (N,H,W,C) side by side into one (H, N*W, C) picture."""
+    return np.concatenate(list(batch), axis=1) if batch.shape[0] > 1 else batch[0]
+
+
+def png(image: Image) -> bytes:
+    """The image as PNG; a batch of N images is tiled left to right."""
+    from PIL import Image as PILImage
+
+    pixels = _tile(image.image)
+    channels = pixels.shape[2]
+    picture = PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels, _PIL_MODES[channels])
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mp4(video: Video) -> bytes:
+    """The clip as an H.264/yuv420p MP4 that browsers play, at the video's fps.
+
+    A batch of N clips is tiled left to right; odd sizes are padded by one pixel
+    because yuv420p needs even dimensions.
+    """
+    import av
+
+    c = video.shape[2]
+    # (N,T,C,H,W) -> (T,H,N*W,C) as RGB
+    frames = np.concatenate(list(video.frames.transpose(0, 1, 3, 4, 2)), axis=2)
+    if c == 1:
+        frames = np.repeat(frames, 3, axis=3)
+    elif c == 4:
+        frames = frames[..., :3]
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(video.fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def npy(histogram: Histogram) -> bytes:
+    """The histogram's raw values in NumPy's ``.npy`` format (``numpy.load`` reads it)."""
+    buffer = io.BytesIO()
+    np.save(buffer, histogram.values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def hparam_json(hparam: HParam) -> bytes:
+    """``{"hparams": {...nested...}, "metrics": {...}}`` as UTF-8 JSON."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, tuple):
+            return [plain(item) for item in value]
+        if hasattr(value, "items"):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    document = {"hparams": plain(hparam.hparam_dict), "metrics": dict(hparam.metric_dict)}
+    return json.dumps(document, indent=2, allow_nan=True).encode("utf-8")

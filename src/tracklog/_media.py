@@ -1,0 +1,82 @@
+"""Media files next to JSONL/CSV rows: ``<run_dir>/media/<key>/step_<step>.<ext>``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+__all__ = ["MediaStore", "safe_relpath"]
+
+_REMEMBERED_DUMPS = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_relpath(key: str) -> PurePosixPath:
+    """A relative path for ``key`` that cannot leave its directory.
+
+    Each ``/``-separated part keeps letters, digits, ``.``, ``_`` and ``-``; any other
+    run of characters becomes ``_``; ``.``/``..``/empty parts become ``_``.
+    """
+    parts = []
+    for part in key.split("/"):
+        clean = _UNSAFE.sub("_", part).strip()
+        parts.append("_" if clean in ("", ".", "..") else clean)
+    return PurePosixPath(*parts)
+
+
+class MediaStore:
+    """Writes each (dump, key) media file once, however many formats ask for it.
+
+    JSONL and CSV share one store per run, so a video is encoded and written once and
+    both rows point at the same file. Two keys that sanitise to the same directory get
+    distinct ones, and a file left by an earlier process is never overwritten.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        # seq -> key -> path, for the most recent dumps only (formats of one dump
+        # write close together; older entries are never asked for again).
+        self._written: dict[int, dict[str, str]] = {}
+        self._dirs: dict[str, PurePosixPath] = {}
+        self._dir_owner: dict[PurePosixPath, str] = {}
+
+    def _dir_for(self, key: str) -> PurePosixPath:
+        known = self._dirs.get(key)
+        if known is not None:
+            return known
+        base = PurePosixPath("media") / safe_relpath(key)
+        candidate, n = base, 1
+        while candidate in self._dir_owner:
+            n += 1
+            candidate = base.with_name(f"{base.name}~{n}")
+        self._dirs[key] = candidate
+        self._dir_owner[candidate] = key
+        return candidate
+
+    def save(self, seq: int, step: int, key: str, ext: str, encode: Callable[[], bytes]) -> str:
+        """Write ``encode()`` for dump ``seq`` once; return its path relative to ``run_dir``."""
+        written = self._written.get(seq)
+        if written is None:
+            while len(self._written) >= _REMEMBERED_DUMPS:
+                del self._written[next(iter(self._written))]
+            written = self._written[seq] = {}
+        done = written.get(key)
+        if done is not None:
+            return done
+        directory = self._dir_for(key)
+        (self.run_dir / directory).mkdir(parents=True, exist_ok=True)
+        data = encode()
+        n = 0
+        while True:
+            name = f"step_{step}.{ext}" if n == 0 else f"step_{step}-{n}.{ext}"
+            relative = directory / name
+            try:
+                with open(self.run_dir / relative, "xb") as file:
+                    file.write(data)
+                break
+            except FileExistsError:
+                n += 1
+        path = relative.as_posix()
+        written[key] = path
+        return path

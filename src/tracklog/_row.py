@@ -1,0 +1,24 @@
+"""The snapshot one ``dump(step)`` hands to every output format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tracklog.values import LogValue
+
+__all__ = ["Row"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """The values of one dump, already filtered by ``exclude`` for the output receiving it.
+
+    ``seq`` numbers the logger's dumps from 0, so formats sharing work (media files)
+    can tell two dumps at the same ``step`` apart.
+    """
+
+    step: int
+    timestamp: float
+    seq: int
+    values: Mapping[str, LogValue]

@@ -1,0 +1,36 @@
+"""Values as JSONL/CSV cells: numbers and text inline, media as files under ``media/``."""
+
+from __future__ import annotations
+
+from typing import TypeAlias, assert_never
+
+from tracklog import _encode
+from tracklog._media import MediaStore
+from tracklog._row import Row
+from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+
+__all__ = ["Cell", "to_cell"]
+
+Cell: TypeAlias = bool | int | float | str
+"""A JSONL value or CSV field; media cells are paths relative to ``run_dir``."""
+
+
+def to_cell(key: str, value: LogValue, row: Row, media: MediaStore) -> Cell:
+    """The cell for ``value``; writes its media file (once per dump) when it has one."""
+    match value:
+        case Scalar(value=number):
+            return number
+        case Text(value=text):
+            return text
+        case Histogram():
+            return media.save(row.seq, row.step, key, "npy", lambda: _encode.npy(value))
+        case Image():
+            return media.save(row.seq, row.step, key, "png", lambda: _encode.png(value))
+        case Figure():
+            return media.save(row.seq, row.step, key, "png", lambda: value.png)
+        case Video():
+            return media.save(row.seq, row.step, key, "mp4", lambda: _encode.mp4(value))
+        case HParam():
+            return media.save(row.seq, row.step, key, "json", lambda: _encode.hparam_json(value))
+        case _:
+            assert_never(value)

@@ -1,0 +1,53 @@
+"""Values as the short strings of the human-readable table (console and ``train.log``)."""
+
+from __future__ import annotations
+
+from typing import assert_never
+
+import numpy as np
+
+from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+
+__all__ = ["format_number", "one_line", "to_text"]
+
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x00": "\\0"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and tabs escaped, so a table row stays one line."""
+    return text.translate(_ESCAPES)
+
+
+def format_number(value: bool | int | float) -> str:
+    """Up to 4 significant digits for floats; ints in full unless too long to read."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        text = str(value)
+        return text if len(text) <= 12 else f"{value:.4g}"
+    return f"{value:.4g}"
+
+
+def to_text(value: LogValue) -> str:
+    """The table cell for ``value``: the number or text, or a one-line summary of media."""
+    match value:
+        case Scalar(value=number):
+            return format_number(number)
+        case Text(value=text):
+            return one_line(text)
+        case Histogram(values=values):
+            mean = float(values.astype(np.float64).mean())
+            return f"<histogram n={values.size} mean={format_number(mean)}>"
+        case Image():
+            n, h, w, c = value.shape
+            return f"<image {n}x{h}x{w}x{c}>"
+        case Figure():
+            width, height = value.size
+            return f"<figure {width}x{height}>"
+        case Video():
+            shape = "x".join(str(size) for size in value.shape)
+            return f"<video {shape} @{value.fps:g}fps>"
+        case HParam():
+            return f"<hparam {len(value.flat())} params, {len(value.metric_dict)} metrics>"
+        case _:
+            assert_never(value)

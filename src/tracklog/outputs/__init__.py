@@ -1,0 +1,8 @@
+"""Output formats, one module per backend."""
+
+from tracklog.outputs._base import OutputFormat
+from tracklog.outputs.csv import CsvOutputFormat
+from tracklog.outputs.human import FixedHumanOutputFormat
+from tracklog.outputs.jsonl import JsonlOutputFormat
+
+__all__ = ["CsvOutputFormat", "FixedHumanOutputFormat", "JsonlOutputFormat", "OutputFormat"]

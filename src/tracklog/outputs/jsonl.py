@@ -1,0 +1,41 @@
+"""``JsonlOutputFormat``: one flat JSON object per dump."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tracklog._media import MediaStore
+from tracklog._row import Row
+from tracklog.convert.files import to_cell
+from tracklog.outputs._base import OutputFormat
+
+__all__ = ["JsonlOutputFormat"]
+
+
+class JsonlOutputFormat(OutputFormat):
+    """Appends ``{"_step": …, "_timestamp": …, key: value, …}`` lines to ``path``.
+
+    Floats are written with Python's shortest round-trip repr, so float64 values
+    read back bit-exact; NaN and ±inf are written as ``NaN``/``Infinity``/``-Infinity``,
+    which ``json.loads`` and ``pandas.read_json`` read. Media values are files under
+    ``<run_dir>/media/`` and the row holds their path relative to ``run_dir``.
+    """
+
+    name = "json"
+
+    def __init__(self, path: str | Path, *, media: MediaStore | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._media = media or MediaStore(self.path.parent)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # owned until close()
+
+    def write_row(self, row: Row) -> None:
+        document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
+        for key, value in row.values.items():
+            document[key] = to_cell(key, value, row, self._media)
+        self._file.write(json.dumps(document, ensure_ascii=False, allow_nan=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

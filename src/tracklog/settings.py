@@ -1,0 +1,226 @@
+"""Logger settings: pydantic models, one per output, discriminated by ``type``.
+
+Every model forbids unknown fields, so a typo is a :class:`pydantic.ValidationError`
+naming its path (``outputs.1.colour``) instead of a silently ignored option.
+
+Environment overrides (pydantic-settings) use the prefix ``TRACKLOG_`` and ``__`` as
+the nesting delimiter; they take precedence over values from files, mappings and
+code, so a job script can redirect a run without editing its settings file:
+
+- ``TRACKLOG_RUN_DIR=/scratch/job42``
+- ``TRACKLOG_LEVEL=debug``
+- ``TRACKLOG_OUTPUTS='[{"type": "console"}, {"type": "jsonl"}]'`` (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = [
+    "ConsoleOutput",
+    "CsvOutput",
+    "FileOutput",
+    "JsonlOutput",
+    "Level",
+    "LoggerSettings",
+    "MlflowOutput",
+    "OutputSettings",
+    "WandbOutput",
+    "load_settings",
+]
+
+Level = Literal["debug", "info", "warn", "error", "disabled"]
+
+#: SB3's numeric levels, by the names the settings file uses.
+LEVELS: Mapping[str, int] = {"debug": 10, "info": 20, "warn": 30, "error": 40, "disabled": 50}
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _FileBacked(_Output):
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: Path) -> Path:
+        if str(value) in ("", "."):
+            raise ValueError("path must name a file")
+        return value
+
+
+class ConsoleOutput(_Output):
+    """The human-readable table on standard output (SB3's ``stdout``)."""
+
+    type: Literal["console"] = "console"
+    max_length: int = Field(default=36, ge=8, le=200, description="widest key or value shown")
+
+
+class FileOutput(_FileBacked):
+    """The same table and every ``info()`` line, appended to a file (SB3's ``log``)."""
+
+    type: Literal["file"] = "file"
+    path: Path = Path("train.log")
+    max_length: int = Field(default=36, ge=8, le=200, description="widest key or value shown")
+
+
+class JsonlOutput(_FileBacked):
+    """One flat JSON object per dump (exclude name ``json``)."""
+
+    type: Literal["jsonl"] = "jsonl"
+    path: Path = Path("progress.jsonl")
+
+
+class CsvOutput(_FileBacked):
+    """One CSV row per dump; a key first seen later still gets a column (``csv``)."""
+
+    type: Literal["csv"] = "csv"
+    path: Path = Path("progress.csv")
+
+
+class MlflowOutput(_Output):
+    """MLflow settings (fields only: the MLflow output format is not built yet).
+
+    Not yet part of :data:`OutputSettings`, so ``type: mlflow`` in a settings file
+    is still rejected rather than accepted and ignored.
+    """
+
+    type: Literal["mlflow"] = "mlflow"
+    tracking_uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    )
+    experiment: str | None = None
+    run_name: str | None = None
+    run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class WandbOutput(_Output):
+    """W&B settings (fields only: the W&B output format is not built yet)."""
+
+    type: Literal["wandb"] = "wandb"
+    project: str | None = None
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    api_key: SecretStr | None = None
+
+
+OutputSettings = Annotated[
+    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput,
+    Field(discriminator="type"),
+]
+
+
+def _default_outputs() -> list[OutputSettings]:
+    return [ConsoleOutput(), FileOutput(), JsonlOutput(), CsvOutput()]
+
+
+class LoggerSettings(BaseSettings):
+    """Everything :func:`tracklog.build_logger` needs; validated before anything is created."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="TRACKLOG_",
+        env_nested_delimiter="__",
+    )
+
+    run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
+    level: Level = "info"
+    outputs: list[OutputSettings] = Field(default_factory=_default_outputs)
+
+    @model_validator(mode="after")
+    def _one_writer_per_file(self) -> LoggerSettings:
+        seen: dict[Path, int] = {}
+        consoles = 0
+        for index, output in enumerate(self.outputs):
+            if isinstance(output, ConsoleOutput):
+                consoles += 1
+                if consoles > 1:
+                    raise ValueError(f"outputs.{index}: only one console output is allowed")
+                continue
+            target = self.resolve(output.path)
+            if target in seen:
+                raise ValueError(
+                    f"outputs.{index}.path: {output.path} is already written by "
+                    f"outputs.{seen[target]}"
+                )
+            seen[target] = index
+        return self
+
+    def resolve(self, path: Path) -> Path:
+        """An output's file: ``path`` itself when absolute, else relative to ``run_dir``."""
+        return path if path.is_absolute() else self.run_dir / path
+
+    @property
+    def level_number(self) -> int:
+        """The level as SB3's integer (``DEBUG=10`` … ``DISABLED=50``)."""
+        return LEVELS[self.level]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over files and code: a job script or a SLURM array
+        # redirects a run without editing the settings file it shares with others.
+        return (env_settings, init_settings)
+
+
+def _read_file(path: Path) -> object:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text) or {}
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    raise ValueError(
+        f"{path}: unsupported settings file type {suffix!r}; use .yaml, .yml, .toml or .json"
+    )
+
+
+def load_settings(
+    source: LoggerSettings | Mapping[str, object] | str | os.PathLike[str],
+) -> LoggerSettings:
+    """Validate ``source`` into :class:`LoggerSettings` without touching the disk beyond reading it.
+
+    ``source`` is a ready model, a mapping (for example parsed YAML), or a path to a
+    ``.yaml``/``.yml``/``.toml``/``.json`` file. Errors are pydantic's own, naming the
+    field path.
+    """
+    if isinstance(source, LoggerSettings):
+        return source
+    if isinstance(source, str | os.PathLike):
+        data = _read_file(Path(source))
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{os.fspath(source)}: settings must be a mapping at the top level")
+        source = data
+    if not isinstance(source, Mapping):
+        raise TypeError(
+            "settings must be a LoggerSettings, a mapping or a path to a settings file, "
+            f"not {type(source).__name__}"
+        )
+    fields: dict[str, Any] = {str(key): value for key, value in source.items()}
+    return LoggerSettings(**fields)

@@ -1,0 +1,474 @@
+"""The closed union of values tracklog logs, and the normalisation that builds it.
+
+:func:`normalise` runs inside :meth:`tracklog.Logger.record`, on the caller's
+thread, so a bad value raises at the line of algorithm code that recorded it and the
+error names the key. Every value is a frozen snapshot: mutating the array, tensor or
+figure after ``record()`` does not change what is logged.
+
+``Video``, ``Image``, ``Figure`` and ``HParam`` subclass SB3's classes of the same
+name, so output formats written for SB3 (``isinstance(value, Video)``) keep working
+when appended to a tracklog logger.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from stable_baselines3.common import logger as sb3
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+    import torch
+
+__all__ = [
+    "Figure",
+    "HParam",
+    "HParamValue",
+    "Histogram",
+    "Image",
+    "LogValue",
+    "Recordable",
+    "Scalar",
+    "Text",
+    "Video",
+    "check_key",
+    "normalise",
+]
+
+
+class _Frozen:
+    """Refuses attribute assignment once ``__init__`` has finished."""
+
+    _frozen: bool = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self._frozen:
+            raise AttributeError(f"{type(self).__name__} is frozen; cannot set {name!r}")
+        object.__setattr__(self, name, value)
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+
+@dataclass(frozen=True, slots=True)
+class Scalar:
+    """A number. ``bool`` and ``int`` keep their type; NaN and ±inf are valid."""
+
+    value: bool | int | float
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A string, logged as text (never parsed as a number)."""
+
+    value: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Histogram:
+    """A read-only 1-D copy of an array or tensor with one or more elements."""
+
+    values: npt.NDArray[np.number[Any] | np.bool_]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+
+def _as_array(data: object, what: str) -> npt.NDArray[Any]:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(data, torch.Tensor):
+        return _tensor_to_numpy(data)
+    if isinstance(data, np.ndarray):
+        return data
+    raise TypeError(f"{what} must be a numpy array or a torch tensor, not {type(data).__name__}")
+
+
+def _tensor_to_numpy(tensor: torch.Tensor) -> npt.NDArray[Any]:
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def _to_uint8(array: npt.NDArray[Any], what: str) -> npt.NDArray[np.uint8]:
+    """Copy pixel data to uint8: uint8 as is, floats in [0, 1] scaled by 255."""
+    if array.dtype == np.uint8:
+        return np.array(array, dtype=np.uint8, copy=True)
+    if np.issubdtype(array.dtype, np.floating):
+        if array.size and not (
+            np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0
+        ):
+            raise ValueError(
+                f"{what} with dtype {array.dtype} must hold values in [0, 1]; "
+                f"got min={array.min()}, max={array.max()}"
+            )
+        return np.asarray(np.rint(array * 255.0), dtype=np.uint8)
+    raise ValueError(f"{what} must be uint8 or float in [0, 1], not {array.dtype}")
+
+
+_CHANNELS: Final = (1, 3, 4)
+
+
+class Video(_Frozen, sb3.Video):
+    """A clip of frames at ``fps``; arguments as SB3's ``Video``.
+
+    ``frames`` is (N,T,C,H,W) or (T,C,H,W), a numpy array or torch tensor, uint8 or
+    float in [0, 1]; C is 1, 3 or 4. After construction ``frames`` is a read-only
+    uint8 array of shape (N,T,C,H,W) and ``fps`` a positive float.
+    """
+
+    frames: npt.NDArray[np.uint8]  # type: ignore[assignment]  # SB3 declares th.Tensor; ours is always normalised to numpy
+    fps: float
+
+    def __init__(self, frames: object, fps: float) -> None:
+        array = _as_array(frames, "Video frames")
+        if array.ndim == 4:
+            array = array[np.newaxis]
+        if array.ndim != 5:
+            raise ValueError(
+                f"Video frames must have shape (N,T,C,H,W) or (T,C,H,W); got {array.shape}"
+            )
+        n, t, c, h, w = array.shape
+        if min(n, t, h, w) == 0:
+            raise ValueError(f"Video frames must not be empty; got shape {array.shape}")
+        if c not in _CHANNELS:
+            raise ValueError(
+                f"Video frames must have 1, 3 or 4 channels on axis C; got shape {array.shape} "
+                "(is it (T,H,W,C)? use frames.transpose(0, 3, 1, 2))"
+            )
+        if isinstance(fps, bool) or not isinstance(fps, int | float | np.number):
+            raise TypeError(f"Video fps must be a number, not {type(fps).__name__}")
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"Video fps must be a finite number > 0; got {fps}")
+        pixels = _to_uint8(array, "Video frames")
+        pixels.flags.writeable = False
+        self.frames = pixels
+        self.fps = float(fps)
+        self._freeze()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        n, t, c, h, w = self.frames.shape
+        return (n, t, c, h, w)
+
+    def __repr__(self) -> str:
+        return f"Video(shape={self.shape}, fps={self.fps:g})"
+
+
+_LETTERS: Final = frozenset("NCHW")
+
+
+class Image(_Frozen, sb3.Image):
+    """A picture; arguments as SB3's ``Image``.
+
+    ``image`` is a numpy array or torch tensor (uint8, or float in [0, 1]) laid out as
+    ``dataformats`` says (``HWC``, ``CHW``, ``HW``, ``NHWC``, …), or a path to an image
+    file. After construction ``image`` is a read-only uint8 array in ``NHWC`` layout
+    and ``dataformats`` is ``"NHWC"``.
+    """
+
+    image: npt.NDArray[np.uint8]  # normalised; SB3 also allows a tensor or a str
+    dataformats: str
+
+    def __init__(self, image: object, dataformats: str = "HWC") -> None:
+        if isinstance(image, str):
+            image, dataformats = _read_image_file(image), "HWC"
+        array = _as_array(image, "Image image")
+        layout = _check_dataformats(dataformats, array.shape)
+        # Bring the axes into N,H,W,C order, adding the missing ones.
+        for letter in "NHWC":
+            if letter not in layout:
+                array = array[..., np.newaxis]
+                layout += letter
+        array = np.transpose(array, [layout.index(letter) for letter in "NHWC"])
+        if array.shape[3] not in _CHANNELS:
+            raise ValueError(
+                f"Image with dataformats {dataformats!r} has {array.shape[3]} channels; "
+                "expected 1, 3 or 4"
+            )
+        pixels = _to_uint8(array, "Image")
+        pixels.flags.writeable = False
+        self.image = pixels
+        self.dataformats = "NHWC"
+        self._freeze()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self.image.shape
+        return (n, h, w, c)
+
+    def __repr__(self) -> str:
+        return f"Image(shape={self.shape}, dataformats='NHWC')"
+
+
+def _check_dataformats(dataformats: object, shape: tuple[int, ...]) -> str:
+    if not isinstance(dataformats, str):
+        raise TypeError(f"Image dataformats must be a str, not {type(dataformats).__name__}")
+    layout = dataformats.upper()
+    if not set(layout) <= _LETTERS or len(set(layout)) != len(layout):
+        raise ValueError(
+            f"Image dataformats {dataformats!r} must use each of the letters N, C, H, W "
+            "at most once (e.g. 'HWC', 'CHW', 'HW', 'NCHW')"
+        )
+    if "H" not in layout or "W" not in layout:
+        raise ValueError(f"Image dataformats {dataformats!r} must contain both H and W")
+    if len(layout) != len(shape):
+        raise ValueError(
+            f"Image dataformats {dataformats!r} has {len(layout)} axes "
+            f"but the image has shape {shape}"
+        )
+    if 0 in shape:
+        raise ValueError(f"Image must not be empty; got shape {shape}")
+    return layout
+
+
+def _read_image_file(path: str) -> npt.NDArray[np.uint8]:
+    from PIL import Image as PILImage
+
+    with PILImage.open(path) as picture:
+        return np.asarray(picture.convert("RGBA" if "A" in picture.getbands() else "RGB"))
+
+
+class Figure(_Frozen, sb3.Figure):
+    """A matplotlib figure, rendered to PNG when constructed; arguments as SB3's ``Figure``.
+
+    Rendering at construction makes the value a snapshot that output formats on other
+    threads can use (matplotlib itself is not thread-safe). With ``close=True`` the
+    figure is closed right after rendering.
+    """
+
+    figure: matplotlib.figure.Figure
+    close: bool
+    png: bytes
+    size: tuple[int, int]
+
+    def __init__(self, figure: matplotlib.figure.Figure, close: bool = True) -> None:
+        from matplotlib.figure import Figure as MplFigure
+
+        if not isinstance(figure, MplFigure):
+            raise TypeError(f"Figure needs a matplotlib Figure, not {type(figure).__name__}")
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        png = buffer.getvalue()
+        self.figure = figure
+        self.close = bool(close)
+        self.png = png
+        self.size = _png_size(png)
+        if close:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+        self._freeze()
+
+    def __repr__(self) -> str:
+        return f"Figure(size={self.size[0]}x{self.size[1]}, close={self.close})"
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    # The IHDR chunk follows the 8-byte signature: 4 length + 4 type, then width, height.
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+HParamValue: TypeAlias = (
+    "bool | int | float | str | tuple[HParamValue, ...] | Mapping[str, HParamValue] | None"
+)
+
+
+class HParam(_Frozen, sb3.HParam):
+    """Hyperparameters and the metrics they are judged by; arguments as SB3's ``HParam``.
+
+    ``hparam_dict`` values are bool, int, float, str, None, lists/tuples of those, or
+    nested mappings (flattened with ``.`` where a backend needs flat names). Unlike
+    SB3, an empty ``metric_dict`` is allowed. Both are stored as read-only mappings.
+    """
+
+    hparam_dict: Mapping[str, HParamValue]  # type: ignore[assignment]  # wider than SB3's: nested mappings and sequences
+    metric_dict: Mapping[str, float]
+
+    def __init__(
+        self,
+        hparam_dict: Mapping[str, object],
+        metric_dict: Mapping[str, float] | None = None,
+    ) -> None:
+        if not isinstance(hparam_dict, Mapping):
+            raise TypeError(
+                f"HParam hparam_dict must be a mapping, not {type(hparam_dict).__name__}"
+            )
+        self.hparam_dict = _freeze_params(hparam_dict, "hparam_dict")
+        metrics: dict[str, float] = {}
+        for name, value in (metric_dict or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"HParam metric_dict key {name!r} must be a non-empty str")
+            scalar = _scalar_or_none(value)
+            if scalar is None:
+                raise TypeError(
+                    f"HParam metric_dict[{name!r}] must be a number, not {type(value).__name__}"
+                )
+            metrics[name] = float(scalar)
+        self.metric_dict = MappingProxyType(metrics)
+        self._freeze()
+
+    def flat(self, sep: str = ".") -> dict[str, bool | int | float | str | None]:
+        """``hparam_dict`` with nested mappings joined by ``sep`` and sequences as their repr."""
+        return dict(_flatten(self.hparam_dict, "", sep))
+
+    def __repr__(self) -> str:
+        return f"HParam({dict(self.hparam_dict)!r}, {dict(self.metric_dict)!r})"
+
+
+def _freeze_params(params: Mapping[Any, object], where: str) -> Mapping[str, HParamValue]:
+    frozen: dict[str, HParamValue] = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"HParam {where} key {name!r} must be a non-empty str")
+        frozen[name] = _freeze_param(value, f"{where}[{name!r}]")
+    return MappingProxyType(frozen)
+
+
+def _freeze_param(value: object, where: str) -> HParamValue:
+    if value is None or isinstance(value, str):
+        return value
+    scalar = _scalar_or_none(value)
+    if scalar is not None:
+        return scalar
+    if isinstance(value, Mapping):
+        return _freeze_params(value, where)
+    if isinstance(value, list | tuple):
+        return tuple(_freeze_param(item, f"{where}[{i}]") for i, item in enumerate(value))
+    raise TypeError(
+        f"HParam {where} has unsupported type {type(value).__name__}; "
+        "use bool, int, float, str, None, a list or a nested dict (or str(value))"
+    )
+
+
+def _flatten(
+    params: Mapping[str, HParamValue], prefix: str, sep: str
+) -> Iterator[tuple[str, bool | int | float | str | None]]:
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{name}{sep}", sep)
+        elif isinstance(value, tuple):
+            yield f"{prefix}{name}", repr(list(value))
+        else:
+            yield f"{prefix}{name}", value
+
+
+LogValue: TypeAlias = Scalar | Text | Histogram | Image | Figure | Video | HParam
+"""Everything an output format can receive. Closed: converters match it exhaustively."""
+
+if TYPE_CHECKING:
+    from torch import Tensor as _Tensor
+else:
+    _Tensor = Any  # torch is imported lazily; only type checkers need the name
+
+Recordable: TypeAlias = (
+    "bool | int | float | str | np.generic | npt.NDArray[Any] | _Tensor | sb3.Video | sb3.Image"
+    " | sb3.Figure | sb3.HParam"
+)
+"""What :meth:`tracklog.Logger.record` accepts; tracklog's media classes are SB3 subclasses."""
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a valid key; raise naming the problem otherwise."""
+    if not isinstance(key, str):
+        raise TypeError(f"log key must be a str, not {type(key).__name__}: {key!r}")
+    if not key or key.isspace():
+        raise ValueError(f"log key must not be empty or blank: {key!r}")
+    if key.startswith("_"):
+        raise ValueError(
+            f"log key {key!r} starts with '_', which is reserved for tracklog's own columns "
+            "(_step, _timestamp)"
+        )
+    return key
+
+
+def _scalar_or_none(value: object) -> bool | int | float | None:
+    """The Python number ``value`` stands for, or None when it is not a real scalar."""
+    kind = type(value)
+    if kind is float or kind is int or kind is bool:
+        return value  # type: ignore[return-value]  # narrowed by the exact type check above
+    if isinstance(value, np.generic):
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return float(value)
+        return None
+    if isinstance(value, bool | int | float):  # subclasses, e.g. IntEnum
+        return value
+    return None
+
+
+def _array_value(key: str, array: npt.NDArray[Any]) -> LogValue:
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"cannot log {key!r}: arrays must be bool, int or float, not dtype {array.dtype}"
+        )
+    if array.ndim == 0:
+        scalar = _scalar_or_none(array[()])
+        assert scalar is not None  # dtype kind checked above
+        return Scalar(scalar)
+    if array.size == 0:
+        raise ValueError(f"cannot log {key!r}: the array is empty (shape {array.shape})")
+    values = np.array(array, copy=True).reshape(-1)
+    values.flags.writeable = False
+    return Histogram(values)
+
+
+def _reject(key: str, value: object) -> NoReturn:
+    raise TypeError(
+        f"cannot log {key!r}: unsupported value type {type(value).__module__}."
+        f"{type(value).__qualname__}; record a number, str, numpy array, torch tensor, "
+        "or tracklog.Video/Image/Figure/HParam"
+    )
+
+
+def normalise(key: str, value: object) -> LogValue:
+    """Turn a recorded Python, NumPy or torch value into a :data:`LogValue`.
+
+    Raises ``TypeError`` or ``ValueError`` whose message names ``key``.
+    """
+    scalar = _scalar_or_none(value)
+    if scalar is not None:
+        return Scalar(scalar)
+    if isinstance(value, Video | Image | Figure | HParam):
+        return value
+    if isinstance(value, str):
+        return Text(value)
+    if isinstance(value, np.ndarray):
+        return _array_value(key, value)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        if value.is_complex():
+            _reject(key, value)
+        return _array_value(key, _tensor_to_numpy(value))
+    if isinstance(value, np.str_):
+        return Text(str(value))
+    return _from_sb3(key, value)
+
+
+def _from_sb3(key: str, value: object) -> LogValue:
+    try:
+        if isinstance(value, sb3.Video):
+            return Video(value.frames, value.fps)
+        if isinstance(value, sb3.Image):
+            return Image(value.image, value.dataformats)
+        if isinstance(value, sb3.Figure):
+            return Figure(value.figure, value.close)
+        if isinstance(value, sb3.HParam):
+            return HParam(value.hparam_dict, value.metric_dict)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"cannot log {key!r}: {error}") from error
+    _reject(key, value)
