@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from tracklog._build import build_logger
 from tracklog._logger import Logger
+from tracklog._row import Row
 from tracklog.outputs import (
     CsvOutputFormat,
     FixedHumanOutputFormat,
@@ -47,6 +48,7 @@ __all__ = [
     "LoggerSettings",
     "OutputFormat",
     "Recordable",
+    "Row",
     "Scalar",
     "Text",
     "Video",

@@ -1,0 +1,54 @@
+"""The demo `make demo` runs, shortened: it trains, records videos and reads them back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import yaml
+
+from tracklog.readers import read_csv, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
+    settings = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    settings["run_dir"] = str(tmp_path / "demo")
+    settings_file = tmp_path / "demo.yaml"
+    settings_file.write_text(yaml.safe_dump(settings))
+
+    demo = [sys.executable, str(ROOT / "examples" / "demo.py"), "--settings", str(settings_file)]
+    done = subprocess.run(
+        [*demo, "--timesteps", "6144", "--video-every", "3072"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "demo"
+    rows = read_jsonl(run_dir / "progress.jsonl")
+    assert [row.step for row in read_csv(run_dir / "progress.csv")] == [row.step for row in rows]
+    rewards = [
+        row.values["rollout/ep_rew_mean"] for row in rows if "rollout/ep_rew_mean" in row.values
+    ]
+    assert len(rewards) >= 2
+    videos = [row for row in rows if "eval/video" in row.values]
+    assert len(videos) >= 2
+    for row in videos:
+        path = run_dir / str(row.values["eval/video"])
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            assert sum(1 for _ in container.decode(stream)) > 4
+            assert stream.average_rate == 25
+    hparams = [row for row in rows if "hparams" in row.values]
+    assert len(hparams) == 1
+    log = (run_dir / "train.log").read_text()
+    assert "rollout/" in log
+    assert "evaluation at step" in log
