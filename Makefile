@@ -33,8 +33,8 @@ demo: install
 	$(PY) examples/demo.py --settings examples/demo.yaml
 
 lint: install-dev
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 
 typecheck: install-dev
 	$(BIN)/mypy --strict
@@ -43,6 +43,10 @@ pytest: install-dev
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# Training-thread cost against SB3's own Logger, measured interleaved in one process.
+bench: install-dev
+	$(PY) bench/bench_dump.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis
