@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -19,12 +18,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
-def _no_tracklog_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _no_tracklog_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """TRACKLOG_* variables from the developer's shell must not change test results."""
     for name in list(os.environ):
         if name.startswith("TRACKLOG_"):
             monkeypatch.delenv(name)
-    yield
 
 
 @pytest.fixture

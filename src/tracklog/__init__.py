@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from tracklog import readers
 from tracklog._build import build_logger
 from tracklog._logger import Logger
 from tracklog._row import Row
@@ -55,4 +56,5 @@ __all__ = [
     "__version__",
     "build_logger",
     "load_settings",
+    "readers",
 ]

@@ -78,13 +78,5 @@ def npy(histogram: Histogram) -> bytes:
 
 def hparam_json(hparam: HParam) -> bytes:
     """``{"hparams": {...nested...}, "metrics": {...}}`` as UTF-8 JSON."""
-
-    def plain(value: object) -> object:
-        if isinstance(value, tuple):
-            return [plain(item) for item in value]
-        if hasattr(value, "items"):
-            return {key: plain(item) for key, item in value.items()}
-        return value
-
-    document = {"hparams": plain(hparam.hparam_dict), "metrics": dict(hparam.metric_dict)}
+    document = {"hparams": hparam.plain(), "metrics": dict(hparam.metric_dict)}
     return json.dumps(document, indent=2, allow_nan=True).encode("utf-8")

@@ -76,7 +76,11 @@ class Logger(sb3.Logger):
         excluded = _exclude_tuple(exclude)
         self._values[key] = normalised
         self._excluded[key] = excluded
-        self._means.pop(key, None)
+        previous = self._means.pop(key, None)
+        if isinstance(normalised, Scalar):
+            # As in SB3, a recorded number becomes the running mean and the count goes on,
+            # so a later record_mean gives SB3's result bit for bit.
+            self._means[key] = (normalised.value, previous[1] if previous else 0)
 
     def record_mean(
         self,
@@ -123,7 +127,8 @@ class Logger(sb3.Logger):
 
     def log(self, *args: object, level: int = sb3.INFO) -> None:
         """Write ``args`` joined by spaces to every text output, if ``level`` is enabled."""
-        if self.level <= level and not self._closed:
+        self._check_open()
+        if self.level <= level:
             words = [str(arg) for arg in args]
             for output in self.output_formats:
                 if isinstance(output, OutputFormat):

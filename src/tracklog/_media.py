@@ -10,19 +10,25 @@ __all__ = ["MediaStore", "safe_relpath"]
 
 _REMEMBERED_DUMPS = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# File systems refuse names over 255 bytes and paths over 4096: a long key must not
+# make dump() raise, so parts are cut and deep keys folded (MediaStore keeps the
+# resulting directories distinct).
+_MAX_PART = 64
+_MAX_DEPTH = 8
 
 
 def safe_relpath(key: str) -> PurePosixPath:
     """A relative path for ``key`` that cannot leave its directory.
 
     Each ``/``-separated part keeps letters, digits, ``.``, ``_`` and ``-``; any other
-    run of characters becomes ``_``; ``.``/``..``/empty parts become ``_``.
+    run of characters becomes ``_``; ``.``/``..``/empty parts become ``_``. Parts are
+    cut to 64 characters, and parts beyond the 8th are joined into the 8th with ``_``.
     """
-    parts = []
-    for part in key.split("/"):
-        clean = _UNSAFE.sub("_", part).strip()
-        parts.append("_" if clean in ("", ".", "..") else clean)
-    return PurePosixPath(*parts)
+    parts = [_UNSAFE.sub("_", part) for part in key.split("/")]
+    if len(parts) > _MAX_DEPTH:
+        parts[_MAX_DEPTH - 1 :] = ["_".join(parts[_MAX_DEPTH - 1 :])]
+    parts = [part[:_MAX_PART] for part in parts]
+    return PurePosixPath(*("_" if part in ("", ".", "..") else part for part in parts))
 
 
 class MediaStore:
@@ -45,14 +51,29 @@ class MediaStore:
         known = self._dirs.get(key)
         if known is not None:
             return known
-        base = PurePosixPath("media") / safe_relpath(key)
+        relative = safe_relpath(key)
+        base = PurePosixPath("media") / relative
+        # Raises if media/ itself is not a directory, so the loop below always ends.
+        (self.run_dir / base.parts[0]).mkdir(parents=True, exist_ok=True)
         candidate, n = base, 1
-        while candidate in self._dir_owner:
+        while candidate in self._dir_owner or not self._make_dir(candidate):
+            if candidate not in self._dir_owner:
+                # A media file sits where this directory or a parent should be (key "a"
+                # wrote media/a/step_0.npy; key "a/step_0.npy" needs that name). Only
+                # directories are ever created right under media/, so go there.
+                base = PurePosixPath("media", "_".join(relative.parts)[:_MAX_PART])
             n += 1
             candidate = base.with_name(f"{base.name}~{n}")
         self._dirs[key] = candidate
         self._dir_owner[candidate] = key
         return candidate
+
+    def _make_dir(self, directory: PurePosixPath) -> bool:
+        try:
+            (self.run_dir / directory).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            return False
+        return True
 
     def save(self, seq: int, step: int, key: str, ext: str, encode: Callable[[], bytes]) -> str:
         """Write ``encode()`` for dump ``seq`` once; return its path relative to ``run_dir``."""
@@ -65,7 +86,6 @@ class MediaStore:
         if done is not None:
             return done
         directory = self._dir_for(key)
-        (self.run_dir / directory).mkdir(parents=True, exist_ok=True)
         data = encode()
         n = 0
         while True:

@@ -57,7 +57,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[LoggedRow]:
     return rows
 
 
-_INT = re.compile(r"[+-]?\d+")
+_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def parse_field(field: str) -> Value:

@@ -3,8 +3,8 @@
 Every model forbids unknown fields, so a typo is a :class:`pydantic.ValidationError`
 naming its path (``outputs.1.colour``) instead of a silently ignored option.
 
-Environment overrides (pydantic-settings) use the prefix ``TRACKLOG_`` and ``__`` as
-the nesting delimiter; they take precedence over values from files, mappings and
+Environment overrides (pydantic-settings) use the prefix ``TRACKLOG_``; a list or a
+nested value is given as JSON. They take precedence over values from files, mappings and
 code, so a job script can redirect a run without editing its settings file:
 
 - ``TRACKLOG_RUN_DIR=/scratch/job42``
@@ -138,7 +138,6 @@ class LoggerSettings(BaseSettings):
         extra="forbid",
         frozen=True,
         env_prefix="TRACKLOG_",
-        env_nested_delimiter="__",
     )
 
     run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
@@ -155,7 +154,7 @@ class LoggerSettings(BaseSettings):
                 if consoles > 1:
                     raise ValueError(f"outputs.{index}: only one console output is allowed")
                 continue
-            target = self.resolve(output.path)
+            target = self._same_file_key(output.path)
             if target in seen:
                 raise ValueError(
                     f"outputs.{index}.path: {output.path} is already written by "
@@ -167,6 +166,11 @@ class LoggerSettings(BaseSettings):
     def resolve(self, path: Path) -> Path:
         """An output's file: ``path`` itself when absolute, else relative to ``run_dir``."""
         return path if path.is_absolute() else self.run_dir / path
+
+    def _same_file_key(self, path: Path) -> Path:
+        # abspath normalises "sub/../x" and a relative run_dir against an absolute path
+        # without touching the disk (validation creates and reads nothing).
+        return Path(os.path.abspath(self.resolve(path)))
 
     @property
     def level_number(self) -> int:
@@ -189,16 +193,17 @@ class LoggerSettings(BaseSettings):
 
 def _read_file(path: Path) -> object:
     suffix = path.suffix.lower()
+    # Checked before reading, so a wrong file (a .png, a directory) gets this message.
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ValueError(
+            f"{path}: unsupported settings file type {suffix!r}; use .yaml, .yml, .toml or .json"
+        )
     text = path.read_text(encoding="utf-8")
     if suffix in (".yaml", ".yml"):
         return yaml.safe_load(text) or {}
     if suffix == ".toml":
         return tomllib.loads(text)
-    if suffix == ".json":
-        return json.loads(text)
-    raise ValueError(
-        f"{path}: unsupported settings file type {suffix!r}; use .yaml, .yml, .toml or .json"
-    )
+    return json.loads(text)
 
 
 def load_settings(

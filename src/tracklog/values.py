@@ -13,6 +13,7 @@ when appended to a tracklog logger.
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "Video",
     "check_key",
     "normalise",
+    "to_plain",
 ]
 
 
@@ -53,6 +55,11 @@ class _Frozen:
         if self._frozen:
             raise AttributeError(f"{type(self).__name__} is frozen; cannot set {name!r}")
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._frozen:
+            raise AttributeError(f"{type(self).__name__} is frozen; cannot delete {name!r}")
+        object.__delattr__(self, name)
 
     def _freeze(self) -> None:
         object.__setattr__(self, "_frozen", True)
@@ -131,7 +138,7 @@ class Video(_Frozen, sb3.Video):
     frames: npt.NDArray[np.uint8]  # type: ignore[assignment]  # SB3 declares th.Tensor; ours is always normalised to numpy
     fps: float
 
-    def __init__(self, frames: object, fps: float) -> None:
+    def __init__(self, frames: object, fps: float | np.floating[Any] | np.integer[Any]) -> None:
         array = _as_array(frames, "Video frames")
         if array.ndim == 4:
             array = array[np.newaxis]
@@ -299,13 +306,17 @@ class HParam(_Frozen, sb3.HParam):
     def __init__(
         self,
         hparam_dict: Mapping[str, object],
-        metric_dict: Mapping[str, float] | None = None,
+        metric_dict: Mapping[str, float | np.floating[Any] | np.integer[Any]] | None = None,
     ) -> None:
         if not isinstance(hparam_dict, Mapping):
             raise TypeError(
                 f"HParam hparam_dict must be a mapping, not {type(hparam_dict).__name__}"
             )
         self.hparam_dict = _freeze_params(hparam_dict, "hparam_dict")
+        if metric_dict is not None and not isinstance(metric_dict, Mapping):
+            raise TypeError(
+                f"HParam metric_dict must be a mapping, not {type(metric_dict).__name__}"
+            )
         metrics: dict[str, float] = {}
         for name, value in (metric_dict or {}).items():
             if not isinstance(name, str) or not name:
@@ -320,8 +331,14 @@ class HParam(_Frozen, sb3.HParam):
         self._freeze()
 
     def flat(self, sep: str = ".") -> dict[str, bool | int | float | str | None]:
-        """``hparam_dict`` with nested mappings joined by ``sep`` and sequences as their repr."""
+        """``hparam_dict`` with nested mappings joined by ``sep``; lists as JSON text."""
         return dict(_flatten(self.hparam_dict, "", sep))
+
+    def plain(self) -> dict[str, object]:
+        """``hparam_dict`` as plain, JSON-ready dicts and lists."""
+        plain = to_plain(self.hparam_dict)
+        assert isinstance(plain, dict)
+        return plain
 
     def __repr__(self) -> str:
         return f"HParam({dict(self.hparam_dict)!r}, {dict(self.metric_dict)!r})"
@@ -359,9 +376,18 @@ def _flatten(
         if isinstance(value, Mapping):
             yield from _flatten(value, f"{prefix}{name}{sep}", sep)
         elif isinstance(value, tuple):
-            yield f"{prefix}{name}", repr(list(value))
+            yield f"{prefix}{name}", json.dumps(to_plain(value), allow_nan=True)
         else:
             yield f"{prefix}{name}", value
+
+
+def to_plain(value: HParamValue) -> object:
+    """A frozen hyperparameter value as plain dicts and lists (what JSON and W&B take)."""
+    if isinstance(value, tuple):
+        return [to_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {name: to_plain(item) for name, item in value.items()}
+    return value
 
 
 LogValue: TypeAlias = Scalar | Text | Histogram | Image | Figure | Video | HParam
@@ -446,7 +472,7 @@ def normalise(key: str, value: object) -> LogValue:
     if isinstance(value, Video | Image | Figure | HParam):
         return value
     if isinstance(value, str):
-        return Text(value)
+        return Text(str(value))  # a plain str, also for subclasses such as np.str_
     if isinstance(value, np.ndarray):
         return _array_value(key, value)
     torch = sys.modules.get("torch")
@@ -454,8 +480,6 @@ def normalise(key: str, value: object) -> LogValue:
         if value.is_complex():
             _reject(key, value)
         return _array_value(key, _tensor_to_numpy(value))
-    if isinstance(value, np.str_):
-        return Text(str(value))
     return _from_sb3(key, value)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import assert_never
 
 import numpy as np
@@ -14,8 +15,18 @@ _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x00": "\\0"})
 
 
 def one_line(text: str) -> str:
-    """``text`` with line breaks and tabs escaped, so a table row stays one line."""
-    return text.translate(_ESCAPES)
+    """``text`` with line breaks, tabs and other unprintable characters escaped.
+
+    A table row stays one line, and no control character (a vertical tab, U+2028, an
+    ANSI escape sequence) can move the cursor or recolour the terminal.
+    """
+    text = text.translate(_ESCAPES)
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
 
 
 def format_number(value: bool | int | float) -> str:
@@ -23,8 +34,10 @@ def format_number(value: bool | int | float) -> str:
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
-        text = str(value)
-        return text if len(text) <= 12 else f"{value:.4g}"
+        if -(10**11) < value < 10**12:  # at most 12 characters
+            return str(value)
+        if abs(value) >= 2**1023:  # float() could overflow; Decimal formats any int
+            return f"{Decimal(value):.4g}"
     return f"{value:.4g}"
 
 

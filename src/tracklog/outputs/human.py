@@ -13,6 +13,9 @@ from tracklog.outputs._base import OutputFormat
 __all__ = ["FixedHumanOutputFormat", "render_table", "shorten"]
 
 _INDENT = "   "
+# The longest number format_number writes ("-1.235e+308", "123456789012"). A value
+# column is never narrower, because a number cut in the middle reads as another number.
+_NUMBER_WIDTH = 12
 
 
 def shorten(text: str, max_length: int) -> str:
@@ -25,15 +28,18 @@ def shorten(text: str, max_length: int) -> str:
 
 
 def _unique(text: str, taken: set[str], max_length: int) -> str:
-    if text not in taken:
-        return text
-    n = 2
-    while True:
+    """``text``, or ``text`` with a ``~n`` suffix if a row already shows it; marks it taken.
+
+    Trailing spaces are invisible in the padded table, so ``"a"`` and ``"a "`` count as
+    the same text.
+    """
+    candidate, n = text, 1
+    while candidate.rstrip() in taken:
+        n += 1
         suffix = f"~{n}"
         candidate = shorten(text, max_length - len(suffix)) + suffix
-        if candidate not in taken:
-            return candidate
-        n += 1
+    taken.add(candidate.rstrip())
+    return candidate
 
 
 def _split_tag(key: str) -> tuple[str, str]:
@@ -46,8 +52,9 @@ def _split_tag(key: str) -> tuple[str, str]:
 def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     """SB3's table: keys sorted and grouped under their first ``tag/``.
 
-    Keys and values longer than ``max_length`` are shortened in the middle; two keys
-    never end up showing the same text (a ``~2`` suffix tells them apart).
+    Keys and values longer than ``max_length`` are shortened in the middle (values
+    only beyond 12 characters, so numbers are never cut); two keys never end up showing
+    the same text (a ``~2`` suffix tells them apart).
     """
     rows: list[tuple[str, str]] = []
     taken: set[str] = set()
@@ -56,7 +63,6 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
         tag, rest = _split_tag(key)
         if tag and tag != current_tag:
             shown_tag = _unique(shorten(one_line(tag), max_length), taken, max_length)
-            taken.add(shown_tag)
             rows.append((shown_tag, ""))
         current_tag = tag or None
         shown = (
@@ -65,8 +71,7 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
             else shorten(one_line(key), max_length)
         )
         shown = _unique(shown, taken, max_length)
-        taken.add(shown)
-        rows.append((shown, shorten(cells[key], max_length)))
+        rows.append((shown, shorten(cells[key], max(max_length, _NUMBER_WIDTH))))
     if not rows:
         return []
     key_width = max(len(key) for key, _ in rows)
