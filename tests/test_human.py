@@ -440,3 +440,26 @@ def test_format_works_inside_sb3s_own_logger() -> None:
         ("   video", "<video 1x2x3x4x4 @30fps>"),
         ("loss", "0.1235"),
     ]
+
+
+def test_two_loggers_dumping_in_turn_show_their_own_tables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The console and train.log share one rendering per dump; two loggers at the same
+    # dump number must still never see each other's table.
+    first = human_logger(tmp_path / "first")
+    second = human_logger(tmp_path / "second")
+    for step in range(20):
+        first.record("first/value", step)
+        first.dump(step)
+        second.record("second/value", -step)
+        second.dump(step)
+    first.close()
+    second.close()
+    for name, sign in (("first", 1), ("second", -1)):
+        log = (tmp_path / name / "train.log").read_text()
+        rows = [line.split("|") for line in log.splitlines() if line.startswith("|    value")]
+        shown = [int(row[2]) for row in rows]
+        assert shown == [sign * step for step in range(20)]
+        assert ("second" in log) is (name == "second")
+    assert capsys.readouterr().out.count("|    value ") == 40

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
 from tracklog._row import Row
 from tracklog.convert.text import one_line, to_text
 from tracklog.outputs._base import OutputFormat
+from tracklog.values import LogValue
 
 __all__ = ["FixedHumanOutputFormat", "render_table", "shorten"]
 
@@ -49,6 +52,30 @@ def _split_tag(key: str) -> tuple[str, str]:
     return "", key
 
 
+@functools.lru_cache(maxsize=32)
+def _layout(keys: tuple[str, ...], max_length: int) -> tuple[tuple[str, str | None], ...]:
+    """The key column for sorted ``keys``: (shown text, key) rows, key None for tag rows.
+
+    Cached: an RL run dumps the same keys over and over, so the layout is worked out
+    once and each dump only formats its values.
+    """
+    rows: list[tuple[str, str | None]] = []
+    taken: set[str] = set()
+    current_tag: str | None = None
+    for key in keys:
+        tag, rest = _split_tag(key)
+        if tag and tag != current_tag:
+            rows.append((_unique(shorten(one_line(tag), max_length), taken, max_length), None))
+        current_tag = tag or None
+        shown = (
+            _INDENT + shorten(one_line(rest), max_length - len(_INDENT))
+            if tag
+            else shorten(one_line(key), max_length)
+        )
+        rows.append((_unique(shown, taken, max_length), key))
+    return tuple(rows)
+
+
 def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     """SB3's table: keys sorted and grouped under their first ``tag/``.
 
@@ -56,24 +83,13 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     only beyond 12 characters, so numbers are never cut); two keys never end up showing
     the same text (a ``~2`` suffix tells them apart).
     """
-    rows: list[tuple[str, str]] = []
-    taken: set[str] = set()
-    current_tag: str | None = None
-    for key in sorted(cells):
-        tag, rest = _split_tag(key)
-        if tag and tag != current_tag:
-            shown_tag = _unique(shorten(one_line(tag), max_length), taken, max_length)
-            rows.append((shown_tag, ""))
-        current_tag = tag or None
-        shown = (
-            _INDENT + shorten(one_line(rest), max_length - len(_INDENT))
-            if tag
-            else shorten(one_line(key), max_length)
-        )
-        shown = _unique(shown, taken, max_length)
-        rows.append((shown, shorten(cells[key], max(max_length, _NUMBER_WIDTH))))
-    if not rows:
+    if not cells:
         return []
+    value_length = max(max_length, _NUMBER_WIDTH)
+    rows = [
+        (shown, "" if key is None else shorten(cells[key], value_length))
+        for shown, key in _layout(tuple(sorted(cells)), max_length)
+    ]
     key_width = max(len(key) for key, _ in rows)
     value_width = max(len(value) for _, value in rows)
     dashes = "-" * (key_width + value_width + 7)
@@ -81,6 +97,23 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     lines.extend(f"| {key.ljust(key_width)} | {value.ljust(value_width)} |" for key, value in rows)
     lines.append(dashes)
     return lines
+
+
+# The console and train.log usually get the very same row: render it once for both.
+# The cache holds the values mapping itself (compared by identity), and every dump
+# hands out a new mapping, so a stale entry can never match.
+_last_render: tuple[Mapping[str, LogValue], int, str] | None = None
+
+
+def _render_row(row: Row, max_length: int) -> str:
+    global _last_render
+    cached = _last_render
+    if cached is not None and cached[0] is row.values and cached[1] == max_length:
+        return cached[2]
+    lines = render_table({k: to_text(value) for k, value in row.values.items()}, max_length)
+    text = "\n".join(lines) + "\n" if lines else ""
+    _last_render = (row.values, max_length, text)
+    return text
 
 
 class FixedHumanOutputFormat(OutputFormat):
@@ -118,11 +151,9 @@ class FixedHumanOutputFormat(OutputFormat):
         return self._stream if self._stream is not None else sys.stdout
 
     def write_row(self, row: Row) -> None:
-        lines = render_table(
-            {key: to_text(value) for key, value in row.values.items()}, self.max_length
-        )
-        if lines:
-            self._emit("\n".join(lines) + "\n")
+        text = _render_row(row, self.max_length)
+        if text:
+            self._emit(text)
 
     def write_line(self, line: str) -> None:
         self._emit(line + "\n")
