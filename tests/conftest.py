@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.servers import MlflowServer
 
 matplotlib.use("Agg")
 
@@ -28,3 +31,18 @@ def _no_tracklog_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real ``mlflow server`` for the whole session (it takes ~20 s to start)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite tracking store for the session: creating its tables takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"

@@ -211,13 +211,12 @@ def test_outputs_must_be_a_list(run_dir: Path) -> None:
     assert "Input should be a valid list" in message
 
 
-def test_mlflow_and_wandb_are_not_accepted_yet(run_dir: Path) -> None:
-    # Their models exist with fields only; until their formats exist they are rejected,
+def test_wandb_is_not_accepted_yet(run_dir: Path) -> None:
+    # Its model exists with fields only; until its format exists it is rejected,
     # never accepted and silently ignored.
-    message = _expect_invalid(run_dir, {"outputs": [{"type": "mlflow"}, {"type": "wandb"}]})
-    assert "outputs.0" in message
+    message = _expect_invalid(run_dir, {"outputs": [{"type": "console"}, {"type": "wandb"}]})
     assert "outputs.1" in message
-    assert "'mlflow'" in message
+    assert "'wandb'" in message
 
 
 @pytest.mark.parametrize("suffix", [".ini", ".txt", ".png", ""])
@@ -355,7 +354,7 @@ _API_KEY = "wandb-key-0123456789abcdef"
     ("output", "secret"),
     [
         (MlflowOutput(username="me", password=SecretStr(_PASSWORD)), _PASSWORD),
-        (MlflowOutput.model_validate({"password": _PASSWORD}), _PASSWORD),
+        (MlflowOutput.model_validate({"username": "me", "password": _PASSWORD}), _PASSWORD),
         (WandbOutput(project="demo", api_key=SecretStr(_API_KEY)), _API_KEY),
         (WandbOutput.model_validate({"api_key": _API_KEY}), _API_KEY),
     ],

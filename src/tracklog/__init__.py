@@ -16,6 +16,7 @@ from tracklog.outputs import (
     CsvOutputFormat,
     FixedHumanOutputFormat,
     JsonlOutputFormat,
+    MLFlowOutputFormat,
     OutputFormat,
 )
 from tracklog.settings import LoggerSettings, load_settings
@@ -47,6 +48,7 @@ __all__ = [
     "LogValue",
     "Logger",
     "LoggerSettings",
+    "MLFlowOutputFormat",
     "OutputFormat",
     "Recordable",
     "Row",

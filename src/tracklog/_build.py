@@ -10,13 +10,19 @@ from stable_baselines3.common.logger import KVWriter
 
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
-from tracklog.outputs import CsvOutputFormat, FixedHumanOutputFormat, JsonlOutputFormat
+from tracklog.outputs import (
+    CsvOutputFormat,
+    FixedHumanOutputFormat,
+    JsonlOutputFormat,
+    MLFlowOutputFormat,
+)
 from tracklog.settings import (
     ConsoleOutput,
     CsvOutput,
     FileOutput,
     JsonlOutput,
     LoggerSettings,
+    MlflowOutput,
     OutputSettings,
     load_settings,
 )
@@ -36,6 +42,8 @@ def _make_output(output: OutputSettings, settings: LoggerSettings, media: MediaS
             return JsonlOutputFormat(settings.resolve(output.path), media=media)
         case CsvOutput():
             return CsvOutputFormat(settings.resolve(output.path), media=media)
+        case MlflowOutput():
+            return MLFlowOutputFormat(output, settings_json=settings.model_dump_json())
         case _:
             assert_never(output)
 

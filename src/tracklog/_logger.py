@@ -11,6 +11,7 @@ from typing import Any, Self
 import numpy as np
 from stable_baselines3.common import logger as sb3
 
+from tracklog import _lifecycle
 from tracklog._row import Row
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
@@ -58,6 +59,7 @@ class Logger(sb3.Logger):
         self._means: dict[str, tuple[float, int]] = {}
         self._seq = itertools.count()
         self._closed = False
+        _lifecycle.register(self)
 
     # Recording ---------------------------------------------------------------------
     # The value parameter is deliberately narrower than SB3's ``Any`` (mypy accepts
@@ -157,11 +159,23 @@ class Logger(sb3.Logger):
         if self._closed:
             raise RuntimeError("this tracklog Logger is closed; build a new one to log again")
 
+    def mark_failed(self, reason: str) -> None:
+        """Tell the outputs that training is ending through ``reason`` (an exception name).
+
+        ``close()`` should follow; run-holding outputs then end their run as failed.
+        Called by ``__exit__`` and by tracklog's excepthook; rarely needed by hand.
+        """
+        if not self._closed:
+            for output in self.output_formats:
+                if isinstance(output, OutputFormat):
+                    output.mark_failed(reason)
+
     def close(self) -> None:
         """Close every output format once; later calls do nothing."""
         if self._closed:
             return
         self._closed = True
+        _lifecycle.unregister(self)
         for output in self.output_formats:
             output.close()
 
@@ -174,6 +188,8 @@ class Logger(sb3.Logger):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if exc_type is not None:
+            self.mark_failed(exc_type.__name__)
         self.close()
 
 

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -92,23 +100,60 @@ class CsvOutput(_FileBacked):
     path: Path = Path("progress.csv")
 
 
-class MlflowOutput(_Output):
-    """MLflow settings (fields only: the MLflow output format is not built yet).
+_MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
-    Not yet part of :data:`OutputSettings`, so ``type: mlflow`` in a settings file
-    is still rejected rather than accepted and ignored.
+
+def _default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class MlflowOutput(_Output):
+    """One MLflow run per logger, logged in batches (exclude name ``mlflow``).
+
+    ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``
+    relative to the working directory (MLflow's own default). MLflow's old file store
+    (``file:`` or a plain path) is refused unless ``allow_file_store`` is true; MLflow
+    3.17+ refuses it too.
     """
 
     type: Literal["mlflow"] = "mlflow"
-    tracking_uri: str = Field(
-        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    allow_file_store: bool = False  # before tracking_uri: its validator reads it
+    tracking_uri: str = Field(default_factory=_default_tracking_uri)
+    experiment: str | None = Field(default=None, min_length=1, max_length=500)
+    run_name: str | None = Field(default=None, min_length=1, max_length=250)
+    run_id: str | None = Field(
+        default=None, pattern=r"^[0-9a-zA-Z_-]{1,64}$", description="resume this run"
     )
-    experiment: str | None = None
-    run_name: str | None = None
-    run_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     username: str | None = None
     password: SecretStr | None = None
+    artifact_upload_interval: float = Field(
+        default=60.0, ge=0.0, description="seconds between uploads of train.log and text files"
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_store(cls, uri: str, info: ValidationInfo) -> str:
+        scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+        if scheme in _MLFLOW_SCHEMES:
+            return uri
+        if scheme in ("file", "") or len(scheme) == 1:  # a path, or a Windows drive letter
+            if info.data.get("allow_file_store"):
+                return uri
+            raise ValueError(
+                f"{uri!r} is MLflow's old file store, which MLflow 3.17+ refuses; use "
+                "sqlite:///mlflow.db, or set allow_file_store: true to use it anyway"
+            )
+        raise ValueError(
+            f"unsupported tracking_uri scheme {scheme!r} in {uri!r}; expected one of "
+            + ", ".join(_MLFLOW_SCHEMES)
+        )
+
+    @model_validator(mode="after")
+    def _password_needs_username(self) -> MlflowOutput:
+        if self.password is not None and self.username is None:
+            raise ValueError("password is set but username is not")
+        return self
 
 
 class WandbOutput(_Output):
@@ -122,7 +167,7 @@ class WandbOutput(_Output):
 
 
 OutputSettings = Annotated[
-    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput,
+    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput | MlflowOutput,
     Field(discriminator="type"),
 ]
 
@@ -153,6 +198,8 @@ class LoggerSettings(BaseSettings):
                 consoles += 1
                 if consoles > 1:
                     raise ValueError(f"outputs.{index}: only one console output is allowed")
+                continue
+            if not isinstance(output, _FileBacked):
                 continue
             target = self._same_file_key(output.path)
             if target in seen:

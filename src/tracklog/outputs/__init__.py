@@ -4,5 +4,12 @@ from tracklog.outputs._base import OutputFormat
 from tracklog.outputs.csv import CsvOutputFormat
 from tracklog.outputs.human import FixedHumanOutputFormat
 from tracklog.outputs.jsonl import JsonlOutputFormat
+from tracklog.outputs.mlflow import MLFlowOutputFormat
 
-__all__ = ["CsvOutputFormat", "FixedHumanOutputFormat", "JsonlOutputFormat", "OutputFormat"]
+__all__ = [
+    "CsvOutputFormat",
+    "FixedHumanOutputFormat",
+    "JsonlOutputFormat",
+    "MLFlowOutputFormat",
+    "OutputFormat",
+]

@@ -35,6 +35,12 @@ class OutputFormat(KVWriter, SeqWriter):
     def close(self) -> None:
         """Release files or runs; called once by ``Logger.close()``."""
 
+    def mark_failed(self, reason: str) -> None:
+        """Training is ending through an exception (``reason`` names it); ``close()`` follows.
+
+        Formats that hold a run record the failure (MLflow status FAILED); others ignore it.
+        """
+
     # SB3 interface ---------------------------------------------------------------
     _sb3_seq: int = 0
 

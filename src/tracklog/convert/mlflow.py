@@ -1,0 +1,184 @@
+"""Values as MLflow entities: metrics, params, artifacts, step images and text appends."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from posixpath import normpath
+from typing import TypeAlias, assert_never
+
+import numpy as np
+
+from tracklog import _encode
+from tracklog._media import safe_relpath
+from tracklog._names import NameMap
+from tracklog._row import Row
+from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "MAX_PARAM_LENGTH",
+    "ArtifactFile",
+    "MetricPoint",
+    "MlflowItem",
+    "MlflowNames",
+    "ParamValue",
+    "StepImage",
+    "TextAppend",
+    "to_mlflow",
+]
+
+MAX_NAME_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+# The portable subset of what MLflow accepts (its image keys allow no more, and
+# Windows servers refuse ':'): ASCII letters, digits, _ - . / and space.
+_NAME = re.compile(r"[A-Za-z0-9_\-./ ]+")
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_\-./ ]+")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    name: str
+    value: float
+    timestamp_ms: int
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParamValue:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactFile:
+    """A file to upload at ``path`` (relative, ``/``-separated) in the run's artifacts."""
+
+    path: str
+    encode: Callable[[], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class StepImage:
+    """A picture for MLflow's image logging (``log_image(key=…, step=…)``)."""
+
+    name: str
+    step: int
+    timestamp_ms: int
+    png: Callable[[], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class TextAppend:
+    """Text to append to the artifact text file at ``path``."""
+
+    path: str
+    text: str
+
+
+MlflowItem: TypeAlias = MetricPoint | ParamValue | ArtifactFile | StepImage | TextAppend
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether MLflow takes ``name`` as a metric or param name unchanged."""
+    return (
+        len(name) <= MAX_NAME_LENGTH
+        and _NAME.fullmatch(name) is not None
+        and normpath(name) == name
+        and name != "."
+        and not name.startswith(("..", "/"))
+    )
+
+
+def sanitise_name(key: str) -> str:
+    """A valid MLflow name for ``key``: other characters become ``_``, paths normalised."""
+    parts = []
+    for part in _NOT_NAME.sub("_", key).split("/"):
+        if part in ("", "."):
+            continue
+        parts.append("__" if part == ".." else part)
+    name = "/".join(parts) or "_"
+    return name[:MAX_NAME_LENGTH]
+
+
+def _artifact_dir(key: str) -> str:
+    return safe_relpath(key).as_posix()
+
+
+def _is_artifact_dir(key: str) -> bool:
+    return _artifact_dir(key) == key
+
+
+class MlflowNames:
+    """The three name spaces of one MLflow run: metrics, params and artifact folders."""
+
+    def __init__(self) -> None:
+        self.metric = NameMap("MLflow", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
+        self.param = NameMap("MLflow param", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
+        self.folder = NameMap("MLflow artifact", _is_artifact_dir, _artifact_dir, MAX_NAME_LENGTH)
+
+
+def _param_text(name: str, value: bool | int | float | str | None) -> str:
+    text = str(value)
+    if len(text) > MAX_PARAM_LENGTH:
+        warnings.warn(
+            f"MLflow param {name!r} is {len(text)} characters long; "
+            f"truncated to MLflow's limit of {MAX_PARAM_LENGTH}",
+            stacklevel=2,
+        )
+        text = text[:MAX_PARAM_LENGTH]
+    return text
+
+
+def _histogram_metrics(
+    key: str, values: np.ndarray, row: Row, names: MlflowNames, ms: int
+) -> list[MlflowItem]:
+    data = values.astype(np.float64)
+    finite = data[np.isfinite(data)]
+    stats = {
+        "mean": float(data.mean()),
+        "std": float(data.std()),
+        "min": float(finite.min()) if finite.size else math.nan,
+        "max": float(finite.max()) if finite.size else math.nan,
+    }
+    return [
+        MetricPoint(names.metric(f"{key}/{stat}"), value, ms, row.step)
+        for stat, value in stats.items()
+    ]
+
+
+def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[MlflowItem]:
+    """What MLflow receives for ``value`` recorded under ``key`` in ``row``."""
+    ms = int(row.timestamp * 1000)
+    match value:
+        case Scalar(value=number):
+            return [MetricPoint(names.metric(key), float(number), ms, row.step)]
+        case Text(value=text):
+            return [TextAppend(f"text/{names.folder(key)}.txt", f"[step {row.step}] {text}\n")]
+        case Histogram(values=values):
+            raw = ArtifactFile(
+                f"histograms/{names.folder(key)}/step_{row.step}.npy", lambda: _encode.npy(value)
+            )
+            return [*_histogram_metrics(key, values, row, names, ms), raw]
+        case Image():
+            return [StepImage(names.metric(key), row.step, ms, lambda: _encode.png(value))]
+        case Figure():
+            return [StepImage(names.metric(key), row.step, ms, lambda: value.png)]
+        case Video():
+            path = f"videos/{names.folder(key)}/step_{row.step}.mp4"
+            return [ArtifactFile(path, lambda: _encode.mp4(value))]
+        case HParam():
+            params: list[MlflowItem] = [
+                ParamValue(names.param(name), _param_text(name, param))
+                for name, param in value.flat().items()
+            ]
+            metrics = [
+                MetricPoint(names.metric(name), metric, ms, row.step)
+                for name, metric in value.metric_dict.items()
+            ]
+            return [*params, *metrics]
+        case _:
+            assert_never(value)

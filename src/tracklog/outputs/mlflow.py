@@ -1,0 +1,263 @@
+"""``MLFlowOutputFormat``: one MLflow run per logger, metrics in batches, media as artifacts."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, assert_never
+
+from tracklog._row import Row
+from tracklog.convert.mlflow import (
+    ArtifactFile,
+    MetricPoint,
+    MlflowNames,
+    ParamValue,
+    StepImage,
+    TextAppend,
+    to_mlflow,
+)
+from tracklog.outputs._base import OutputFormat
+from tracklog.settings import MlflowOutput
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+__all__ = ["MLFlowOutputFormat"]
+
+# mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, and
+# MAX_ENTITIES_PER_BATCH for metrics, params and tags together.
+_BATCH_METRICS = 1000
+_BATCH_PARAMS = 100
+_MAX_TAG_LENGTH = 8000
+_TRAIN_LOG = "train.log"
+
+
+def _tracklog_version() -> str:
+    try:
+        return version("tracklog")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _export_credentials(settings: MlflowOutput) -> None:
+    # MLflow reads basic-auth credentials only from its environment variables (or
+    # ~/.mlflow/credentials), for every request and artifact upload it makes.
+    if settings.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.username
+    if settings.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.password.get_secret_value()
+
+
+class MLFlowOutputFormat(OutputFormat):
+    """Logs every dump to one MLflow run, created (or resumed by ``run_id``) at construction.
+
+    Scalars become metrics at the dump's step, sent with ``log_batch`` in chunks of at
+    most 1000 metrics and 100 params, never one request per key. Images and figures go
+    through MLflow's image logging at their step; videos are H.264 MP4 artifacts at
+    ``videos/<key>/step_<step>.mp4``; histograms are ``key/mean|std|min|max`` metrics
+    plus ``histograms/<key>/step_<step>.npy``; ``HParam`` becomes params. Text values
+    and ``info()`` lines are appended to ``text/<key>.txt`` and ``train.log``, uploaded
+    every ``artifact_upload_interval`` seconds and at ``close()``.
+    """
+
+    name = "mlflow"
+
+    def __init__(self, settings: MlflowOutput, *, settings_json: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        _export_credentials(settings)
+        self.settings = settings
+        self.client: MlflowClient = MlflowClient(tracking_uri=settings.tracking_uri)
+        self._names = MlflowNames()
+        self._params: dict[str, str] = {}
+        self._status = "FINISHED"
+        self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
+        self._dirty: set[str] = set()
+        self._last_upload = time.monotonic()
+        self._closed = False
+        try:
+            self.run_id = self._start_run(settings_json)
+        except BaseException:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+
+    # Run lifecycle -------------------------------------------------------------------
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.settings.experiment
+        if name is None:
+            return "0"  # MLflow's "Default" experiment
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except MlflowException:
+            # Another process of the same sweep created it between our two calls.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return str(found.experiment_id)
+
+    def _start_run(self, settings_json: str | None) -> str:
+        tags = {**self.settings.tags, "tracklog.version": _tracklog_version()}
+        if settings_json is not None:
+            tags["tracklog.settings"] = settings_json[:_MAX_TAG_LENGTH]
+        if self.settings.run_id is not None:
+            run = self.client.get_run(self.settings.run_id)
+            run_id = str(run.info.run_id)
+            self._params = dict(run.data.params)
+            self.client.update_run(run_id, status="RUNNING")
+            for name, value in tags.items():
+                self.client.set_tag(run_id, name, value)
+            self._resume_text(run_id)
+            return run_id
+        run = self.client.create_run(
+            self._experiment_id(), run_name=self.settings.run_name, tags=tags
+        )
+        return str(run.info.run_id)
+
+    def _resume_text(self, run_id: str) -> None:
+        """Fetch the run's train.log and text files, so appends continue them."""
+        from mlflow.artifacts import download_artifacts
+
+        for listed in [self.client.list_artifacts(run_id)]:
+            for entry in listed:
+                if entry.path == _TRAIN_LOG or entry.path == "text":
+                    download_artifacts(
+                        run_id=run_id,
+                        artifact_path=entry.path,
+                        dst_path=str(self._staging / "text-root"),
+                        tracking_uri=self.settings.tracking_uri,
+                    )
+
+    def mark_failed(self, reason: str) -> None:
+        self._status = "KILLED" if reason == "KeyboardInterrupt" else "FAILED"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._upload_text(force=True)
+        finally:
+            self.client.set_terminated(self.run_id, status=self._status)
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    # Writing -------------------------------------------------------------------------
+    def write_row(self, row: Row) -> None:
+        from mlflow.entities import Metric, Param
+
+        metrics: list[Metric] = []
+        params: list[Param] = []
+        files: list[ArtifactFile] = []
+        images: list[StepImage] = []
+        for key, value in row.values.items():
+            for item in to_mlflow(key, value, row, self._names):
+                match item:
+                    case MetricPoint():
+                        metrics.append(Metric(item.name, item.value, item.timestamp_ms, item.step))
+                    case ParamValue():
+                        if self._is_new_param(item):
+                            params.append(Param(item.name, item.value))
+                    case ArtifactFile():
+                        files.append(item)
+                    case StepImage():
+                        images.append(item)
+                    case TextAppend():
+                        self._append(item.path, item.text)
+                    case _:
+                        assert_never(item)
+        self._log_batch(metrics, params)
+        for file in files:
+            self._upload(file.path, file.encode())
+        for image in images:
+            self._log_image(image)
+        self._upload_text()
+
+    def write_line(self, line: str) -> None:
+        self._append(_TRAIN_LOG, line + "\n")
+        self._upload_text()
+
+    def _is_new_param(self, param: ParamValue) -> bool:
+        logged = self._params.get(param.name)
+        if logged is None:
+            self._params[param.name] = param.value
+            return True
+        if logged != param.value:
+            import warnings
+
+            warnings.warn(
+                f"MLflow params cannot change: {param.name!r} stays {logged!r}, "
+                f"not {param.value!r}",
+                stacklevel=2,
+            )
+        return False
+
+    def _log_batch(self, metrics: list[Metric], params: list[Param]) -> None:
+        while metrics or params:
+            chunk_params, params = params[:_BATCH_PARAMS], params[_BATCH_PARAMS:]
+            room = _BATCH_METRICS - len(chunk_params)
+            chunk_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(
+                self.run_id, metrics=chunk_metrics, params=chunk_params, synchronous=True
+            )
+
+    def _log_image(self, image: StepImage) -> None:
+        from PIL import Image as PILImage
+
+        with PILImage.open(io.BytesIO(image.png())) as picture:
+            picture.load()
+            self.client.log_image(
+                self.run_id,
+                picture,
+                key=image.name,
+                step=image.step,
+                timestamp=image.timestamp_ms,
+                synchronous=True,
+            )
+
+    def _upload(self, path: str, data: bytes) -> None:
+        relative = PurePosixPath(path)
+        folder = Path(tempfile.mkdtemp(dir=self._staging, prefix="upload-"))
+        try:
+            local = folder / relative.name
+            local.write_bytes(data)
+            parent = relative.parent.as_posix()
+            self.client.log_artifact(
+                self.run_id, str(local), artifact_path=None if parent == "." else parent
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _append(self, path: str, text: str) -> None:
+        local = self._staging / "text-root" / path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "a", encoding="utf-8") as file:
+            file.write(text)
+        self._dirty.add(path)
+
+    def _upload_text(self, *, force: bool = False) -> None:
+        """Upload appended text files, at most every ``artifact_upload_interval`` seconds."""
+        if not self._dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_upload < self.settings.artifact_upload_interval:
+            return
+        self._last_upload = now
+        for path in sorted(self._dirty):
+            relative = PurePosixPath(path)
+            parent = relative.parent.as_posix()
+            self.client.log_artifact(
+                self.run_id,
+                str(self._staging / "text-root" / path),
+                artifact_path=None if parent == "." else parent,
+            )
+        self._dirty.clear()

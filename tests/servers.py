@@ -1,0 +1,85 @@
+"""Real services for tests and benchmarks: an ``mlflow server`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["MlflowServer", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class MlflowServer:
+    """``mlflow server`` with a sqlite backend and ``--artifacts-destination``, on loopback.
+
+    Artifacts are proxied through the server (``mlflow-artifacts:``), so a client only
+    ever talks HTTP to it. ``start()`` waits for ``/health`` (about 20 s here);
+    ``stop()`` and ``start()`` again keep the same port and stores.
+    """
+
+    root: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        mlflow = Path(sys.executable).with_name("mlflow")
+        command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"]
+        command += ["--artifacts-destination", str(self.artifacts), "--workers", "1"]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115  # handed to the child
+        self.process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so stop() can kill the whole process group
+            env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited; see {self.root / 'server.log'}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"mlflow server did not answer /health within {timeout} s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
