@@ -44,9 +44,11 @@ pytest: install-dev
 
 test: lint typecheck pytest
 
-# Training-thread cost against SB3's own Logger, measured interleaved in one process.
+# Training-thread cost against the anchors, each measured interleaved in one process:
+# SB3's own Logger, and the seed's per-key log_metric against a real mlflow server.
 bench: install-dev
 	$(PY) bench/bench_dump.py
+	$(PY) bench/bench_mlflow.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,8 +1,9 @@
 """The demo `make demo` runs: PPO learns CartPole-v1 with tracklog as its SB3 logger.
 
-It logs SB3's own metrics, the PPO hyperparameters as an ``HParam``, and an
-evaluation episode as a ``Video`` every ``--video-every`` steps, then reads the
-JSONL file back and checks that the agent learned.
+It logs SB3's own metrics, the PPO hyperparameters as an ``HParam`` (at the start,
+so a crashed run still has them, and again at the end with the final scores), and an
+evaluation episode as a ``Video`` every ``--video-every`` steps. Then it reads the
+JSONL file and the MLflow run back and checks that the agent learned.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class EvalVideoCallback(BaseCallback):
         self.every = every
         self.seed = seed
         self.next_at = every
+        self.hparams: dict[str, bool | int | float | str | None] = {}
+        self.last_step, self.last_return = -1, 0.0
         self.env = gym.make("CartPole-v1", render_mode="rgb_array")
 
     def _on_training_start(self) -> None:
@@ -52,8 +55,9 @@ class EvalVideoCallback(BaseCallback):
             "n_envs": model.n_envs,
             "seed": self.seed,
         }
-        metrics = {"rollout/ep_rew_mean": 0.0, "eval/return": 0.0}
-        self.tracklog.record("hparams", tracklog.HParam(hparams, metrics))
+        self.hparams = hparams
+        # No placeholder metrics: backends log metric_dict values as real data points.
+        self.tracklog.record("hparams", tracklog.HParam(hparams))
         self.tracklog.info(f"training {hparams['algorithm']} on CartPole-v1")
 
     def _on_step(self) -> bool:
@@ -63,15 +67,22 @@ class EvalVideoCallback(BaseCallback):
         return True
 
     def _on_training_end(self) -> None:
-        self._evaluate()
+        final_return = (
+            self.last_return if self.last_step == self.num_timesteps else self._evaluate()
+        )
         self.env.close()
+        final = {"final/eval_return": final_return}
+        self.tracklog.record("hparams", tracklog.HParam(self.hparams, final))
+        self.tracklog.dump(step=self.num_timesteps)
 
-    def _evaluate(self) -> None:
+    def _evaluate(self) -> float:
         frames, episode_return = self._play()
         self.tracklog.record("eval/return", episode_return)
         self.tracklog.record("eval/video", tracklog.Video(frames, fps=25))
         self.tracklog.dump(step=self.num_timesteps)
         self.tracklog.info(f"evaluation at step {self.num_timesteps}: return {episode_return:g}")
+        self.last_step, self.last_return = self.num_timesteps, episode_return
+        return episode_return
 
     def _play(self) -> tuple[npt.NDArray[np.uint8], float]:
         observation, _ = self.env.reset(seed=self.seed)
@@ -90,6 +101,22 @@ class EvalVideoCallback(BaseCallback):
         return np.stack(frames).transpose(0, 3, 1, 2), total
 
 
+def _check_mlflow(tracking_uri: str, run_id: str) -> bool:
+    """Read the run back with MLflow's own client and say where to look at it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    points = client.get_metric_history(run_id, "rollout/ep_rew_mean")
+    videos = [entry.path for entry in client.list_artifacts(run_id, "videos/eval/video")]
+    print(
+        f"MLflow run {run_id} ({run.info.status}): {len(points)} rollout/ep_rew_mean points, "
+        f"{len(run.data.params)} params, {len(videos)} videos"
+    )
+    print(f"  look at it: mlflow ui --backend-store-uri {tracking_uri}")
+    return len(points) >= 2 and len(videos) >= 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--settings", default="examples/demo.yaml", help="tracklog settings file")
@@ -100,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # a 64x64 MLP runs faster on one thread than on two
     with tracklog.build_logger(args.settings) as logger:
+        mlflow_runs = [
+            (output.settings.tracking_uri, output.run_id)
+            for output in logger.output_formats
+            if isinstance(output, tracklog.MLFlowOutputFormat)
+        ]
         env = make_vec_env("CartPole-v1", n_envs=4, seed=args.seed)
         model = PPO("MlpPolicy", env, n_steps=256, batch_size=256, n_epochs=10, seed=args.seed)
         model.set_logger(logger)
@@ -116,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(curve) < 2:
         print("no learning curve was logged", file=sys.stderr)
         return 1
+    for tracking_uri, run_id in mlflow_runs:
+        if not _check_mlflow(tracking_uri, run_id):
+            return 1
     (first_step, first), (last_step, last) = curve[0], curve[-1]
     print(f"rollout/ep_rew_mean: {first:.1f} (step {first_step}) -> {last:.1f} (step {last_step})")
     if not last > first:

@@ -28,6 +28,12 @@ def _no_tracklog_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths (MLflow's ./mlruns, sqlite:///mlflow.db) land in the test's tmp dir."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

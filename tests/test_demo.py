@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from tracklog.readers import read_csv, read_jsonl
 
@@ -19,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     settings = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     settings["run_dir"] = str(tmp_path / "demo")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for output in settings["outputs"]:
+        if output["type"] == "mlflow":
+            output["tracking_uri"] = tracking_uri
     settings_file = tmp_path / "demo.yaml"
     settings_file.write_text(yaml.safe_dump(settings))
 
@@ -48,7 +53,16 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
             assert sum(1 for _ in container.decode(stream)) > 4
             assert stream.average_rate == 25
     hparams = [row for row in rows if "hparams" in row.values]
-    assert len(hparams) == 1
+    assert len(hparams) == 2  # at the start, and with the final scores at the end
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tracklog-demo")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algorithm"] == "PPO"
+    history = client.get_metric_history(run.info.run_id, "rollout/ep_rew_mean")
+    assert [point.value for point in history] == rewards
+    assert len(client.list_artifacts(run.info.run_id, "videos/eval/video")) == len(videos)
     log = (run_dir / "train.log").read_text()
     assert "rollout/" in log
     assert "evaluation at step" in log

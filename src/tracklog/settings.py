@@ -120,6 +120,11 @@ class MlflowOutput(_Output):
     allow_file_store: bool = False  # before tracking_uri: its validator reads it
     tracking_uri: str = Field(default_factory=_default_tracking_uri)
     experiment: str | None = Field(default=None, min_length=1, max_length=500)
+    artifact_location: str | None = Field(
+        default=None,
+        description="where a new experiment keeps artifacts (default: the store's own, "
+        "./mlruns for a sqlite store)",
+    )
     run_name: str | None = Field(default=None, min_length=1, max_length=250)
     run_id: str | None = Field(
         default=None, pattern=r"^[0-9a-zA-Z_-]{1,64}$", description="resume this run"

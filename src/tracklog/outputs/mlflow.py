@@ -79,6 +79,7 @@ class MLFlowOutputFormat(OutputFormat):
         self._status = "FINISHED"
         self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
         self._dirty: set[str] = set()
+        self._uploaded: set[str] = set()
         self._last_upload = time.monotonic()
         self._closed = False
         try:
@@ -98,7 +99,11 @@ class MLFlowOutputFormat(OutputFormat):
         if found is not None:
             return str(found.experiment_id)
         try:
-            return str(self.client.create_experiment(name))
+            return str(
+                self.client.create_experiment(
+                    name, artifact_location=self.settings.artifact_location
+                )
+            )
         except MlflowException:
             # Another process of the same sweep created it between our two calls.
             found = self.client.get_experiment_by_name(name)
@@ -224,8 +229,18 @@ class MLFlowOutputFormat(OutputFormat):
                 synchronous=True,
             )
 
+    def _unique(self, path: str) -> str:
+        """``path``, or ``stem-N.ext`` if this run already has a file there (two dumps
+        of one key at one step must not overwrite each other)."""
+        relative, n = PurePosixPath(path), 0
+        while path in self._uploaded:
+            n += 1
+            path = relative.with_name(f"{relative.stem}-{n}{relative.suffix}").as_posix()
+        self._uploaded.add(path)
+        return path
+
     def _upload(self, path: str, data: bytes) -> None:
-        relative = PurePosixPath(path)
+        relative = PurePosixPath(self._unique(path))
         folder = Path(tempfile.mkdtemp(dir=self._staging, prefix="upload-"))
         try:
             local = folder / relative.name
