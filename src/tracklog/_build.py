@@ -73,5 +73,6 @@ def build_logger(
         folder=str(resolved.run_dir),
         output_formats=outputs,
         level=resolved.level_number,
+        strict=resolved.strict,
         settings=resolved,
     )

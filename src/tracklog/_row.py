@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tracklog.values import LogValue
 
@@ -22,3 +22,6 @@ class Row:
     timestamp: float
     seq: int
     values: Mapping[str, LogValue]
+    #: Work that formats receiving this very row can share (the console and train.log
+    #: render one table). Keys name the work, e.g. ``("table", 36)``.
+    memo: dict[object, object] = field(default_factory=dict, compare=False, repr=False)

@@ -193,6 +193,29 @@ class LoggerSettings(BaseSettings):
     run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
     level: Level = "info"
     outputs: list[OutputSettings] = Field(default_factory=_default_outputs)
+    strict: bool = Field(
+        default=False,
+        description="raise when an output fails (for tests and debugging); by default a "
+        "failing output is reported and the others keep logging",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_variables(cls, data: object) -> object:
+        # pydantic-settings ignores TRACKLOG_* variables that match no field; a typo such
+        # as TRACKLOG_LEVL=debug must be an error like an unknown field in a file.
+        known = {f"TRACKLOG_{name}".upper() for name in cls.model_fields}
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith("TRACKLOG_") and name.upper() not in known
+        )
+        if unknown:
+            raise ValueError(
+                f"unknown environment variable(s) {', '.join(unknown)}; tracklog reads "
+                + ", ".join(sorted(known))
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_writer_per_file(self) -> LoggerSettings:

@@ -125,6 +125,10 @@ def _to_uint8(array: npt.NDArray[Any], what: str) -> npt.NDArray[np.uint8]:
 
 
 _CHANNELS: Final = (1, 3, 4)
+# MP4 time bases need a usable rate: a frame every 100 s at the slowest, and no
+# faster than 1000 frames a second (more than any display or encoder preset shows).
+_MIN_FPS: Final = 0.01
+_MAX_FPS: Final = 1000.0
 
 
 class Video(_Frozen, sb3.Video):
@@ -156,8 +160,10 @@ class Video(_Frozen, sb3.Video):
             )
         if isinstance(fps, bool) or not isinstance(fps, int | float | np.number):
             raise TypeError(f"Video fps must be a number, not {type(fps).__name__}")
-        if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"Video fps must be a finite number > 0; got {fps}")
+        if not (math.isfinite(fps) and _MIN_FPS <= fps <= _MAX_FPS):
+            raise ValueError(
+                f"Video fps must be a number in [{_MIN_FPS}, {_MAX_FPS}] (and > 0); got {fps}"
+            )
         pixels = _to_uint8(array, "Video frames")
         pixels.flags.writeable = False
         self.frames = pixels
@@ -416,7 +422,20 @@ def check_key(key: object) -> str:
             f"log key {key!r} starts with '_', which is reserved for tracklog's own columns "
             "(_step, _timestamp)"
         )
+    _check_encodable(key, key, "log key")
     return key
+
+
+def _check_encodable(key: str, text: str, what: str) -> None:
+    # Lone surrogates (from os.fsdecode of bad bytes, say) cannot be written as UTF-8:
+    # refuse them here rather than in a file output at dump time.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"cannot log {key!r}: {what} contains {text[error.start : error.end]!r}, "
+            "which is not valid Unicode (a lone surrogate)"
+        ) from None
 
 
 def _scalar_or_none(value: object) -> bool | int | float | None:
@@ -453,6 +472,9 @@ def _array_value(key: str, array: npt.NDArray[Any]) -> LogValue:
     return Histogram(values)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _reject(key: str, value: object) -> NoReturn:
     raise TypeError(
         f"cannot log {key!r}: unsupported value type {type(value).__module__}."
@@ -468,18 +490,33 @@ def normalise(key: str, value: object) -> LogValue:
     """
     scalar = _scalar_or_none(value)
     if scalar is not None:
+        if type(scalar) is int and not _INT64_MIN <= scalar <= _INT64_MAX:
+            raise ValueError(
+                f"cannot log {key!r}: the int {str(scalar)[:24]}… does not fit in 64 bits, "
+                "which JSON readers, pandas and every tracker need; record float(value)"
+            )
         return Scalar(scalar)
     if isinstance(value, Video | Image | Figure | HParam):
         return value
     if isinstance(value, str):
+        _check_encodable(key, value, "the text")
         return Text(str(value))  # a plain str, also for subclasses such as np.str_
+    if isinstance(value, np.ma.MaskedArray):
+        return _array_value(key, np.ma.compressed(value))  # only the unmasked values
     if isinstance(value, np.ndarray):
         return _array_value(key, value)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         if value.is_complex():
             _reject(key, value)
-        return _array_value(key, _tensor_to_numpy(value))
+        try:
+            array = _tensor_to_numpy(value)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+            raise TypeError(
+                f"cannot log {key!r}: this torch tensor ({value.dtype}, layout {value.layout}, "
+                f"device {value.device}) has no NumPy form: {error}"
+            ) from error
+        return _array_value(key, array)
     return _from_sb3(key, value)
 
 

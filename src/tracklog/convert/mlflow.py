@@ -33,6 +33,10 @@ __all__ = [
 
 MAX_NAME_LENGTH = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+# MLflow names an image file "<key>+step+<step>+timestamp+<ms>+<uuid>+compressed.webp"
+# ("/" in the key as "~"): up to 103 characters besides the key, in a file name that
+# may hold 255 bytes.
+MAX_IMAGE_NAME_LENGTH = 150
 # The portable subset of what MLflow accepts (its image keys allow no more, and
 # Windows servers refuse ':'): ASCII letters, digits, _ - . / and space.
 _NAME = re.compile(r"[A-Za-z0-9_\-./ ]+")
@@ -93,19 +97,36 @@ def is_valid_name(name: str) -> bool:
     )
 
 
-def sanitise_name(key: str) -> str:
-    """A valid MLflow name for ``key``: other characters become ``_``, paths normalised."""
-    parts = []
-    for part in _NOT_NAME.sub("_", key).split("/"):
-        if part in ("", "."):
-            continue
-        parts.append("__" if part == ".." else part)
+def _normal_path(name: str) -> str:
+    """``name`` without the ``""``/``.``/``..`` parts and leading ``..`` MLflow refuses."""
+    parts = ["__" if part == ".." else part for part in name.split("/") if part not in ("", ".")]
     name = "/".join(parts) or "_"
-    return name[:MAX_NAME_LENGTH]
+    return "_" + name[1:] if name.startswith("..") else name  # e.g. "..a"
+
+
+def sanitise_name(key: str, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A valid MLflow name for ``key``: other characters become ``_``, paths normalised."""
+    name = _normal_path(_NOT_NAME.sub("_", key))
+    # Cutting can leave a last part that is empty, "." or "..": normalise again.
+    return _normal_path(name[:max_length])
+
+
+def _is_image_name(name: str) -> bool:
+    return len(name) <= MAX_IMAGE_NAME_LENGTH and is_valid_name(name)
+
+
+def _image_name(key: str) -> str:
+    return sanitise_name(key, MAX_IMAGE_NAME_LENGTH)
+
+
+# Artifact files are <folder>.txt and <folder>/step_<step>.mp4 or .npy: a folder part
+# named like one of those files ("a.txt", "step_0.npy") would have to be a file and a
+# folder at once, which no artifact store allows. Its dot becomes "_".
+_FILE_LIKE = re.compile(r"\.(?=(?:txt|mp4|npy)$)", re.IGNORECASE)
 
 
 def _artifact_dir(key: str) -> str:
-    return safe_relpath(key).as_posix()
+    return "/".join(_FILE_LIKE.sub("_", part) for part in safe_relpath(key).parts)
 
 
 def _is_artifact_dir(key: str) -> bool:
@@ -113,11 +134,12 @@ def _is_artifact_dir(key: str) -> bool:
 
 
 class MlflowNames:
-    """The three name spaces of one MLflow run: metrics, params and artifact folders."""
+    """The name spaces of one MLflow run: metrics, params, image keys, artifact folders."""
 
     def __init__(self) -> None:
         self.metric = NameMap("MLflow", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
         self.param = NameMap("MLflow param", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
+        self.image = NameMap("MLflow image", _is_image_name, _image_name, MAX_IMAGE_NAME_LENGTH)
         self.folder = NameMap("MLflow artifact", _is_artifact_dir, _artifact_dir, MAX_NAME_LENGTH)
 
 
@@ -164,9 +186,9 @@ def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[M
             )
             return [*_histogram_metrics(key, values, row, names, ms), raw]
         case Image():
-            return [StepImage(names.metric(key), row.step, ms, lambda: _encode.png(value))]
+            return [StepImage(names.image(key), row.step, ms, lambda: _encode.png(value))]
         case Figure():
-            return [StepImage(names.metric(key), row.step, ms, lambda: value.png)]
+            return [StepImage(names.image(key), row.step, ms, lambda: value.png)]
         case Video():
             path = f"videos/{names.folder(key)}/step_{row.step}.mp4"
             return [ArtifactFile(path, lambda: _encode.mp4(value))]

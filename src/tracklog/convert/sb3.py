@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from typing import assert_never
 
+from stable_baselines3.common import logger as sb3
+
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
 
 __all__ = ["to_sb3"]
+
+
+class _Sb3HParam(sb3.HParam):
+    """SB3's HParam without its refusal of an empty ``metric_dict``."""
+
+    def __init__(
+        self,
+        hparam_dict: dict[str, bool | int | float | str | None],
+        metric_dict: dict[str, float],
+    ) -> None:
+        self.hparam_dict = hparam_dict
+        self.metric_dict = metric_dict
 
 
 def to_sb3(value: LogValue) -> object:
@@ -18,7 +32,11 @@ def to_sb3(value: LogValue) -> object:
             return text
         case Histogram(values=values):
             return values
-        case Image() | Figure() | Video() | HParam():
+        case HParam():
+            # SB3's TensorBoard format hands these to torch's hparams(), which wants
+            # plain dicts of flat values.
+            return _Sb3HParam(value.flat(), dict(value.metric_dict))
+        case Image() | Figure() | Video():
             return value
         case _:
             assert_never(value)

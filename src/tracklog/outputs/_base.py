@@ -8,7 +8,7 @@ from typing import Any
 from stable_baselines3.common.logger import KVWriter, SeqWriter
 
 from tracklog._row import Row
-from tracklog.values import LogValue, normalise
+from tracklog.values import LogValue, check_key, normalise
 
 __all__ = ["OutputFormat"]
 
@@ -48,7 +48,7 @@ class OutputFormat(KVWriter, SeqWriter):
         self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0
     ) -> None:
         values: dict[str, LogValue] = {
-            key: normalise(key, value)
+            key: normalise(check_key(key), value)
             for key, value in key_values.items()
             if self.name not in (key_excluded.get(key) or ())
         }

@@ -9,6 +9,7 @@ from pathlib import Path
 from tracklog._media import MediaStore
 from tracklog._row import Row
 from tracklog.convert.files import Cell, to_cell
+from tracklog.outputs._append import open_for_append
 from tracklog.outputs._base import OutputFormat
 
 __all__ = ["CsvOutputFormat"]
@@ -34,18 +35,26 @@ class CsvOutputFormat(OutputFormat):
 
     def __init__(self, path: str | Path, *, media: MediaStore | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._media = media or MediaStore(self.path.parent)
-        self._keys: list[str] = []
-        if self.path.exists() and self.path.stat().st_size > 0:
-            with open(self.path, newline="", encoding="utf-8") as existing:
-                header = next(csv.reader(existing), [])
-            self._keys = [key for key in header if key not in _RESERVED]
+        self._keys: list[str] = self._existing_keys()
         self._key_set = set(self._keys)
-        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  # owned until close()
+        self._file = open_for_append(self.path, newline="")
         self._writer = csv.writer(self._file)
-        if not self._keys and self._file.tell() == 0:
+        if self._file.tell() == 0:
             self._writer.writerow(_RESERVED)
+
+    def _existing_keys(self) -> list[str]:
+        """The keys of a file a resumed run appends to; refuses a file that is not ours."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return []
+        with open(self.path, newline="", encoding="utf-8") as existing:
+            header = next(csv.reader(existing), [])
+        if tuple(header[:2]) != _RESERVED:
+            raise ValueError(
+                f"{self.path} exists but is not a tracklog CSV file (its header starts "
+                f"{header[:3]}); choose another path or run_dir"
+            )
+        return header[2:]
 
     def write_row(self, row: Row) -> None:
         cells = {key: to_cell(key, value, row, self._media) for key, value in row.values.items()}
@@ -58,22 +67,35 @@ class CsvOutputFormat(OutputFormat):
         self._file.flush()
 
     def _widen(self, new_keys: list[str]) -> None:
-        """Rewrite the file with ``new_keys`` appended to the header; old rows get empty fields."""
-        self._file.close()
-        with open(self.path, newline="", encoding="utf-8") as old:
-            rows = list(csv.reader(old))[1:]
-        self._keys.extend(new_keys)
-        self._key_set.update(new_keys)
+        """Rewrite the file with ``new_keys`` appended to the header; old rows get empty fields.
+
+        The wider file is written next to the old one and swapped in with ``os.replace``,
+        so an error or an interrupt part-way leaves the old file and this format intact.
+        """
+        self._file.flush()
+        keys = [*self._keys, *new_keys]
         temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "w", newline="", encoding="utf-8") as new:
-            writer = csv.writer(new)
-            writer.writerow([*_RESERVED, *self._keys])
-            padding = [""] * len(new_keys)
-            writer.writerows(row + padding for row in rows)
-            new.flush()
-            os.fsync(new.fileno())
-        os.replace(temporary, self.path)
-        self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  # owned until close()
+        try:
+            with (
+                open(self.path, newline="", encoding="utf-8") as old,
+                open(temporary, "w", newline="", encoding="utf-8") as new,
+            ):
+                rows = csv.reader(old)
+                next(rows, None)
+                writer = csv.writer(new)
+                writer.writerow([*_RESERVED, *keys])
+                padding = [""] * len(new_keys)
+                writer.writerows(row + padding for row in rows)
+                new.flush()
+                os.fsync(new.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        self._file.close()
+        self._keys = keys
+        self._key_set.update(new_keys)
+        self._file = open_for_append(self.path, newline="")
         self._writer = csv.writer(self._file)
 
     def close(self) -> None:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
 from tracklog._row import Row
 from tracklog.convert.text import one_line, to_text
 from tracklog.outputs._base import OutputFormat
-from tracklog.values import LogValue
 
 __all__ = ["FixedHumanOutputFormat", "render_table", "shorten"]
 
@@ -99,20 +97,14 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     return lines
 
 
-# The console and train.log usually get the very same row: render it once for both.
-# The cache holds the values mapping itself (compared by identity), and every dump
-# hands out a new mapping, so a stale entry can never match.
-_last_render: tuple[Mapping[str, LogValue], int, str] | None = None
-
-
 def _render_row(row: Row, max_length: int) -> str:
-    global _last_render
-    cached = _last_render
-    if cached is not None and cached[0] is row.values and cached[1] == max_length:
-        return cached[2]
-    lines = render_table({k: to_text(value) for k, value in row.values.items()}, max_length)
-    text = "\n".join(lines) + "\n" if lines else ""
-    _last_render = (row.values, max_length, text)
+    # The console and train.log usually get the very same row: render it once for both.
+    memo_key = ("table", max_length)
+    text = row.memo.get(memo_key)
+    if not isinstance(text, str):
+        cells = {key: to_text(value) for key, value in row.values.items()}
+        lines = render_table(cells, max_length)
+        text = row.memo[memo_key] = "\n".join(lines) + "\n" if lines else ""
     return text
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from tracklog._media import MediaStore
 from tracklog._row import Row
 from tracklog.convert.files import to_cell
+from tracklog.outputs._append import open_for_append
 from tracklog.outputs._base import OutputFormat
 
 __all__ = ["JsonlOutputFormat"]
@@ -26,9 +27,8 @@ class JsonlOutputFormat(OutputFormat):
 
     def __init__(self, path: str | Path, *, media: MediaStore | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._media = media or MediaStore(self.path.parent)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # owned until close()
+        self._file = open_for_append(self.path)
 
     def write_row(self, row: Row) -> None:
         document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
