@@ -10,13 +10,14 @@ __all__ = ["NameMap"]
 
 
 class NameMap:
-    """Remembers which backend name each key got, so that no two keys share one.
+    """Gives each key a name the backend accepts, the same in every process and session.
 
-    A key the backend accepts keeps its name. Any other key becomes ``sanitise(key)``,
-    with one warning. If that name is already held by another key, the newcomer gets
-    ``-`` and 8 hex digits of its key's SHA-1 appended (cut to ``max_length``), also
-    with one warning: a deterministic name, so the same key always lands in the same
-    place, and two keys are never merged into one series.
+    A key the backend accepts keeps its name. Any other key becomes ``sanitise(key)``
+    followed by ``-`` and 8 hex digits of the key's SHA-1, with one warning. The name
+    depends on the key alone, not on which keys came first, so a resumed run or another
+    run of a sweep puts the same key in the same series, and a renamed key can never
+    take the name of a key that is logged as itself (``a:b`` becomes ``a_b-<hash>``,
+    never ``a_b``).
     """
 
     def __init__(
@@ -38,24 +39,23 @@ class NameMap:
         name = self._names.get(key)
         if name is not None:
             return name
-        candidate = key if self._is_valid(key) else self._sanitise(key)
-        name = candidate
-        if candidate in self._owners:
-            digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
-            width = 8
-            while name in self._owners:
-                name = f"{candidate[: self._max_length - width - 1]}-{digest[:width]}"
-                width += 4
-            warnings.warn(
-                f"{self.backend}: keys {self._owners[candidate]!r} and {key!r} both map to "
-                f"{candidate!r}; logging {key!r} as {name!r}",
-                stacklevel=3,
-            )
-        elif candidate != key:
+        if self._is_valid(key):
+            name = key
+        else:
+            name = self._renamed(key)
             warnings.warn(
                 f"{self.backend} does not accept the key {key!r}; logging it as {name!r}",
                 stacklevel=3,
             )
+        owner = self._owners.get(name)
+        if owner is not None:  # a valid key spelled exactly like another key's new name
+            raise ValueError(
+                f"{self.backend}: keys {owner!r} and {key!r} would both be logged as {name!r}"
+            )
         self._names[key] = name
         self._owners[name] = key
         return name
+
+    def _renamed(self, key: str) -> str:
+        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+        return f"{self._sanitise(key)[: self._max_length - 9]}-{digest}"

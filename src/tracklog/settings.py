@@ -139,6 +139,8 @@ class MlflowOutput(_Output):
     @field_validator("tracking_uri")
     @classmethod
     def _known_store(cls, uri: str, info: ValidationInfo) -> str:
+        if uri == "databricks" or uri.startswith("databricks-uc"):  # MLflow's bare forms
+            return uri
         scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
         if scheme in _MLFLOW_SCHEMES:
             return uri

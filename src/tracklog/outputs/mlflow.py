@@ -45,13 +45,32 @@ def _tracklog_version() -> str:
         return "unknown"
 
 
-def _export_credentials(settings: MlflowOutput) -> None:
-    # MLflow reads basic-auth credentials only from its environment variables (or
-    # ~/.mlflow/credentials), for every request and artifact upload it makes.
-    if settings.username is not None:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.username
+_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _export_credentials(settings: MlflowOutput) -> dict[str, str | None]:
+    """Put the settings' credentials where MLflow reads them; return what was there.
+
+    MLflow reads basic-auth credentials only from its environment variables (or
+    ~/.mlflow/credentials), for every request and artifact upload it makes. They stay
+    set while the output is open (one set of credentials per process) and are put back
+    as they were at ``close()``.
+    """
+    if settings.username is None:
+        return {}
+    previous = {name: os.environ.get(name) for name in _CREDENTIALS}
+    os.environ["MLFLOW_TRACKING_USERNAME"] = settings.username
     if settings.password is not None:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.password.get_secret_value()
+    return previous
+
+
+def _restore_credentials(previous: dict[str, str | None]) -> None:
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class MLFlowOutputFormat(OutputFormat):
@@ -71,7 +90,7 @@ class MLFlowOutputFormat(OutputFormat):
     def __init__(self, settings: MlflowOutput, *, settings_json: str | None = None) -> None:
         from mlflow import MlflowClient
 
-        _export_credentials(settings)
+        self._previous_credentials = _export_credentials(settings)
         self.settings = settings
         self.client: MlflowClient = MlflowClient(tracking_uri=settings.tracking_uri)
         self._names = MlflowNames()
@@ -80,12 +99,14 @@ class MLFlowOutputFormat(OutputFormat):
         self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
         self._dirty: set[str] = set()
         self._uploaded: set[str] = set()
+        self._listed: set[str] = set()
         self._last_upload = time.monotonic()
         self._closed = False
         try:
             self.run_id = self._start_run(settings_json)
         except BaseException:
             shutil.rmtree(self._staging, ignore_errors=True)
+            _restore_credentials(self._previous_credentials)
             raise
 
     # Run lifecycle -------------------------------------------------------------------
@@ -153,8 +174,11 @@ class MLFlowOutputFormat(OutputFormat):
         try:
             self._upload_text(force=True)
         finally:
-            self.client.set_terminated(self.run_id, status=self._status)
-            shutil.rmtree(self._staging, ignore_errors=True)
+            try:
+                self.client.set_terminated(self.run_id, status=self._status)
+            finally:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                _restore_credentials(self._previous_credentials)
 
     # Writing -------------------------------------------------------------------------
     def write_row(self, row: Row) -> None:
@@ -231,8 +255,14 @@ class MLFlowOutputFormat(OutputFormat):
 
     def _unique(self, path: str) -> str:
         """``path``, or ``stem-N.ext`` if this run already has a file there (two dumps
-        of one key at one step must not overwrite each other)."""
+        of one key at one step must not overwrite each other, also across a resume)."""
         relative, n = PurePosixPath(path), 0
+        folder = relative.parent.as_posix()
+        if self.settings.run_id is not None and folder not in self._listed:
+            # A resumed run: an earlier session may have written this folder.
+            self._listed.add(folder)
+            listed = self.client.list_artifacts(self.run_id, None if folder == "." else folder)
+            self._uploaded.update(entry.path for entry in listed if not entry.is_dir)
         while path in self._uploaded:
             n += 1
             path = relative.with_name(f"{relative.stem}-{n}{relative.suffix}").as_posix()
