@@ -27,7 +27,6 @@ from fractions import Fraction
 from importlib.metadata import version
 from pathlib import Path
 
-import av
 import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +39,7 @@ from PIL import Image as PILImage
 from pydantic import ValidationError
 
 import tracklog
+from tests.readback import decode_mp4
 from tests.servers import MlflowServer
 from tracklog.readers import read_jsonl
 from tracklog.settings import MlflowOutput
@@ -503,18 +503,6 @@ def test_long_keys_are_shortened_and_stay_distinct(sqlite: Store, run_dir: Path)
 
 
 # Media -------------------------------------------------------------------------------
-
-
-def decode_mp4(path: Path) -> tuple[list[npt.NDArray[np.uint8]], Fraction]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [
-            np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
-            for frame in container.decode(stream)
-        ]
-        rate = stream.average_rate
-    assert rate is not None
-    return frames, Fraction(rate)
 
 
 def grey_clip(levels: Sequence[int], height: int = 8, width: int = 6) -> npt.NDArray[np.uint8]:

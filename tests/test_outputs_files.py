@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 import tracklog
+from tests.readback import decode_mp4
 from tracklog.readers import LoggedRow, Value, read_csv, read_jsonl
 
 Number = bool | int | float
@@ -485,18 +485,6 @@ def test_figure_is_a_png_of_its_size(run_dir: Path) -> None:
     with PILImage.open(path) as picture:
         assert picture.size == (200, 150)
         assert picture.format == "PNG"
-
-
-def decode_mp4(path: Path) -> tuple[list[npt.NDArray[np.uint8]], Fraction]:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [
-            np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
-            for frame in container.decode(stream)
-        ]
-        rate = stream.average_rate
-    assert rate is not None
-    return frames, Fraction(rate)
 
 
 def solid_clip(
