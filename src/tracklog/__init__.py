@@ -18,6 +18,7 @@ from tracklog.outputs import (
     JsonlOutputFormat,
     MLFlowOutputFormat,
     OutputFormat,
+    WandBOutputFormat,
 )
 from tracklog.settings import LoggerSettings, load_settings
 from tracklog.values import (
@@ -55,6 +56,7 @@ __all__ = [
     "Scalar",
     "Text",
     "Video",
+    "WandBOutputFormat",
     "__version__",
     "build_logger",
     "load_settings",

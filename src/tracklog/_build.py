@@ -15,6 +15,7 @@ from tracklog.outputs import (
     FixedHumanOutputFormat,
     JsonlOutputFormat,
     MLFlowOutputFormat,
+    WandBOutputFormat,
 )
 from tracklog.settings import (
     ConsoleOutput,
@@ -24,6 +25,7 @@ from tracklog.settings import (
     LoggerSettings,
     MlflowOutput,
     OutputSettings,
+    WandbOutput,
     load_settings,
 )
 
@@ -44,6 +46,8 @@ def _make_output(output: OutputSettings, settings: LoggerSettings, media: MediaS
             return CsvOutputFormat(settings.resolve(output.path), media=media)
         case MlflowOutput():
             return MLFlowOutputFormat(output, settings_json=settings.model_dump_json())
+        case WandbOutput():
+            return WandBOutputFormat(output, run_dir=settings.run_dir)
         case _:
             assert_never(output)
 

@@ -1,7 +1,8 @@
-"""Read tracklog's JSONL and CSV files back into typed rows.
+"""Read what tracklog wrote back into typed rows: JSONL, CSV and W&B offline runs.
 
-These use only the standard library's ``json`` and ``csv`` modules, so what they
-return is what any other tool reading the files would see.
+The JSONL and CSV readers use only the standard library's ``json`` and ``csv``
+modules, so they return what any other tool reading the files would see. The W&B
+reader parses the run's own transaction log, the file ``wandb sync`` uploads.
 """
 
 from __future__ import annotations
@@ -10,10 +11,23 @@ import csv
 import json
 import os
 import re
-from collections.abc import Mapping
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
-__all__ = ["LoggedRow", "Value", "read_csv", "read_jsonl"]
+__all__ = [
+    "LoggedRow",
+    "Value",
+    "WandbRow",
+    "WandbRun",
+    "read_csv",
+    "read_jsonl",
+    "read_wandb_offline",
+    "wandb_records",
+]
 
 Value = bool | int | float | str
 """A cell read back: a number, a text value, or a media path relative to the run directory."""
@@ -90,3 +104,212 @@ def read_csv(path: str | os.PathLike[str]) -> list[LoggedRow]:
             }
             rows.append(_row(document, f"{os.fspath(path)}:{number}"))
     return rows
+
+
+# W&B offline runs -----------------------------------------------------------------
+#
+# A run's transaction log, <run>/run-<id>.wandb, is a 7-byte header (b":W&B", the
+# magic 0xBEE1 little-endian, a version byte) followed by LevelDB's log format: 32 KiB
+# blocks of records, each a 7-byte header (CRC-32 of the type byte and the data, the
+# data length as uint16, the type: 1 full, 2 first, 3 middle, 4 last) and its data; a
+# block tail shorter than 7 bytes is zero padding. Joined records are
+# wandb.proto.wandb_internal_pb2.Record protobufs.
+
+_WANDB_HEADER = b":W&B"
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+class _Item(Protocol):
+    key: str
+    nested_key: Sequence[str]
+    value_json: str
+
+
+class _Items(Protocol):
+    item: Sequence[_Item]
+
+
+class _Updates(Protocol):
+    update: Sequence[_Item]
+
+
+class _RunRecord(Protocol):
+    run_id: str
+    project: str
+    config: _Updates
+
+
+class _OutputRaw(Protocol):
+    line: str
+
+
+class _Exit(Protocol):
+    exit_code: int
+
+
+class _Record(Protocol):
+    history: _Items
+    config: _Updates
+    summary: _Updates
+    run: _RunRecord
+    output_raw: _OutputRaw
+    exit: _Exit
+
+    def ParseFromString(self, data: bytes) -> int: ...
+    def WhichOneof(self, name: str) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WandbRow:
+    """One history row: W&B's own row counter, tracklog's ``global_step``, the values.
+
+    Media values are dicts as W&B stores them (``{"_type": "video-file", "path":
+    "media/videos/…mp4", …}``); :meth:`WandbRun.media_path` finds their file.
+    """
+
+    step: int
+    global_step: int | None
+    timestamp: float | None
+    values: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class WandbRun:
+    """What a W&B offline run holds, read from its ``.wandb`` transaction log."""
+
+    directory: Path
+    run_id: str
+    project: str
+    rows: list[WandbRow]
+    config: Mapping[str, object]
+    summary: Mapping[str, object]
+    console: str
+    exit_code: int | None
+
+    def media_path(self, value: object) -> Path:
+        """The file of a media value from :attr:`rows` (its ``path`` under ``files/``)."""
+        if not isinstance(value, Mapping) or not isinstance(value.get("path"), str):
+            raise ValueError(f"not a W&B media value: {value!r}")
+        return self.directory / "files" / str(value["path"])
+
+
+def _wandb_log(path: Path) -> Path:
+    """The ``.wandb`` file for ``path``: the file, its run folder, or a folder holding one run."""
+    if path.is_file():
+        return path
+    found = sorted(path.glob("run-*.wandb"))
+    if not found:
+        found = sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
+    if len(found) != 1:
+        raise ValueError(
+            f"{path}: expected one W&B run (a run-*.wandb file), found {len(found)}: "
+            + ", ".join(str(p) for p in found)
+        )
+    return found[0]
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The protobuf payloads of a ``.wandb`` file; a record cut off at the end is dropped."""
+    data = path.read_bytes()
+    if data[:4] != _WANDB_HEADER:
+        raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
+    records: list[bytes] = []
+    pending = b""
+    position = 7
+    while position + 7 <= len(data):
+        room = _BLOCK - position % _BLOCK
+        if room < 7:
+            position += room  # zero padding at the end of a block
+            continue
+        checksum, length, kind = struct.unpack_from("<IHB", data, position)
+        chunk = data[position + 7 : position + 7 + length]
+        if len(chunk) < length:
+            break  # the writer was killed mid-record
+        if kind == 0 and length == 0 and checksum == 0:
+            position += room  # pre-allocated, never written
+            continue
+        if zlib.crc32(bytes([kind]) + chunk) != checksum:
+            raise ValueError(f"{path}: record at byte {position} fails its checksum")
+        position += 7 + length
+        if kind == _FULL:
+            records.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            records.append(pending + chunk)
+            pending = b""
+    return records
+
+
+def _decode_items(items: Sequence[_Item]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for item in items:
+        parts = [item.key] if item.key else list(item.nested_key)
+        target = values
+        for part in parts[:-1]:
+            inner = target.setdefault(part, {})
+            assert isinstance(inner, dict)
+            target = inner
+        target[parts[-1]] = json.loads(item.value_json)
+    return values
+
+
+def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
+    """Read a W&B run back from its transaction log, as ``wandb sync`` would upload it.
+
+    ``path`` is a ``run-*.wandb`` file, its ``offline-run-*`` folder, or a folder whose
+    ``wandb/`` holds exactly one run.
+    """
+    import importlib
+
+    record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+    log = _wandb_log(Path(path))
+    rows: list[WandbRow] = []
+    config: dict[str, object] = {}
+    summary: dict[str, object] = {}
+    console: list[str] = []
+    run_id = project = ""
+    exit_code: int | None = None
+    for payload in wandb_records(log):
+        record: _Record = record_class()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            values = _decode_items(record.history.item)
+            step = values.pop("_step", None)
+            global_step = values.get("global_step")
+            timestamp = values.pop("_timestamp", None)
+            values.pop("_runtime", None)
+            rows.append(
+                WandbRow(
+                    step=step if isinstance(step, int) else len(rows),
+                    global_step=global_step if isinstance(global_step, int) else None,
+                    timestamp=float(timestamp) if isinstance(timestamp, int | float) else None,
+                    values=values,
+                )
+            )
+        elif kind == "run":
+            run_id, project = record.run.run_id, record.run.project
+            config.update(_decode_items(record.run.config.update))
+        elif kind == "config":
+            config.update(_decode_items(record.config.update))
+        elif kind == "summary":
+            summary.update(_decode_items(record.summary.update))
+        elif kind == "output_raw":
+            console.append(record.output_raw.line)
+        elif kind == "exit":
+            exit_code = record.exit.exit_code
+    config.pop("_wandb", None)
+    return WandbRun(
+        directory=log.parent,
+        run_id=run_id,
+        project=project,
+        rows=rows,
+        config=config,
+        summary=summary,
+        console="".join(console),
+        exit_code=exit_code,
+    )

@@ -164,17 +164,41 @@ class MlflowOutput(_Output):
 
 
 class WandbOutput(_Output):
-    """W&B settings (fields only: the W&B output format is not built yet)."""
+    """One W&B run per logger, offline by default (exclude name ``wandb``).
+
+    Offline runs land in ``<dir>/wandb/offline-run-*`` (``dir`` defaults to the
+    logger's ``run_dir``); ``wandb sync <that folder>`` uploads them later. ``api_key``
+    (or ``$WANDB_API_KEY``) is only needed online.
+    """
 
     type: Literal["wandb"] = "wandb"
-    project: str | None = None
+    project: str | None = Field(default=None, min_length=1, max_length=128)
     entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    name: str | None = None
+    notes: str | None = None
+    id: str | None = Field(default=None, pattern=r"^[^/\\#?%:]{1,64}$")
+    resume: Literal["allow", "must", "never", "auto"] | None = None
     mode: Literal["online", "offline", "disabled"] = "offline"
+    dir: Path | None = Field(default=None, description="default: the logger's run_dir")
     api_key: SecretStr | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="extra run config")
+    finish_timeout: float = Field(
+        default=60.0, gt=0, description="seconds close() waits for W&B to finish the run"
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _short_tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not 1 <= len(tag) <= 64:
+                raise ValueError(f"W&B tags must be 1 to 64 characters long: {tag!r}")
+        return tags
 
 
 OutputSettings = Annotated[
-    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput | MlflowOutput,
+    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput | MlflowOutput | WandbOutput,
     Field(discriminator="type"),
 ]
 

@@ -5,6 +5,7 @@ from tracklog.outputs.csv import CsvOutputFormat
 from tracklog.outputs.human import FixedHumanOutputFormat
 from tracklog.outputs.jsonl import JsonlOutputFormat
 from tracklog.outputs.mlflow import MLFlowOutputFormat
+from tracklog.outputs.wandb import WandBOutputFormat
 
 __all__ = [
     "CsvOutputFormat",
@@ -12,4 +13,5 @@ __all__ = [
     "JsonlOutputFormat",
     "MLFlowOutputFormat",
     "OutputFormat",
+    "WandBOutputFormat",
 ]
