@@ -211,14 +211,6 @@ def test_outputs_must_be_a_list(run_dir: Path) -> None:
     assert "Input should be a valid list" in message
 
 
-def test_wandb_is_not_accepted_yet(run_dir: Path) -> None:
-    # Its model exists with fields only; until its format exists it is rejected,
-    # never accepted and silently ignored.
-    message = _expect_invalid(run_dir, {"outputs": [{"type": "console"}, {"type": "wandb"}]})
-    assert "outputs.1" in message
-    assert "'wandb'" in message
-
-
 @pytest.mark.parametrize("suffix", [".ini", ".txt", ".png", ""])
 def test_unsupported_file_extension(tmp_path: Path, run_dir: Path, suffix: str) -> None:
     path = tmp_path / f"logging{suffix}"
