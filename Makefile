@@ -45,10 +45,12 @@ pytest: install-dev
 test: lint typecheck pytest
 
 # Training-thread cost against the anchors, each measured interleaved in one process:
-# SB3's own Logger, and the seed's per-key log_metric against a real mlflow server.
+# SB3's own Logger, the seed's per-key log_metric against a real mlflow server, and
+# wandb.Video's GIF encoding.
 bench: install-dev
 	$(PY) bench/bench_dump.py
 	$(PY) bench/bench_mlflow.py
+	$(PY) bench/bench_video.py
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ JSONL file and the MLflow run back and checks that the agent learned.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import tracklog
-from tracklog.readers import read_jsonl
+from tracklog.readers import read_jsonl, read_wandb_offline
 
 
 class EvalVideoCallback(BaseCallback):
@@ -117,6 +118,19 @@ def _check_mlflow(tracking_uri: str, run_id: str) -> bool:
     return len(points) >= 2 and len(videos) >= 1
 
 
+def _check_wandb(run_dir: Path) -> bool:
+    """Read the offline run back from its .wandb log and say how to upload it."""
+    run = read_wandb_offline(run_dir)
+    curve = [row for row in run.rows if "rollout/ep_rew_mean" in row.values]
+    videos = [row for row in run.rows if "eval/video" in row.values]
+    print(
+        f"W&B offline run {run.run_id}: {len(curve)} rollout/ep_rew_mean rows, "
+        f"{len(run.config)} config entries, {len(videos)} MP4 videos"
+    )
+    print(f"  upload it: .venv/bin/wandb sync {run_dir}")
+    return len(curve) >= 2 and len(videos) >= 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--settings", default="examples/demo.yaml", help="tracklog settings file")
@@ -126,11 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)  # a 64x64 MLP runs faster on one thread than on two
+    os.environ.setdefault("WANDB_SILENT", "true")
     with tracklog.build_logger(args.settings) as logger:
         mlflow_runs = [
             (output.settings.tracking_uri, output.run_id)
             for output in logger.output_formats
             if isinstance(output, tracklog.MLFlowOutputFormat)
+        ]
+        wandb_runs = [
+            output.run_dir
+            for output in logger.output_formats
+            if isinstance(output, tracklog.WandBOutputFormat)
         ]
         env = make_vec_env("CartPole-v1", n_envs=4, seed=args.seed)
         model = PPO("MlpPolicy", env, n_steps=256, batch_size=256, n_epochs=10, seed=args.seed)
@@ -150,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for tracking_uri, run_id in mlflow_runs:
         if not _check_mlflow(tracking_uri, run_id):
+            return 1
+    for wandb_dir in wandb_runs:
+        if not _check_wandb(wandb_dir):
             return 1
     (first_step, first), (last_step, last) = curve[0], curve[-1]
     print(f"rollout/ep_rew_mean: {first:.1f} (step {first_step}) -> {last:.1f} (step {last_step})")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tracklog.readers import read_csv, read_jsonl
+from tracklog.readers import read_csv, read_jsonl, read_wandb_offline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,18 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     history = client.get_metric_history(run.info.run_id, "rollout/ep_rew_mean")
     assert [point.value for point in history] == rewards
     assert len(client.list_artifacts(run.info.run_id, "videos/eval/video")) == len(videos)
+    wandb_run = read_wandb_offline(run_dir)
+    assert [
+        row.values["rollout/ep_rew_mean"]
+        for row in wandb_run.rows
+        if "rollout/ep_rew_mean" in row.values
+    ] == rewards
+    wandb_videos = [
+        row.values["eval/video"] for row in wandb_run.rows if "eval/video" in row.values
+    ]
+    assert len(wandb_videos) == len(videos)
+    assert all(wandb_run.media_path(video).exists() for video in wandb_videos)
+    assert wandb_run.config["algorithm"] == "PPO"
     log = (run_dir / "train.log").read_text()
     assert "rollout/" in log
     assert "evaluation at step" in log
