@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -127,9 +128,14 @@ def steps_and_values(store: Store, run_id: str, name: str) -> list[tuple[int, fl
 
 
 def artifact_files(store: Store, run_id: str, path: str | None = None) -> list[str]:
-    """Every artifact file of the run under ``path``, recursively, sorted."""
+    """Every artifact file of the run under ``path``, recursively, sorted.
+
+    Without ``path``, tracklog's own ``tracklog/settings.json`` is left out.
+    """
     files: list[str] = []
     for entry in store.client.list_artifacts(run_id, path):
+        if path is None and entry.path == "tracklog":
+            continue
         files += artifact_files(store, run_id, entry.path) if entry.is_dir else [entry.path]
     return sorted(files)
 
@@ -550,7 +556,7 @@ def test_video_key_never_leaves_the_videos_folder(
             logger.dump(1)
         run_id = run_id_of(logger)
 
-    (path,) = artifact_files(sqlite, run_id)
+    (path,) = artifact_files(sqlite, run_id, "videos")
     assert path.startswith("videos/")
     assert path.endswith("/step_1.mp4")
     assert ".." not in path.split("/")
@@ -1069,3 +1075,168 @@ def test_credentials_are_put_back_at_close(
     logger.close()
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "someone-else"
     assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+LIFECYCLE_SCRIPT = """
+import sys
+import tracklog
+
+logger = tracklog.build_logger({{
+    "run_dir": {run_dir!r},
+    "outputs": [{{"type": "mlflow", "tracking_uri": {uri!r}, "experiment": {experiment!r},
+                  "artifact_upload_interval": 3600}}],
+}})
+(output,) = logger.output_formats
+print(output.run_id, flush=True)
+logger.info("a line only the final upload carries")
+logger.record("loss", 0.5)
+logger.dump(1)
+{ending}
+"""
+
+_ENDINGS = {
+    # never closed, dropped: the exit hook still finishes the run and uploads train.log
+    "dropped": ("del logger, output", "FINISHED"),
+    # a library that replaces sys.excepthook without chaining it (rich does)
+    "hook-replaced": (
+        "sys.excepthook = lambda *exc: print('custom hook', file=sys.stderr)\n"
+        "raise RuntimeError('uncaught')",
+        "FAILED",
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(_ENDINGS))
+def test_the_exit_hook_ends_every_run(sqlite: Store, tmp_path: Path, ending: str) -> None:
+    code, status = _ENDINGS[ending]
+    script = LIFECYCLE_SCRIPT.format(
+        run_dir=str(tmp_path / "run"), uri=sqlite.uri, experiment=EXPERIMENT, ending=code
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    run_id = done.stdout.split()[0]
+    assert sqlite.client.get_run(run_id).info.status == status, done.stderr
+    log = fetch_text(sqlite, run_id, "train.log", tmp_path)
+    assert log == "a line only the final upload carries\n"
+
+
+def test_sys_exit_zero_inside_the_block_is_success(sqlite: Store, run_dir: Path) -> None:
+    logger = mlflow_logger(run_dir, sqlite)
+    run_id = run_id_of(logger)
+    with pytest.raises(SystemExit), logger:
+        sys.exit(0)
+    assert sqlite.client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_histogram_stat_never_merges_with_a_recorded_key(sqlite: Store, run_dir: Path) -> None:
+    with mlflow_logger(run_dir, sqlite) as logger:
+        logger.record("w/mean", 100.0)
+        logger.record("w", np.array([1.0, 3.0]))
+        with pytest.warns(UserWarning, match="'w/mean' is already logged for 'w/mean'"):
+            logger.dump(0)
+        run_id = run_id_of(logger)
+    assert steps_and_values(sqlite, run_id, "w/mean") == [(0, 100.0)]
+    stats = [name for name in sqlite.client.get_run(run_id).data.metrics if name != "w/mean"]
+    means = [name for name in stats if name.startswith("w/mean-")]
+    assert len(means) == 1
+    assert steps_and_values(sqlite, run_id, means[0]) == [(0, 2.0)]
+
+
+def test_a_key_spelled_like_a_renamed_key_is_kept_too(sqlite: Store, run_dir: Path) -> None:
+    with mlflow_logger(run_dir, sqlite) as logger:
+        logger.record("a:b", 1.0)
+        with pytest.warns(UserWarning, match="logging it as 'a_b-"):
+            logger.dump(0)
+        renamed = next(iter(sqlite.client.get_run(run_id_of(logger)).data.metrics))
+        logger.record(renamed, 2.0)  # the literal name, recorded by the user
+        logger.record("other", 3.0)
+        with pytest.warns(UserWarning, match="already logged"):
+            logger.dump(1)
+        run_id = run_id_of(logger)
+    metrics = sqlite.client.get_run(run_id).data.metrics
+    assert len(metrics) == 3  # nothing merged, nothing dropped
+    assert steps_and_values(sqlite, run_id, renamed) == [(0, 1.0)]
+    assert steps_and_values(sqlite, run_id, "other") == [(1, 3.0)]
+
+
+class _FailOnce:
+    """Makes the next log_batch fail, as a server blip would (then MLflow is fine)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.real = client.log_batch
+        self.failed = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("server blip")
+        self.real(*args, **kwargs)
+
+
+def test_params_of_a_failed_batch_are_sent_again(
+    sqlite: Store, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger = mlflow_logger(run_dir, sqlite)
+    (output,) = [o for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)]
+    monkeypatch.setattr(output.client, "log_batch", _FailOnce(output.client))
+    hparams = tracklog.HParam({"lr": 0.1, "gamma": 0.99})
+    logger.record("hparams", hparams)
+    logger.dump(0)  # fails: reported on the tracklog logger, training goes on
+    logger.record("hparams", hparams)
+    logger.dump(1)
+    logger.close()
+    assert sqlite.client.get_run(output.run_id).data.params == {"lr": "0.1", "gamma": "0.99"}
+
+
+def test_secrets_in_the_tracking_uri_are_masked(run_dir: Path, tmp_path: Path) -> None:
+    # A sqlite URI has no password; check the masking where a server URI would have one.
+    settings = tracklog.load_settings(
+        {"outputs": [{"type": "mlflow", "tracking_uri": "postgresql://me:s3cret@db/mlflow"}]}
+    )
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in settings.model_dump_json()
+    assert "me:***@db" in settings.model_dump_json()
+    (output,) = settings.outputs
+    assert isinstance(output, MlflowOutput)
+    assert output.tracking_uri == "postgresql://me:s3cret@db/mlflow"  # still usable
+
+
+def test_settings_are_an_artifact_too(sqlite: Store, run_dir: Path, tmp_path: Path) -> None:
+    tags = {f"tag{i}": "x" * 150 for i in range(60)}  # too long for one MLflow tag
+    with mlflow_logger(run_dir, sqlite, tags=tags) as logger:
+        run_id = run_id_of(logger)
+    document = json.loads(fetch_text(sqlite, run_id, "tracklog/settings.json", tmp_path))
+    assert document["outputs"][0]["tags"] == tags
+    assert "tracklog.settings" not in sqlite.client.get_run(run_id).data.tags
+
+
+def test_a_server_that_is_down_fails_within_the_request_bounds(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.servers import free_port
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        tracklog.build_logger(
+            {
+                "run_dir": str(run_dir),
+                "outputs": [
+                    {
+                        "type": "mlflow",
+                        "tracking_uri": f"http://127.0.0.1:{free_port()}",
+                        "request_retries": 1,
+                        "request_timeout": 2,
+                    }
+                ],
+            }
+        )
+    assert time.monotonic() - start < 30  # MLflow's defaults take about 4 minutes

@@ -17,8 +17,6 @@ from tracklog.values import Histogram, HParam, Image, Video
 
 __all__ = ["hparam_json", "mp4", "npy", "png"]
 
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-
 
 def _tile(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """Lay a batch (N,H,W,C) side by side into one (H, N*W, C) picture."""
@@ -31,7 +29,8 @@ def png(image: Image) -> bytes:
 
     pixels = _tile(image.image)
     channels = pixels.shape[2]
-    picture = PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels, _PIL_MODES[channels])
+    # Pillow infers L, RGB or RGBA from the array's shape and uint8 dtype.
+    picture = PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -228,8 +228,10 @@ class Logger(sb3.Logger):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            self.mark_failed(exc_type.__name__)
+        if exc_type is not None and not (
+            issubclass(exc_type, SystemExit) and isinstance(exc, SystemExit) and not exc.code
+        ):
+            self.mark_failed(exc_type.__name__)  # sys.exit(0) inside the block is success
         self.close()
 
 

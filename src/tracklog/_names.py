@@ -34,28 +34,42 @@ class NameMap:
         self._names: dict[str, str] = {}
         self._owners: dict[str, str] = {}
 
-    def __call__(self, key: str) -> str:
-        """The backend name for ``key`` (the same on every call)."""
-        name = self._names.get(key)
+    def __call__(self, key: str, derived: str | None = None) -> str:
+        """The backend name for ``key`` (the same on every call).
+
+        ``derived`` names a series computed from ``key`` (a histogram's ``mean``): its
+        name is ``key/derived`` unless a recorded key already holds that name.
+        """
+        owner = key if derived is None else f"{key}\x00{derived}"
+        name = self._names.get(owner)
         if name is not None:
             return name
-        if self._is_valid(key):
-            name = key
+        wanted = key if derived is None else f"{key}/{derived}"
+        if self._is_valid(wanted):
+            name = wanted
         else:
-            name = self._renamed(key)
+            name = self._renamed(wanted, owner)
             warnings.warn(
-                f"{self.backend} does not accept the key {key!r}; logging it as {name!r}",
+                f"{self.backend} does not accept the key {wanted!r}; logging it as {name!r}",
                 stacklevel=3,
             )
-        owner = self._owners.get(name)
-        if owner is not None:  # a valid key spelled exactly like another key's new name
-            raise ValueError(
-                f"{self.backend}: keys {owner!r} and {key!r} would both be logged as {name!r}"
+        if name in self._owners:  # e.g. a recorded "w/mean" and histogram "w"'s mean
+            taken_by = self._owners[name].replace("\x00", "/")
+            name = self._renamed(wanted, owner)
+            warnings.warn(
+                f"{self.backend}: {wanted!r} is already logged for {taken_by!r}; "
+                f"logging it as {name!r}",
+                stacklevel=3,
             )
-        self._names[key] = name
-        self._owners[name] = key
+        self._names[owner] = name
+        self._owners[name] = owner
         return name
 
-    def _renamed(self, key: str) -> str:
-        digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
-        return f"{self._sanitise(key)[: self._max_length - 9]}-{digest}"
+    def _renamed(self, wanted: str, owner: str) -> str:
+        digest = hashlib.sha1(owner.encode("utf-8")).hexdigest()
+        width = 8
+        while True:
+            name = f"{self._sanitise(wanted)[: self._max_length - width - 1]}-{digest[:width]}"
+            if name not in self._owners or width >= len(digest):
+                return name
+            width += 4

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -100,6 +102,15 @@ class CsvOutput(_FileBacked):
     path: Path = Path("progress.csv")
 
 
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password of ``scheme://user:password@host`` replaced by ``***``."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 _MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
@@ -135,6 +146,23 @@ class MlflowOutput(_Output):
     artifact_upload_interval: float = Field(
         default=60.0, ge=0.0, description="seconds between uploads of train.log and text files"
     )
+    request_timeout: float = Field(
+        default=10.0, ge=1.0, description="seconds one MLflow request may take"
+    )
+    request_retries: int = Field(
+        default=2, ge=0, le=10, description="retries of a failed MLflow request"
+    )
+
+    @field_serializer("tracking_uri")
+    def _masked_uri(self, uri: str) -> str:
+        return mask_uri(uri)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, object]]:
+        for name, value in super().__repr_args__():
+            yield (
+                name,
+                mask_uri(value) if name == "tracking_uri" and isinstance(value, str) else value,
+            )
 
     @field_validator("tracking_uri")
     @classmethod

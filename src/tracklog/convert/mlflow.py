@@ -167,7 +167,7 @@ def _histogram_metrics(
         "max": float(finite.max()) if finite.size else math.nan,
     }
     return [
-        MetricPoint(names.metric(f"{key}/{stat}"), value, ms, row.step)
+        MetricPoint(names.metric(key, derived=stat), value, ms, row.step)
         for stat, value in stats.items()
     ]
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, assert_never
@@ -30,10 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MLFlowOutputFormat"]
 
-# mlflow.utils.validation: MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, and
-# MAX_ENTITIES_PER_BATCH for metrics, params and tags together.
-_BATCH_METRICS = 1000
-_BATCH_PARAMS = 100
 _MAX_TAG_LENGTH = 8000
 _TRAIN_LOG = "train.log"
 
@@ -43,6 +40,30 @@ def _tracklog_version() -> str:
         return version("tracklog")
     except PackageNotFoundError:
         return "unknown"
+
+
+_USER_SET = frozenset(
+    name
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    if name in os.environ
+)
+
+
+def _bound_requests(settings: MlflowOutput) -> None:
+    """Keep one request to a server that is down from blocking for minutes.
+
+    MLflow's defaults (7 retries with exponential backoff, 120 s timeout) hold a
+    ``dump()`` for about 4 minutes when the server is down. MLflow reads these from
+    its environment variables, for the whole process; values the user set are kept.
+    """
+    for name, value in (
+        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", settings.request_retries),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", int(settings.request_timeout)),
+    ):
+        if name not in _USER_SET:
+            os.environ[name] = str(value)
+    if settings.allow_file_store:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.17's own opt-in
 
 
 _CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -90,6 +111,7 @@ class MLFlowOutputFormat(OutputFormat):
     def __init__(self, settings: MlflowOutput, *, settings_json: str | None = None) -> None:
         from mlflow import MlflowClient
 
+        _bound_requests(settings)
         self._previous_credentials = _export_credentials(settings)
         self.settings = settings
         self.client: MlflowClient = MlflowClient(tracking_uri=settings.tracking_uri)
@@ -134,35 +156,62 @@ class MLFlowOutputFormat(OutputFormat):
 
     def _start_run(self, settings_json: str | None) -> str:
         tags = {**self.settings.tags, "tracklog.version": _tracklog_version()}
-        if settings_json is not None:
-            tags["tracklog.settings"] = settings_json[:_MAX_TAG_LENGTH]
+        if settings_json is not None and len(settings_json) <= _MAX_TAG_LENGTH:
+            tags["tracklog.settings"] = settings_json  # too long: only the artifact below
         if self.settings.run_id is not None:
-            run = self.client.get_run(self.settings.run_id)
+            run_id = self._resume(tags)
+        else:
+            experiment = self._experiment_id()
+            run = self.client.create_run(experiment, run_name=self.settings.run_name, tags=tags)
             run_id = str(run.info.run_id)
-            self._params = dict(run.data.params)
-            self.client.update_run(run_id, status="RUNNING")
-            for name, value in tags.items():
-                self.client.set_tag(run_id, name, value)
-            self._resume_text(run_id)
-            return run_id
-        run = self.client.create_run(
-            self._experiment_id(), run_name=self.settings.run_name, tags=tags
-        )
-        return str(run.info.run_id)
+        if settings_json is not None:
+            self.run_id = run_id
+            self._upload("tracklog/settings.json", settings_json.encode("utf-8"))
+        return run_id
+
+    def _resume(self, tags: dict[str, str]) -> str:
+        assert self.settings.run_id is not None
+        run = self.client.get_run(self.settings.run_id)
+        run_id = str(run.info.run_id)
+        if run.info.status == "RUNNING":
+            warnings.warn(
+                f"MLflow run {run_id} is still RUNNING: if another process logs to it, "
+                "the two overwrite each other's train.log",
+                stacklevel=4,
+            )
+        if self.settings.run_name is not None and self.settings.run_name != run.info.run_name:
+            warnings.warn(
+                f"resuming MLflow run {run_id} named {run.info.run_name!r}; "
+                f"run_name {self.settings.run_name!r} is ignored",
+                stacklevel=4,
+            )
+        if self.settings.experiment is not None:
+            experiment = self.client.get_experiment(run.info.experiment_id)
+            if experiment.name != self.settings.experiment:
+                warnings.warn(
+                    f"resuming MLflow run {run_id} of experiment {experiment.name!r}; "
+                    f"experiment {self.settings.experiment!r} is ignored",
+                    stacklevel=4,
+                )
+        self._params = dict(run.data.params)
+        self.client.update_run(run_id, status="RUNNING")
+        for name, value in tags.items():
+            self.client.set_tag(run_id, name, value)
+        self._resume_text(run_id)
+        return run_id
 
     def _resume_text(self, run_id: str) -> None:
         """Fetch the run's train.log and text files, so appends continue them."""
         from mlflow.artifacts import download_artifacts
 
-        for listed in [self.client.list_artifacts(run_id)]:
-            for entry in listed:
-                if entry.path == _TRAIN_LOG or entry.path == "text":
-                    download_artifacts(
-                        run_id=run_id,
-                        artifact_path=entry.path,
-                        dst_path=str(self._staging / "text-root"),
-                        tracking_uri=self.settings.tracking_uri,
-                    )
+        for entry in self.client.list_artifacts(run_id):
+            if entry.path in (_TRAIN_LOG, "text"):
+                download_artifacts(
+                    run_id=run_id,
+                    artifact_path=entry.path,
+                    dst_path=str(self._staging / "text-root"),
+                    tracking_uri=self.settings.tracking_uri,
+                )
 
     def mark_failed(self, reason: str) -> None:
         self._status = "KILLED" if reason == "KeyboardInterrupt" else "FAILED"
@@ -186,6 +235,7 @@ class MLFlowOutputFormat(OutputFormat):
 
         metrics: list[Metric] = []
         params: list[Param] = []
+        new_params: dict[str, str] = {}
         files: list[ArtifactFile] = []
         images: list[StepImage] = []
         for key, value in row.values.items():
@@ -194,7 +244,8 @@ class MLFlowOutputFormat(OutputFormat):
                     case MetricPoint():
                         metrics.append(Metric(item.name, item.value, item.timestamp_ms, item.step))
                     case ParamValue():
-                        if self._is_new_param(item):
+                        if self._is_new_param(item) and item.name not in new_params:
+                            new_params[item.name] = item.value
                             params.append(Param(item.name, item.value))
                     case ArtifactFile():
                         files.append(item)
@@ -204,7 +255,11 @@ class MLFlowOutputFormat(OutputFormat):
                         self._append(item.path, item.text)
                     case _:
                         assert_never(item)
-        self._log_batch(metrics, params)
+        if metrics or params:
+            # MlflowClient.log_batch splits this into requests within MLflow's limits
+            # (1000 metrics, 100 params per request); one dump is never one per key.
+            self.client.log_batch(self.run_id, metrics=metrics, params=params, synchronous=True)
+        self._params.update(new_params)  # only once MLflow has them
         for file in files:
             self._upload(file.path, file.encode())
         for image in images:
@@ -218,26 +273,14 @@ class MLFlowOutputFormat(OutputFormat):
     def _is_new_param(self, param: ParamValue) -> bool:
         logged = self._params.get(param.name)
         if logged is None:
-            self._params[param.name] = param.value
             return True
         if logged != param.value:
-            import warnings
-
             warnings.warn(
                 f"MLflow params cannot change: {param.name!r} stays {logged!r}, "
                 f"not {param.value!r}",
                 stacklevel=2,
             )
         return False
-
-    def _log_batch(self, metrics: list[Metric], params: list[Param]) -> None:
-        while metrics or params:
-            chunk_params, params = params[:_BATCH_PARAMS], params[_BATCH_PARAMS:]
-            room = _BATCH_METRICS - len(chunk_params)
-            chunk_metrics, metrics = metrics[:room], metrics[room:]
-            self.client.log_batch(
-                self.run_id, metrics=chunk_metrics, params=chunk_params, synchronous=True
-            )
 
     def _log_image(self, image: StepImage) -> None:
         from PIL import Image as PILImage
