@@ -338,7 +338,14 @@ class HParam(_Frozen, sb3.HParam):
 
     def flat(self, sep: str = ".") -> dict[str, bool | int | float | str | None]:
         """``hparam_dict`` with nested mappings joined by ``sep``; lists as JSON text."""
-        return dict(_flatten(self.hparam_dict, "", sep))
+        return {
+            name: json.dumps(to_plain(value), allow_nan=True) if isinstance(value, tuple) else value
+            for name, value in _flatten(self.hparam_dict, "", sep)
+        }
+
+    def flat_with_lists(self, sep: str = ".") -> dict[str, object]:
+        """Like :meth:`flat`, but lists stay lists (for backends that take them)."""
+        return {name: to_plain(value) for name, value in _flatten(self.hparam_dict, "", sep)}
 
     def plain(self) -> dict[str, object]:
         """``hparam_dict`` as plain, JSON-ready dicts and lists."""
@@ -377,12 +384,10 @@ def _freeze_param(value: object, where: str) -> HParamValue:
 
 def _flatten(
     params: Mapping[str, HParamValue], prefix: str, sep: str
-) -> Iterator[tuple[str, bool | int | float | str | None]]:
+) -> Iterator[tuple[str, bool | int | float | str | tuple[HParamValue, ...] | None]]:
     for name, value in params.items():
         if isinstance(value, Mapping):
             yield from _flatten(value, f"{prefix}{name}{sep}", sep)
-        elif isinstance(value, tuple):
-            yield f"{prefix}{name}", json.dumps(to_plain(value), allow_nan=True)
         else:
             yield f"{prefix}{name}", value
 

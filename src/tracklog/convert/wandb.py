@@ -42,7 +42,7 @@ class HistoryValue:
 
 @dataclass(frozen=True, slots=True)
 class ConfigUpdate:
-    values: dict[str, bool | int | float | str | None]
+    values: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +53,40 @@ class SummaryUpdate:
 WandbItem: TypeAlias = HistoryValue | ConfigUpdate | SummaryUpdate
 
 
+# W&B names a media file after its key: "<key>_<row>_<20 hex>.<ext>", one folder per
+# "/". For a key with a NUL byte, or a part longer than a file name may be, run.log
+# raises and the whole row is lost; such keys are renamed for every kind of value, so
+# a key keeps one name. A part of 200 bytes leaves room for W&B's suffix in 255.
+_PART_BYTES = 200
+_KEY_BYTES = 1000  # well inside PATH_MAX (4096) with the run directory in front
+
+
+def _usable(key: str) -> bool:
+    return (
+        key != STEP_KEY
+        and "\x00" not in key
+        and len(key.encode("utf-8")) <= _KEY_BYTES
+        and all(len(part.encode("utf-8")) <= _PART_BYTES for part in key.split("/"))
+    )
+
+
+def _shortened(key: str) -> str:
+    # Each part cut to 150 bytes: NameMap appends "-<hex digest>" (9 to 41 characters).
+    parts = [
+        part.replace("\x00", "_").encode("utf-8")[:150].decode("utf-8", errors="ignore")
+        for part in key.split("/")
+    ]
+    return "/".join(parts)
+
+
 def wandb_names() -> NameMap:
-    """History keys: anything but tracklog's own step column is taken as it is."""
-    return NameMap("W&B", lambda key: key != STEP_KEY, lambda key: key, 250)
+    """History keys: taken as they are, unless W&B could not name a media file after them.
+
+    Renamed (once, with a warning): tracklog's own step column ``global_step``, and
+    keys with a NUL byte, a ``/``-separated part over 200 UTF-8 bytes or over 1000
+    bytes in all.
+    """
+    return NameMap("W&B", _usable, _shortened, 250)
 
 
 def _pil(png: bytes) -> Any:
@@ -112,6 +143,6 @@ def to_wandb(key: str, value: LogValue, names: NameMap, staging: Path) -> list[W
             return [HistoryValue(name, wandb.Video(str(path), format="mp4"))]
         case HParam():
             metrics = {metric: float(number) for metric, number in value.metric_dict.items()}
-            return [ConfigUpdate(value.flat()), SummaryUpdate(metrics)]
+            return [ConfigUpdate(value.flat_with_lists()), SummaryUpdate(metrics)]
         case _:
             assert_never(value)

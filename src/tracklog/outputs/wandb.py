@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
@@ -19,6 +20,7 @@ from tracklog.convert.wandb import (
     wandb_names,
 )
 from tracklog.outputs._base import OutputFormat
+from tracklog.readers import wandb_records
 from tracklog.settings import WandbOutput
 
 if TYPE_CHECKING:
@@ -48,7 +50,8 @@ class WandBOutputFormat(OutputFormat):
         self._names = wandb_names()
         self._exit_code = 0
         self._closed = False
-        directory = settings.dir if settings.dir is not None else run_dir
+        # Like the file outputs' paths: relative to run_dir unless absolute.
+        directory = run_dir if settings.dir is None else run_dir / settings.dir
         directory.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix="tracklog-wandb-"))
         init_settings = wandb.Settings(
@@ -117,7 +120,14 @@ class WandBOutputFormat(OutputFormat):
             shutil.rmtree(self._staging, ignore_errors=True)
 
     def _finish(self) -> None:
-        """``run.finish()``, but never waiting longer than ``finish_timeout`` seconds."""
+        """``run.finish()``, but never waiting longer than ``finish_timeout`` seconds.
+
+        Offline, ``finish()`` can return before W&B's service has written the run's
+        last records; tracklog also waits (within the same bound) until the exit record
+        is in the ``.wandb`` file, so a reader or ``wandb sync`` right after ``close()``
+        sees the whole run.
+        """
+        deadline = time.monotonic() + self.settings.finish_timeout
         errors: list[BaseException] = []
 
         def finish() -> None:
@@ -129,12 +139,40 @@ class WandBOutputFormat(OutputFormat):
         worker = threading.Thread(target=finish, name="tracklog-wandb-finish", daemon=True)
         worker.start()
         worker.join(self.settings.finish_timeout)
-        if worker.is_alive():
+        if errors:
+            raise errors[0]
+        if worker.is_alive() or not self._wait_for_exit_record(deadline):
             warnings.warn(
                 f"W&B did not finish the run within {self.settings.finish_timeout:g} s; "
-                f"tracklog stopped waiting. Everything logged is in {self.run_dir}; "
-                f"upload it with: wandb sync {self.run_dir}",
+                "tracklog stopped waiting, and W&B's service may still be writing its last "
+                f"records to {self.run_dir}. Once it has, upload the run with: "
+                f"wandb sync {self.run_dir}",
                 stacklevel=3,
             )
-        elif errors:
-            raise errors[0]
+
+    def _wait_for_exit_record(self, deadline: float) -> bool:
+        if self.settings.mode != "offline":
+            return True
+        log = next(self.run_dir.glob("run-*.wandb"), None)
+        while time.monotonic() < deadline:
+            if log is not None and _has_exit_record(log):
+                return True
+            time.sleep(0.05)
+            log = log or next(self.run_dir.glob("run-*.wandb"), None)
+        return False
+
+
+def _has_exit_record(log: Path) -> bool:
+    import importlib
+
+    record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+    try:
+        payloads = wandb_records(log)
+    except (OSError, ValueError):  # being written: try again
+        return False
+    for payload in reversed(payloads[-8:]):  # the exit record is among the last few
+        record = record_class()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "exit":
+            return True
+    return False
