@@ -42,6 +42,7 @@ from pydantic import ValidationError
 import tracklog
 from tests.readback import decode_mp4
 from tests.servers import MlflowServer
+from tests.strategies import Number, dump_sequences
 from tracklog.readers import read_jsonl
 from tracklog.settings import MlflowOutput
 
@@ -259,27 +260,11 @@ def test_password_never_reaches_the_run_or_a_repr(
 
 # Scalars -----------------------------------------------------------------------------
 
-Number = bool | int | float
-SCALAR_KEYS = ["a", "train/loss", "rollout/ep rew.mean", "x-y"]
 numbers: st.SearchStrategy[Number] = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),  # subnormals and -0.0 included
     st.integers(min_value=-(2**53), max_value=2**53),
     st.booleans(),
 )
-steps = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-
-
-@st.composite
-def dump_sequences(draw: st.DrawFn) -> list[tuple[int, dict[str, Number]]]:
-    """Up to 5 dumps; steps repeat, go back and jump."""
-    step = draw(steps)
-    dumps = []
-    for _ in range(draw(st.integers(min_value=1, max_value=5))):
-        step = draw(st.one_of(st.just(step), steps, st.integers(step - 3, step + 3)))
-        step = min(max(step, -(2**63)), 2**63 - 1)
-        chosen = draw(st.lists(st.sampled_from(SCALAR_KEYS), min_size=1, unique=True))
-        dumps.append((step, {key: draw(numbers) for key in chosen}))
-    return dumps
 
 
 def log_scalar_dumps(
@@ -321,7 +306,7 @@ def assert_scalar_history(
 
 
 @settings(max_examples=25)
-@given(dumps=dump_sequences())
+@given(dumps=dump_sequences(numbers))
 @example(dumps=[(0, {"a": 5e-324, "x-y": -(2**53)}), (0, {"a": -0.0}), (-1, {"a": True})])
 @example(dumps=[(2**63 - 1, {"a": sys.float_info.max}), (-(2**63), {"a": False})])
 def test_scalars_round_trip_exactly(

@@ -38,6 +38,7 @@ from pydantic import SecretStr, ValidationError
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.strategies import Number, dump_sequences
 from tracklog.readers import WandbRun, read_jsonl, read_wandb_offline, wandb_records
 from tracklog.settings import WandbOutput
 from tracklog.values import check_key
@@ -327,27 +328,11 @@ def test_disabled_mode_logs_nothing_and_does_not_fail(run_dir: Path) -> None:
 
 # Scalars and steps -------------------------------------------------------------------
 
-Number = bool | int | float
-SCALAR_KEYS = ["a", "train/loss", "rollout/ep rew.mean", "x-y"]
 numbers: st.SearchStrategy[Number] = st.one_of(
     st.floats(),  # NaN, ±inf, subnormals and -0.0 included
     st.integers(min_value=-(2**53), max_value=2**53),
     st.booleans(),
 )
-steps = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-
-
-@st.composite
-def dump_sequences(draw: st.DrawFn) -> list[tuple[int, dict[str, Number]]]:
-    """Up to 5 dumps; steps repeat, go back and jump."""
-    step = draw(steps)
-    dumps = []
-    for _ in range(draw(st.integers(min_value=1, max_value=5))):
-        step = draw(st.one_of(st.just(step), steps, st.integers(step - 3, step + 3)))
-        step = min(max(step, -(2**63)), 2**63 - 1)
-        chosen = draw(st.lists(st.sampled_from(SCALAR_KEYS), min_size=1, unique=True))
-        dumps.append((step, {key: draw(numbers) for key in chosen}))
-    return dumps
 
 
 def assert_scalar_rows(
@@ -381,7 +366,7 @@ def log_dumps(
 
 
 @settings(max_examples=30)
-@given(dumps=dump_sequences())
+@given(dumps=dump_sequences(numbers))
 @example(dumps=[(0, {"a": 5e-324, "x-y": -(2**53)}), (0, {"a": -0.0}), (-1, {"a": True})])
 @example(dumps=[(2**63 - 1, {"a": math.nan, "x-y": math.inf}), (-(2**63), {"a": -math.inf})])
 @example(dumps=[(5, {"a": 2.0}), (4, {"a": 1e16, "x-y": 2**53}), (5, {"a": sys.float_info.max})])
