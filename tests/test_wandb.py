@@ -9,6 +9,7 @@ the tests see is what W&B would upload.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -1023,3 +1024,76 @@ def test_close_returns_only_when_the_whole_run_is_on_disk(tmp_path: Path) -> Non
         run = read_wandb_offline(run_dir)
         assert run.exit_code == 0
         assert [row.values["x"] for row in run.rows] == [attempt]
+
+
+HUNG_SERVICE_SCRIPT = """
+import os, signal, time, warnings
+os.environ["WANDB_SILENT"] = "true"
+import tracklog
+from wandb.sdk import wandb_setup
+
+logger = tracklog.build_logger({{"run_dir": {run_dir!r}, "outputs": [
+    {{"type": "wandb", "project": "tests", "finish_timeout": 2}}]}})
+logger.record("x", 1.0)
+logger.dump(0)
+service = wandb_setup.singleton()._connection._proc._process
+os.kill(service.pid, signal.SIGSTOP)  # the fault: W&B's service stops answering
+print(service.pid, flush=True)
+start = time.monotonic()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    logger.close()
+print(round(time.monotonic() - start, 1), [str(w.message) for w in caught], flush=True)
+"""
+
+
+def test_a_hung_wandb_service_never_hangs_the_process(tmp_path: Path) -> None:
+    script = HUNG_SERVICE_SCRIPT.format(run_dir=str(tmp_path / "run"))
+    # Without this process's W&B service address, so the child starts (and owns) its own.
+    env = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=60)  # W&B alone waits forever
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stdout, stderr
+    service_pid = int(stdout.split()[0])
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(service_pid, 9)  # in case tracklog did not
+    assert "wandb sync" in stdout, stderr
+    assert float(stdout.splitlines()[1].split()[0]) < 10
+
+
+def test_the_reader_takes_the_newest_session_of_a_resumed_offline_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with wandb_logger(run_dir, id="resumed1") as logger:
+        logger.record("x", 1.0)
+        logger.dump(10)
+    with wandb_logger(run_dir, id="resumed1", resume="allow") as logger:
+        logger.record("x", 2.0)
+        logger.dump(5)  # the resumed session goes back in steps
+    sessions = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(sessions) == 2  # W&B starts a folder per session
+    assert [row.global_step for row in read_wandb_offline(run_dir).rows] == [5]
+    assert [row.global_step for row in read_wandb_offline(sessions[0]).rows] == [10]
+
+
+def test_a_zero_filled_tail_is_a_cut_off_record_not_corruption(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with wandb_logger(run_dir) as logger:
+        for step in range(3):
+            logger.record("x", float(step))
+            logger.dump(step)
+    (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(data[: len(data) // 2] + bytes(5000))  # what a power loss can leave
+    wandb_records(cut)  # no error: the records before the zeros are read

@@ -195,18 +195,24 @@ class WandbRun:
 
 
 def _wandb_log(path: Path) -> Path:
-    """The ``.wandb`` file for ``path``: the file, its run folder, or a folder holding one run."""
+    """The ``.wandb`` file for ``path``: the file, its run folder, or a folder holding one run.
+
+    W&B starts a new ``offline-run-<time>-<id>`` folder for every session, also when
+    an offline run is resumed; folders of one run id count as one run, and the
+    newest is taken (sessions before it are separate folders: read them by folder).
+    """
     if path.is_file():
         return path
     found = sorted(path.glob("run-*.wandb"))
     if not found:
         found = sorted(path.glob("wandb/offline-run-*/run-*.wandb"))
-    if len(found) != 1:
+    run_ids = {log.stem for log in found}
+    if len(run_ids) != 1:
         raise ValueError(
-            f"{path}: expected one W&B run (a run-*.wandb file), found {len(found)}: "
+            f"{path}: expected one W&B run (a run-*.wandb file), found {len(run_ids)}: "
             + ", ".join(str(p) for p in found)
         )
-    return found[0]
+    return found[-1]  # folder names start with the session's start time
 
 
 def wandb_records(path: Path) -> list[bytes]:
@@ -230,6 +236,8 @@ def wandb_records(path: Path) -> list[bytes]:
             position += room  # pre-allocated, never written
             continue
         if zlib.crc32(bytes([kind]) + chunk) != checksum:
+            if not data[position + 7 + length :].strip(b"\0"):
+                break  # only zeros follow: the last record, never finished writing
             raise ValueError(f"{path}: record at byte {position} fails its checksum")
         position += 7 + length
         if kind == _FULL:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
@@ -141,11 +142,19 @@ class WandBOutputFormat(OutputFormat):
         worker.join(self.settings.finish_timeout)
         if errors:
             raise errors[0]
-        if worker.is_alive() or not self._wait_for_exit_record(deadline):
+        if worker.is_alive():
+            _abandon_service_at_exit()
             warnings.warn(
                 f"W&B did not finish the run within {self.settings.finish_timeout:g} s; "
-                "tracklog stopped waiting, and W&B's service may still be writing its last "
-                f"records to {self.run_dir}. Once it has, upload the run with: "
+                "tracklog stopped waiting (and stops W&B's service at exit, so the process "
+                f"can end). What W&B had written is in {self.run_dir}; upload it with: "
+                f"wandb sync {self.run_dir}",
+                stacklevel=3,
+            )
+        elif not self._wait_for_exit_record(deadline):
+            warnings.warn(
+                f"W&B finished the run but had not written its last records to {self.run_dir} "
+                f"within {self.settings.finish_timeout:g} s; once it has, upload it with: "
                 f"wandb sync {self.run_dir}",
                 stacklevel=3,
             )
@@ -160,6 +169,43 @@ class WandBOutputFormat(OutputFormat):
             time.sleep(0.05)
             log = log or next(self.run_dir.glob("run-*.wandb"), None)
         return False
+
+
+_abandoning = False
+
+
+def _abandon_service_at_exit() -> None:
+    """At exit, stop W&B's service before W&B's own exit hook waits for it forever.
+
+    Registered after W&B's hook, so ``atexit`` runs it first. Only at exit: other
+    W&B runs of the process keep their service until then.
+    """
+    global _abandoning
+    if not _abandoning:
+        _abandoning = True
+        atexit.register(_abandon_service)
+
+
+def _abandon_service() -> None:
+    """Stop W&B's service process and drop W&B's exit hook, which would wait for it.
+
+    W&B registers an ``atexit`` hook that waits, without a time limit, for its
+    ``wandb-core`` service to end; a hung service then hangs the whole process at
+    exit. These are private W&B objects (checked for, so a W&B change degrades to
+    the old behaviour rather than an error).
+    """
+    try:
+        from wandb.sdk import wandb_setup
+
+        connection = getattr(wandb_setup.singleton(), "_connection", None)
+        cleanup = getattr(connection, "_cleanup", None)
+        if callable(cleanup):
+            cleanup()  # atexit.unregister(W&B's teardown hook)
+        process = getattr(getattr(connection, "_proc", None), "_process", None)
+        if process is not None and hasattr(process, "kill"):
+            process.kill()
+    except Exception as error:  # best effort: never worse than not trying
+        warnings.warn(f"could not stop W&B's service: {error!r}", stacklevel=4)
 
 
 def _has_exit_record(log: Path) -> bool:
