@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.samples import NESTED_HPARAMS, grey_clip, one_of_every_kind, random_pixels
 from tests.servers import MlflowServer
 from tests.strategies import Number, dump_sequences
 from tracklog.readers import read_jsonl
@@ -170,10 +171,6 @@ def same_float(read: float, expected: float) -> bool:
 
 def tracklog_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if "MLflow" in str(w.message)]
-
-
-def random_pixels(shape: tuple[int, ...], seed: int = 0) -> npt.NDArray[np.uint8]:
-    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
 # Settings ----------------------------------------------------------------------------
@@ -496,11 +493,6 @@ def test_long_keys_are_shortened_and_stay_distinct(sqlite: Store, run_dir: Path)
 # Media -------------------------------------------------------------------------------
 
 
-def grey_clip(levels: Sequence[int], height: int = 8, width: int = 6) -> npt.NDArray[np.uint8]:
-    """(T,C,H,W) RGB frames, frame t filled with grey level ``levels[t]``."""
-    return np.stack([np.full((3, height, width), level, dtype=np.uint8) for level in levels])
-
-
 @pytest.mark.parametrize("batch", [False, True], ids=["TCHW", "NTCHW"])
 def test_video_is_an_mp4_artifact(store: Store, run_dir: Path, tmp_path: Path, batch: bool) -> None:
     levels = [0, 255, 60, 200, 120]
@@ -704,16 +696,7 @@ def test_a_key_named_like_a_file_never_blocks_another_key(
 
 def test_hparam_becomes_params_and_metrics(store: Store, run_dir: Path) -> None:
     hparam = tracklog.HParam(
-        {
-            "lr": 3e-4,
-            "algo": "PPO",
-            "sde": False,
-            "seed": None,
-            "n_steps": 2048,
-            "net_arch": [64, 64],
-            "policy": {"activation": "tanh", "kwargs": {"ortho": True}},
-            "notes": "é" * 7000,
-        },
+        {**NESTED_HPARAMS, "notes": "é" * 7000},
         {"eval/success": 1, "hparam/score": -0.5},
     )
     with mlflow_logger(run_dir, store) as logger:
@@ -789,15 +772,9 @@ def test_info_lines_are_a_train_log_artifact(sqlite: Store, run_dir: Path, tmp_p
 
 
 def test_every_kind_in_one_dump(store: Store, run_dir: Path) -> None:
-    figure, _ = plt.subplots(figsize=(2, 2), dpi=20)
     with mlflow_logger(run_dir, store) as logger:
-        logger.record("scalar", 1.25)
-        logger.record("text", "hello")
-        logger.record("hist", np.ones(3))
-        logger.record("image", tracklog.Image(random_pixels((2, 2, 3))))
-        logger.record("figure", tracklog.Figure(figure))
-        logger.record("video", tracklog.Video(random_pixels((2, 3, 4, 4)), fps=4))
-        logger.record("hparam", tracklog.HParam({"lr": 0.1}))
+        for key, value in one_of_every_kind().items():
+            logger.record(key, value)
         logger.info("line")
         logger.dump(0)
         run_id = run_id_of(logger)

@@ -31,6 +31,7 @@ from PIL import Image as PILImage
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.samples import one_of_every_kind, random_pixels
 from tracklog.readers import LoggedRow, Value, read_csv, read_jsonl
 
 Number = bool | int | float
@@ -425,10 +426,6 @@ def read_png(path: Path) -> npt.NDArray[np.uint8]:
         return np.asarray(picture)
 
 
-def random_pixels(shape: tuple[int, ...], seed: int = 0) -> npt.NDArray[np.uint8]:
-    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
-
-
 def test_image_hwc_is_a_lossless_png(run_dir: Path) -> None:
     pixels = random_pixels((5, 7, 3))
     path = log_one(run_dir, "eval/image", tracklog.Image(pixels, "HWC"))
@@ -713,15 +710,9 @@ def test_media_paths_never_leave_the_media_directory(names: list[str]) -> None:
 
 def test_every_media_kind_in_one_dump(run_dir: Path) -> None:
     """One of each kind next to scalars: every cell points at a readable file."""
-    figure, _ = plt.subplots(figsize=(2, 2), dpi=20)
     with files_logger(run_dir) as logger:
-        logger.record("scalar", 1.25)
-        logger.record("text", "hello")
-        logger.record("hist", np.ones(3))
-        logger.record("image", tracklog.Image(random_pixels((2, 2, 3))))
-        logger.record("figure", tracklog.Figure(figure))
-        logger.record("video", tracklog.Video(random_pixels((2, 3, 4, 4)), fps=4))
-        logger.record("hparam", tracklog.HParam({"lr": 0.1}))
+        for key, value in one_of_every_kind().items():
+            logger.record(key, value)
         logger.dump(0)
 
     row = only_row(run_dir / "progress.jsonl")

@@ -39,6 +39,7 @@ from pydantic import SecretStr, ValidationError
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.samples import NESTED_HPARAMS, grey_clip, random_pixels
 from tests.strategies import Number, dump_sequences
 from tracklog.readers import WandbRun, read_jsonl, read_wandb_offline, wandb_records
 from tracklog.settings import WandbOutput
@@ -131,15 +132,6 @@ def same_number(read: object, written: bool | int | float) -> bool:
         return isinstance(read, float) and math.isnan(read)
     expected = 0.0 if written == 0 else written  # W&B drops the sign of a zero
     return bits(float(read)) == bits(expected)
-
-
-def random_pixels(shape: tuple[int, ...], seed: int = 0) -> npt.NDArray[np.uint8]:
-    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
-
-
-def grey_clip(levels: Sequence[int], height: int = 8, width: int = 6) -> npt.NDArray[np.uint8]:
-    """(T,C,H,W) RGB frames, frame t filled with grey level ``levels[t]``."""
-    return np.stack([np.full((3, height, width), level, dtype=np.uint8) for level in levels])
 
 
 def wandb_warnings(caught: Sequence[warnings.WarningMessage]) -> list[str]:
@@ -672,15 +664,7 @@ def test_text_is_a_string_or_an_html_file(run_dir: Path) -> None:
 
 def test_hparam_is_flat_config_and_summary_metrics(run_dir: Path) -> None:
     hparam = tracklog.HParam(
-        {
-            "lr": 3e-4,
-            "algo": "PPO",
-            "sde": False,
-            "seed": None,
-            "n_steps": 2048,
-            "net_arch": [64, 64],
-            "policy": {"activation": "tanh", "kwargs": {"ortho": True}},
-        },
+        NESTED_HPARAMS,
         {"eval/success": 1, "hparam/score": -0.5},
     )
     with wandb_logger(run_dir, config={"user": "me"}) as logger:
