@@ -9,13 +9,17 @@ from __future__ import annotations
 import io
 import json
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from tracklog.values import Histogram, HParam, Image, Video
 
-__all__ = ["hparam_json", "mp4", "npy", "png"]
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+__all__ = ["decoded", "hparam_json", "mp4", "npy", "picture", "png"]
 
 
 def _tile(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
@@ -23,16 +27,29 @@ def _tile(batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     return np.concatenate(list(batch), axis=1) if batch.shape[0] > 1 else batch[0]
 
 
-def png(image: Image) -> bytes:
-    """The image as PNG; a batch of N images is tiled left to right."""
+def picture(image: Image) -> PILImage.Image:
+    """The image as a Pillow image; a batch of N images is tiled left to right."""
     from PIL import Image as PILImage
 
     pixels = _tile(image.image)
     channels = pixels.shape[2]
     # Pillow infers L, RGB or RGBA from the array's shape and uint8 dtype.
-    picture = PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    return PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels)
+
+
+def decoded(png_bytes: bytes) -> PILImage.Image:
+    """A PNG (a rendered figure) as a Pillow image, fully loaded."""
+    from PIL import Image as PILImage
+
+    loaded = PILImage.open(io.BytesIO(png_bytes))
+    loaded.load()
+    return loaded
+
+
+def png(image: Image) -> bytes:
+    """The image as PNG; a batch of N images is tiled left to right."""
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from posixpath import normpath
-from typing import TypeAlias, assert_never
+from typing import TYPE_CHECKING, TypeAlias, assert_never
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from tracklog._media import safe_relpath
 from tracklog._names import NameMap
 from tracklog._row import Row
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -72,7 +75,7 @@ class StepImage:
     name: str
     step: int
     timestamp_ms: int
-    png: Callable[[], bytes]
+    picture: Callable[[], PILImage.Image]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +189,9 @@ def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[M
             )
             return [*_histogram_metrics(key, values, row, names, ms), raw]
         case Image():
-            return [StepImage(names.image(key), row.step, ms, lambda: _encode.png(value))]
+            return [StepImage(names.image(key), row.step, ms, lambda: _encode.picture(value))]
         case Figure():
-            return [StepImage(names.image(key), row.step, ms, lambda: value.png)]
+            return [StepImage(names.image(key), row.step, ms, lambda: _encode.decoded(value.png))]
         case Video():
             path = f"videos/{names.folder(key)}/step_{row.step}.mp4"
             return [ArtifactFile(path, lambda: _encode.mp4(value))]

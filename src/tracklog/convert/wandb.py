@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import io
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -89,14 +88,6 @@ def wandb_names() -> NameMap:
     return NameMap("W&B", _usable, _shortened, 250)
 
 
-def _pil(png: bytes) -> Any:
-    from PIL import Image as PILImage
-
-    picture = PILImage.open(io.BytesIO(png))
-    picture.load()
-    return picture
-
-
 def _histogram(key: str, values: np.ndarray) -> list[WandbItem]:
     import wandb
 
@@ -133,10 +124,10 @@ def to_wandb(key: str, value: LogValue, names: NameMap, staging: Path) -> list[W
         case Histogram(values=values):
             return _histogram(name, values)
         case Image():
-            return [HistoryValue(name, wandb.Image(_pil(_encode.png(value))))]
+            return [HistoryValue(name, wandb.Image(_encode.picture(value)))]
         case Figure():
             # Rendered PNG, never wandb's plotly conversion of the matplotlib figure.
-            return [HistoryValue(name, wandb.Image(_pil(value.png)))]
+            return [HistoryValue(name, wandb.Image(_encode.decoded(value.png)))]
         case Video():
             path = staging / f"{uuid.uuid4().hex}.mp4"
             path.write_bytes(_encode.mp4(value))

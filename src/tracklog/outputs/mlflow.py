@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -283,18 +282,14 @@ class MLFlowOutputFormat(OutputFormat):
         return False
 
     def _log_image(self, image: StepImage) -> None:
-        from PIL import Image as PILImage
-
-        with PILImage.open(io.BytesIO(image.png())) as picture:
-            picture.load()
-            self.client.log_image(
-                self.run_id,
-                picture,
-                key=image.name,
-                step=image.step,
-                timestamp=image.timestamp_ms,
-                synchronous=True,
-            )
+        self.client.log_image(
+            self.run_id,
+            image.picture(),
+            key=image.name,
+            step=image.step,
+            timestamp=image.timestamp_ms,
+            synchronous=True,
+        )
 
     def _unique(self, path: str) -> str:
         """``path``, or ``stem-N.ext`` if this run already has a file there (two dumps
