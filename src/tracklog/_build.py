@@ -10,6 +10,7 @@ from stable_baselines3.common.logger import KVWriter
 
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
+from tracklog._spool import free_directory
 from tracklog.outputs import (
     CsvOutputFormat,
     FixedHumanOutputFormat,
@@ -32,7 +33,10 @@ from tracklog.settings import (
 __all__ = ["build_logger"]
 
 
-def _make_output(output: OutputSettings, settings: LoggerSettings, media: MediaStore) -> KVWriter:
+def _make_output(
+    output: OutputSettings, settings: LoggerSettings, media: MediaStore, index: int
+) -> KVWriter:
+    spool_root = settings.resolve(settings.delivery.spool_dir)
     match output:
         case ConsoleOutput():
             return FixedHumanOutputFormat(None, max_length=output.max_length)
@@ -45,9 +49,17 @@ def _make_output(output: OutputSettings, settings: LoggerSettings, media: MediaS
         case CsvOutput():
             return CsvOutputFormat(settings.resolve(output.path), media=media)
         case MlflowOutput():
-            return MLFlowOutputFormat(output, settings_json=settings.model_dump_json())
+            return MLFlowOutputFormat(
+                output,
+                settings_json=settings.model_dump_json(),
+                spool_dir=free_directory(spool_root / f"{index}-mlflow"),
+            )
         case WandbOutput():
-            return WandBOutputFormat(output, run_dir=settings.run_dir)
+            return WandBOutputFormat(
+                output,
+                run_dir=settings.run_dir,
+                spool_dir=free_directory(spool_root / f"{index}-wandb"),
+            )
         case _:
             assert_never(output)
 
@@ -67,8 +79,8 @@ def build_logger(
     media = MediaStore(resolved.run_dir)
     outputs: list[KVWriter] = []
     try:
-        for output in resolved.outputs:
-            outputs.append(_make_output(output, resolved, media))
+        for index, output in enumerate(resolved.outputs):
+            outputs.append(_make_output(output, resolved, media, index))
     except BaseException:
         for opened in outputs:
             opened.close()

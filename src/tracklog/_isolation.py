@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 __all__ = ["Isolation"]
@@ -27,6 +28,7 @@ class Isolation:
     def __init__(self, *, strict: bool = False) -> None:
         self.strict = strict
         self.failures: dict[str, int] = {}
+        self._lock = threading.Lock()  # background workers report here too
 
     def run(self, calls: list[tuple[object, Callable[[], None]]]) -> None:
         """Call each ``(output, call)`` in order, isolating failures."""
@@ -36,7 +38,7 @@ class Isolation:
             try:
                 call()
             except Exception as error:
-                self._report(output, error)
+                self.report(output, error)
                 first_error = first_error or error
             except BaseException as error:  # Ctrl-C: let the other outputs finish first
                 interrupt = interrupt or error
@@ -45,10 +47,12 @@ class Isolation:
         if self.strict and first_error is not None:
             raise first_error
 
-    def _report(self, output: object, error: Exception) -> None:
+    def report(self, output: object, error: Exception) -> None:
+        """Report ``error`` of ``output``: with its traceback the first time, then counted."""
         name = _name(output)
-        count = self.failures.get(name, 0) + 1
-        self.failures[name] = count
+        with self._lock:
+            count = self.failures.get(name, 0) + 1
+            self.failures[name] = count
         if count == 1:
             _log.error(
                 "tracklog output %s failed; the other outputs keep logging "

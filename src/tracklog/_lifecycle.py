@@ -6,33 +6,90 @@ exception (``sys.last_exc``, set before atexit runs even when another library re
 ``sys.excepthook``), those loggers close as failed: MLflow FAILED (KILLED for Ctrl-C),
 W&B exit code 1 (130). An uncaught ``SystemExit`` is not visible here: ``sys.exit(1)``
 outside a ``with build_logger(...)`` block closes as finished.
+
+SIGTERM (SLURM preemption, ``kill``, Kubernetes) ends a Python process at once by
+default, without atexit. Unless the program installed its own handler, tracklog
+installs one: it marks every open logger as killed and raises ``SystemExit(143)``, so
+``with`` blocks and atexit close the loggers (flushing within ``close_timeout``). A
+signal that arrives inside ``dump()`` or ``close()`` is held until that call returns,
+so the row being written is not cut in half.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tracklog._logger import Logger
 
-__all__ = ["register", "unregister"]
+__all__ = ["critical", "register", "unregister"]
 
 _open: dict[int, Logger] = {}
 _installed = False
 _lock = threading.Lock()
+_depth = 0  # critical sections the main thread is in
+_held: int | None = None  # a signal held until the critical section ends
+SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
-def register(logger: Logger) -> None:
-    """Close ``logger`` at exit if its owner did not."""
+def register(logger: Logger, *, handle_sigterm: bool = True) -> None:
+    """Close ``logger`` at exit if its owner did not; install the SIGTERM handler."""
     global _installed
     with _lock:
         _open[id(logger)] = logger
         if not _installed:
             _installed = True
             atexit.register(_close_all)
+    if handle_sigterm:
+        _install_sigterm()
+
+
+def _install_sigterm() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    with contextlib.suppress(ValueError):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _held
+    if _depth > 0:
+        _held = signum  # inside a logger call: act when it returns
+        return
+    _terminate()
+
+
+def _terminate() -> None:
+    with _lock:
+        loggers = list(_open.values())
+    for logger in loggers:
+        logger.mark_failed("SIGTERM")
+    raise SystemExit(SIGTERM_EXIT)
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """Hold SIGTERM's ``SystemExit`` until the block ends (main thread only)."""
+    global _depth, _held
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0 and _held is not None:
+            _held = None
+            _terminate()
 
 
 def unregister(logger: Logger) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -14,11 +15,13 @@ import numpy.typing as npt
 from stable_baselines3.common import logger as sb3
 
 from tracklog import _lifecycle
+from tracklog._delivery import Channel, Message
 from tracklog._isolation import Isolation
 from tracklog._row import Row
+from tracklog._spool import Spool, SpoolBusyError, free_directory
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
-from tracklog.settings import LoggerSettings
+from tracklog.settings import DeliverySettings, LoggerSettings
 from tracklog.values import LogValue, Recordable, Scalar, check_key, normalise
 
 if TYPE_CHECKING:
@@ -27,6 +30,8 @@ else:
     _Tensor = Any
 
 __all__ = ["Logger", "MeanValue"]
+
+_log = logging.getLogger("tracklog")
 
 Exclude = str | tuple[str, ...] | None
 
@@ -71,16 +76,22 @@ class Logger(sb3.Logger):
         level: int = sb3.INFO,
         strict: bool = False,
         settings: LoggerSettings | None = None,
+        delivery: DeliverySettings | None = None,
     ) -> None:
         super().__init__(folder=folder, output_formats=list(output_formats))
         self.set_level(level)
         #: The validated settings this logger was built from (None if built by hand).
         self.settings = settings
+        if delivery is None:
+            delivery = settings.delivery if settings is not None else DeliverySettings()
+        self.delivery = delivery
         self._values: dict[str, LogValue] = {}
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
+        self._channels: dict[int, Channel] = {}
+        self._failed_reason: str | None = None
         self._closed = False
-        _lifecycle.register(self)
+        _lifecycle.register(self, handle_sigterm=delivery.handle_sigterm)
 
     # Recording ---------------------------------------------------------------------
     # The value parameter is deliberately narrower than SB3's ``Any`` (mypy accepts
@@ -140,14 +151,21 @@ class Logger(sb3.Logger):
         row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
         sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
         calls: list[tuple[object, Callable[[], None]]] = []
-        for output in self.output_formats:
-            if isinstance(output, OutputFormat):
-                filtered = _for_output(row, excluded, output.name)
-                calls.append((output, functools.partial(output.write_row, filtered)))
-            elif isinstance(output, sb3.KVWriter):
-                call = functools.partial(output.write, legacy, sb3_excluded, row.step)
-                calls.append((output, call))
-        self._isolation.run(calls)
+        with _lifecycle.critical():
+            for index, output in enumerate(self.output_formats):
+                if isinstance(output, OutputFormat):
+                    filtered = _for_output(row, excluded, output.name)
+                    if output.background:
+                        message = Message("row", row=filtered)
+                        call = functools.partial(self._put_row, index, output, message)
+                        calls.append((output, call))
+                    else:
+                        calls.append((output, functools.partial(output.write_row, filtered)))
+                elif isinstance(output, sb3.KVWriter):
+                    call = functools.partial(output.write, legacy, sb3_excluded, row.step)
+                    calls.append((output, call))
+            self._isolation.run(calls)
+        self._raise_background_error()
 
     def log(self, *args: object, level: int = sb3.INFO) -> None:
         """Write ``args`` joined by spaces to every text output, if ``level`` is enabled."""
@@ -157,12 +175,17 @@ class Logger(sb3.Logger):
         words = [str(arg) for arg in args]
         line = " ".join(words)
         calls: list[tuple[object, Callable[[], None]]] = []
-        for output in self.output_formats:
+        for index, output in enumerate(self.output_formats):
             if isinstance(output, OutputFormat):
-                calls.append((output, functools.partial(output.write_line, line)))
+                if output.background:
+                    message = Message("line", text=line)
+                    calls.append((output, functools.partial(self._put, index, message)))
+                else:
+                    calls.append((output, functools.partial(output.write_line, line)))
             elif isinstance(output, sb3.SeqWriter):
                 calls.append((output, functools.partial(output.write_sequence, words)))
-        self._isolation.run(calls)
+        with _lifecycle.critical():
+            self._isolation.run(calls)
 
     def debug(self, *args: object) -> None:
         """``log(*args, level=DEBUG)``."""
@@ -201,23 +224,106 @@ class Logger(sb3.Logger):
         ``close()`` should follow; run-holding outputs then end their run as failed.
         Called by ``__exit__`` and by tracklog's excepthook; rarely needed by hand.
         """
-        if not self._closed:
-            self._isolation.run(
-                [
-                    (output, functools.partial(output.mark_failed, reason))
-                    for output in self.output_formats
-                    if isinstance(output, OutputFormat)
-                ]
-            )
+        if self._closed or self._failed_reason is not None:
+            return  # the first reason (SIGTERM before the SystemExit it causes) stands
+        self._failed_reason = reason
+        calls: list[tuple[object, Callable[[], None]]] = []
+        for index, output in enumerate(self.output_formats):
+            if isinstance(output, OutputFormat):
+                if output.background:
+                    message = Message("failed", text=reason)
+                    calls.append((output, functools.partial(self._put, index, message)))
+                else:
+                    calls.append((output, functools.partial(output.mark_failed, reason)))
+        with _lifecycle.critical():
+            self._isolation.run(calls)
 
     def close(self) -> None:
-        """Close every output format once; later calls do nothing."""
+        """Flush and close every output format once; later calls do nothing.
+
+        Outputs on a background worker get until ``delivery.close_timeout`` seconds
+        (all together) to deliver what they hold; whatever is still undelivered then
+        stays in their spool, and the command that delivers it later is reported.
+        """
         if self._closed:
             return
         self._closed = True
-        _lifecycle.unregister(self)
-        self._isolation.run([(output, output.close) for output in self.output_formats])
-        self._isolation.summary()
+        with _lifecycle.critical():
+            deadline = time.monotonic() + self.delivery.close_timeout
+            channels = [
+                self._channel(index, output)
+                for index, output in enumerate(self.output_formats)
+                if isinstance(output, OutputFormat) and output.background
+            ]
+            for channel in channels:
+                channel.request_close()
+            self._isolation.run(
+                [
+                    (output, output.close)
+                    for output in self.output_formats
+                    if not (isinstance(output, OutputFormat) and output.background)
+                ]
+            )
+            for channel in channels:
+                channel.wait(deadline)
+            _lifecycle.unregister(self)
+            self._isolation.summary()
+        self._raise_background_error()
+
+    # Background delivery -------------------------------------------------------------
+    def _channel(self, index: int, output: OutputFormat) -> Channel:
+        channel = self._channels.get(id(output))
+        if channel is None:
+            spool = None
+            header = output.spool_header()
+            directory = output.spool_dir
+            if directory is None and header is not None and self.settings is not None:
+                root = self.settings.resolve(self.delivery.spool_dir)
+                directory = free_directory(root / f"{index}-{output.name or 'output'}")
+            if directory is not None:
+                spool = Spool(directory, header or {})
+                try:
+                    spool.claim()  # the header first: replay needs it even after a crash
+                except (OSError, SpoolBusyError) as error:
+                    _log.error("tracklog: cannot create the spool %s: %s", directory, error)
+                    spool = None
+            channel = self._channels[id(output)] = Channel(
+                output,
+                settings=self.delivery,
+                spool=spool,
+                isolation=self._isolation,
+                label=f"{type(output).__name__}({output.name})",
+            )
+        return channel
+
+    def _put_row(self, index: int, output: OutputFormat, message: Message) -> None:
+        assert message.row is not None
+        output.check_row(message.row)
+        self._channel(index, output).put(message)
+
+    def _put(self, index: int, message: Message) -> None:
+        output = self.output_formats[index]
+        assert isinstance(output, OutputFormat)
+        self._channel(index, output).put(message)
+
+    def _raise_background_error(self) -> None:
+        if not self._isolation.strict:
+            return
+        for channel in self._channels.values():
+            error, channel.error = channel.error, None
+            if error is not None:
+                raise error
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every background output has delivered what was dumped so far.
+
+        Returns False if ``timeout`` seconds (default ``delivery.close_timeout``) pass
+        first. Training never needs this; tests and notebooks that read a backend
+        right after ``dump()`` do.
+        """
+        limit = self.delivery.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        return all(channel.drain(deadline) for channel in list(self._channels.values()))
 
     def __enter__(self) -> Self:
         return self

@@ -42,6 +42,7 @@ from pydantic_settings import (
 __all__ = [
     "ConsoleOutput",
     "CsvOutput",
+    "DeliverySettings",
     "FileOutput",
     "JsonlOutput",
     "Level",
@@ -235,6 +236,52 @@ def _default_outputs() -> list[OutputSettings]:
     return [ConsoleOutput(), FileOutput(), JsonlOutput(), CsvOutput()]
 
 
+class DeliverySettings(BaseModel):
+    """How rows reach the outputs that run on a background worker (MLflow, W&B).
+
+    The training thread only enqueues. Each such output has its own worker and an
+    in-memory queue of at most ``queue_bytes``; when the backend is unreachable or
+    slower than training, rows go to an append-only spool under ``spool_dir`` instead
+    (fsynced at every dump) and are delivered from there, in order, once it is back.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=64 * 1024,
+        description="in-memory budget per background output, in bytes; beyond it rows "
+        "go to the on-disk spool",
+    )
+    close_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        le=24 * 3600,
+        description="seconds close(), atexit and SIGTERM wait for the backends; what is "
+        "still undelivered then stays in the spool for `tracklog replay`",
+    )
+    spool_dir: Path = Field(
+        default=Path("spool"), description="relative to run_dir unless absolute"
+    )
+    retry_initial: float = Field(
+        default=0.5, gt=0, le=60, description="first wait, in seconds, after a failed delivery"
+    )
+    retry_max: float = Field(
+        default=30.0, gt=0, le=3600, description="longest wait between delivery attempts"
+    )
+    handle_sigterm: bool = Field(
+        default=True,
+        description="on SIGTERM (SLURM preemption), flush and close every logger, then "
+        "exit with status 143; only installed if SIGTERM still has its default handler",
+    )
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> DeliverySettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be smaller than retry_initial")
+        return self
+
+
 class LoggerSettings(BaseSettings):
     """Everything :func:`tracklog.build_logger` needs; validated before anything is created."""
 
@@ -252,6 +299,7 @@ class LoggerSettings(BaseSettings):
         description="raise when an output fails (for tests and debugging); by default a "
         "failing output is reported and the others keep logging",
     )
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     @model_validator(mode="before")
     @classmethod

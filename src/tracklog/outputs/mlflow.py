@@ -6,10 +6,12 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 from tracklog._row import Row
 from tracklog.convert.mlflow import (
@@ -22,11 +24,11 @@ from tracklog.convert.mlflow import (
     to_mlflow,
 )
 from tracklog.outputs._base import OutputFormat
-from tracklog.settings import MlflowOutput
+from tracklog.settings import MlflowOutput, mask_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
 __all__ = ["MLFlowOutputFormat"]
 
@@ -93,6 +95,74 @@ def _restore_credentials(previous: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
+# MLflow error codes (their names) that mean "the server is down, overloaded or slow".
+_RETRYABLE_CODES = frozenset(
+    {
+        "TEMPORARILY_UNAVAILABLE",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "DEADLINE_EXCEEDED",
+        "ABORTED",
+        "SERVICE_UNDER_MAINTENANCE",
+    }
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` from an MLflow call means "retry later" rather than "wrong input".
+
+    Transient: the server unreachable or timing out (also after MLflow's own retries),
+    HTTP 5xx and 429, and a database that is locked or gone. Not transient: a rejected
+    request (4xx: invalid name, unknown run, permission denied).
+    """
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.exceptions.ConnectionError | requests.Timeout):
+            return True
+        if isinstance(
+            current, requests.exceptions.RetryError | requests.exceptions.ChunkedEncodingError
+        ):
+            return True
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        if type(current).__name__ in ("OperationalError", "DisconnectionError"):
+            return True  # SQLAlchemy: database locked, server gone
+        if isinstance(current, MlflowException):
+            message = current.message if isinstance(current.message, str) else str(current)
+            if current.error_code in _RETRYABLE_CODES:
+                return True
+            if isinstance(current, RestException) and current.error_code == "INTERNAL_ERROR":
+                return True  # the server answered 500
+            if message.startswith("API request to") and (
+                "failed with exception" in message
+                or "failed with timeout" in message
+                or "failed with error code 5" in message
+                or "failed with error code 429" in message
+            ):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass
+class _Prepared:
+    """One row converted for MLflow, kept until fully sent so a retry sends nothing twice."""
+
+    metrics: list[Metric]
+    params: dict[str, str]
+    files: list[tuple[str, ArtifactFile]]
+    images: list[StepImage]
+    batch_sent: bool = False
+    files_done: int = 0
+    images_done: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class MLFlowOutputFormat(OutputFormat):
     """Logs every dump to one MLflow run, created (or resumed by ``run_id``) at construction.
 
@@ -106,8 +176,17 @@ class MLFlowOutputFormat(OutputFormat):
     """
 
     name = "mlflow"
+    background = True
 
-    def __init__(self, settings: MlflowOutput, *, settings_json: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: MlflowOutput,
+        *,
+        settings_json: str | None = None,
+        spool_dir: Path | None = None,
+        run_key: str | None = None,
+        replaying: bool = False,
+    ) -> None:
         from mlflow import MlflowClient
 
         _bound_requests(settings)
@@ -117,18 +196,74 @@ class MLFlowOutputFormat(OutputFormat):
         self._names = MlflowNames()
         self._params: dict[str, str] = {}
         self._status = "FINISHED"
-        self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
+        self.spool_dir = spool_dir
+        # Text appended since the last upload lives here; under the spool directory it
+        # survives a crash, and `tracklog replay` uploads it.
+        if spool_dir is not None:
+            self._staging = spool_dir / "staging"
+            self._staging.mkdir(parents=True, exist_ok=True)
+        else:
+            self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
         self._dirty: set[str] = set()
         self._uploaded: set[str] = set()
         self._listed: set[str] = set()
+        self._prepared: dict[int, _Prepared] = {}
+        self._checked: set[tuple[str, type]] = set()
         self._last_upload = time.monotonic()
         self._closed = False
+        self._settings_json = settings_json
+        self._settings_uploaded = settings_json is None
+        #: Tags the run, so a create_run whose reply was lost is found, not repeated.
+        self.run_key = run_key or uuid.uuid4().hex
+        self._create_attempted = replaying
+        self._replaying = replaying
+        self._run_id: str | None = None
         try:
-            self.run_id = self._start_run(settings_json)
+            self._ensure_run()
+        except Exception as error:
+            if not is_transient(error):
+                self._cleanup()
+                raise
+            # Training must not wait for (or fail on) the server: the run is created by
+            # the background worker as soon as the server answers.
+            warnings.warn(
+                f"MLflow at {mask_uri(settings.tracking_uri)} is unreachable "
+                f"({type(error).__name__}); tracklog keeps training and logging, and "
+                "creates the run when the server answers",
+                stacklevel=3,
+            )
         except BaseException:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            _restore_credentials(self._previous_credentials)
+            self._cleanup()
             raise
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run's id; an error until the tracking server has answered once."""
+        if self._run_id is None:
+            raise RuntimeError(
+                "the MLflow run is not created yet: the tracking server has not answered"
+            )
+        return self._run_id
+
+    def is_transient(self, error: Exception) -> bool:
+        return is_transient(error)
+
+    def spool_header(self) -> dict[str, Any] | None:
+        return {
+            "format": 1,
+            "output": "mlflow",
+            # Credentials stay out: replay reads them from the environment.
+            "settings": self.settings.model_dump(
+                mode="json", exclude={"username", "password", "run_id"}
+            ),
+            "run_id": self._run_id or self.settings.run_id,
+            "run_key": self.run_key,
+            "settings_json": self._settings_json,
+        }
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        _restore_credentials(self._previous_credentials)
 
     # Run lifecycle -------------------------------------------------------------------
     def _experiment_id(self) -> str:
@@ -153,26 +288,46 @@ class MLFlowOutputFormat(OutputFormat):
                 raise
             return str(found.experiment_id)
 
-    def _start_run(self, settings_json: str | None) -> str:
-        tags = {**self.settings.tags, "tracklog.version": _tracklog_version()}
-        if settings_json is not None and len(settings_json) <= _MAX_TAG_LENGTH:
-            tags["tracklog.settings"] = settings_json  # too long: only the artifact below
-        if self.settings.run_id is not None:
-            run_id = self._resume(tags)
-        else:
-            experiment = self._experiment_id()
-            run = self.client.create_run(experiment, run_name=self.settings.run_name, tags=tags)
-            run_id = str(run.info.run_id)
-        if settings_json is not None:
-            self.run_id = run_id
-            self._upload("tracklog/settings.json", settings_json.encode("utf-8"))
-        return run_id
+    def _ensure_run(self) -> None:
+        """Create (or resume) the run if that has not happened yet; safe to call again."""
+        if self._run_id is None:
+            tags = {
+                **self.settings.tags,
+                "tracklog.version": _tracklog_version(),
+                "tracklog.run_key": self.run_key,
+            }
+            settings_json = self._settings_json
+            if settings_json is not None and len(settings_json) <= _MAX_TAG_LENGTH:
+                tags["tracklog.settings"] = settings_json  # too long: only the artifact
+            if self.settings.run_id is not None:
+                self._run_id = self._resume(tags)
+            else:
+                experiment = self._experiment_id()
+                found = self._find_run(experiment) if self._create_attempted else None
+                if found is None:
+                    self._create_attempted = True
+                    run = self.client.create_run(
+                        experiment, run_name=self.settings.run_name, tags=tags
+                    )
+                    found = str(run.info.run_id)
+                self._run_id = found
+                self._adopt_local_text()
+        if not self._settings_uploaded and self._settings_json is not None:
+            self._upload_fixed("tracklog/settings.json", self._settings_json.encode("utf-8"))
+            self._settings_uploaded = True
+
+    def _find_run(self, experiment: str) -> str | None:
+        """The run this output created before (its reply may have been lost)."""
+        runs = self.client.search_runs(
+            [experiment], filter_string=f"tags.`tracklog.run_key` = '{self.run_key}'", max_results=1
+        )
+        return str(runs[0].info.run_id) if runs else None
 
     def _resume(self, tags: dict[str, str]) -> str:
         assert self.settings.run_id is not None
         run = self.client.get_run(self.settings.run_id)
         run_id = str(run.info.run_id)
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" and not self._replaying:
             warnings.warn(
                 f"MLflow run {run_id} is still RUNNING: if another process logs to it, "
                 "the two overwrite each other's train.log",
@@ -200,9 +355,15 @@ class MLFlowOutputFormat(OutputFormat):
         return run_id
 
     def _resume_text(self, run_id: str) -> None:
-        """Fetch the run's train.log and text files, so appends continue them."""
+        """Fetch the run's train.log and text files, so appends continue them.
+
+        A replay keeps the local copies instead: they were appended to after the last
+        upload, so they hold at least what the server has.
+        """
         from mlflow.artifacts import download_artifacts
 
+        if self._adopt_local_text():
+            return
         for entry in self.client.list_artifacts(run_id):
             if entry.path in (_TRAIN_LOG, "text"):
                 download_artifacts(
@@ -212,74 +373,152 @@ class MLFlowOutputFormat(OutputFormat):
                     tracking_uri=self.settings.tracking_uri,
                 )
 
+    def _adopt_local_text(self) -> bool:
+        """On replay: mark text files a dead process left in staging for upload."""
+        root = self._staging / "text-root"
+        if not self._replaying or not root.is_dir():
+            return False
+        for path in root.rglob("*"):
+            if path.is_file():
+                self._dirty.add(path.relative_to(root).as_posix())
+        return True
+
     def mark_failed(self, reason: str) -> None:
-        self._status = "KILLED" if reason == "KeyboardInterrupt" else "FAILED"
+        self._status = "KILLED" if reason in ("KeyboardInterrupt", "SIGTERM", "died") else "FAILED"
 
     def close(self) -> None:
+        """Upload the text files, end the run with its status, release the staging files.
+
+        Raises a transient error (the worker retries) without giving anything up.
+        """
         if self._closed:
             return
-        self._closed = True
         try:
+            self._ensure_run()  # the server was down all along: the run still gets made
             self._upload_text(force=True)
-        finally:
-            try:
-                self.client.set_terminated(self.run_id, status=self._status)
-            finally:
-                shutil.rmtree(self._staging, ignore_errors=True)
-                _restore_credentials(self._previous_credentials)
+            self.client.set_terminated(self.run_id, status=self._status)
+        except Exception as error:
+            if not is_transient(error):
+                self._closed = True
+                self._cleanup()
+            raise
+        self._closed = True
+        self._cleanup()
 
     # Writing -------------------------------------------------------------------------
-    def write_row(self, row: Row) -> None:
-        from mlflow.entities import Metric, Param
-
-        metrics: list[Metric] = []
-        params: list[Param] = []
-        new_params: dict[str, str] = {}
-        files: list[ArtifactFile] = []
-        images: list[StepImage] = []
+    def check_row(self, row: Row) -> None:
+        # Name each new (key, kind) now, so a rename warning points at this dump.
         for key, value in row.values.items():
-            for item in to_mlflow(key, value, row, self._names):
-                match item:
-                    case MetricPoint():
-                        metrics.append(Metric(item.name, item.value, item.timestamp_ms, item.step))
-                    case ParamValue():
-                        if self._is_new_param(item) and item.name not in new_params:
-                            new_params[item.name] = item.value
-                            params.append(Param(item.name, item.value))
-                    case ArtifactFile():
-                        files.append(item)
-                    case StepImage():
-                        images.append(item)
-                    case TextAppend():
-                        self._append(item.path, item.text)
-                    case _:
-                        assert_never(item)
-        if metrics or params:
-            # MlflowClient.log_batch splits this into requests within MLflow's limits
-            # (1000 metrics, 100 params per request); one dump is never one per key.
-            self.client.log_batch(self.run_id, metrics=metrics, params=params, synchronous=True)
-        self._params.update(new_params)  # only once MLflow has them
-        for file in files:
-            self._upload(file.path, file.encode())
-        for image in images:
-            self._log_image(image)
-        self._upload_text()
+            kind = (key, type(value))
+            if kind not in self._checked:
+                to_mlflow(key, value, row, self._names)
+                self._checked.add(kind)
+
+    def write_row(self, row: Row) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[Row]) -> None:
+        """Send the rows' metrics and params in one ``log_batch``, then their media.
+
+        Each row is converted once and remembered until it is fully sent, so a call
+        repeated after a transient error sends only what did not arrive (artifact names
+        stay the same; MLflow ignores metric points it already has).
+        """
+        from mlflow.entities import Param
+
+        self._ensure_run()
+        try:
+            prepared = [self._prepare(row) for row in rows]
+            unsent = [item for item in prepared if not item.batch_sent]
+            metrics = [metric for item in unsent for metric in item.metrics]
+            params: dict[str, str] = {}
+            for item in unsent:
+                for name, value in item.params.items():
+                    if name not in params and self._is_new_param(name, value):
+                        params[name] = value
+                    elif name in params and params[name] != value:
+                        self._warn_param(name, params[name], value)
+            if metrics or params:
+                # MlflowClient.log_batch splits this into requests within MLflow's
+                # limits (1000 metrics, 100 params per request); never one per key.
+                self.client.log_batch(
+                    self.run_id,
+                    metrics=metrics,
+                    params=[Param(name, value) for name, value in params.items()],
+                    synchronous=True,
+                )
+            self._params.update(params)  # only once MLflow has them
+            for item in unsent:
+                item.batch_sent = True
+            for item in prepared:
+                while item.files_done < len(item.files):
+                    path, file = item.files[item.files_done]
+                    self._upload_fixed(path, file.encode())
+                    item.files_done += 1
+                while item.images_done < len(item.images):
+                    self._log_image(item.images[item.images_done])
+                    item.images_done += 1
+            for row in rows:
+                self._prepared.pop(row.seq, None)
+            self._upload_text()
+        except Exception as error:
+            if not is_transient(error):
+                for row in rows:
+                    self._prepared.pop(row.seq, None)
+            raise
+
+    def _prepare(self, row: Row) -> _Prepared:
+        done = self._prepared.get(row.seq)
+        if done is not None:
+            return done
+        from mlflow.entities import Metric
+
+        prepared = _Prepared(metrics=[], params={}, files=[], images=[])
+        texts: list[TextAppend] = []
+        try:
+            for key, value in row.values.items():
+                for item in to_mlflow(key, value, row, self._names):
+                    match item:
+                        case MetricPoint():
+                            prepared.metrics.append(
+                                Metric(item.name, item.value, item.timestamp_ms, item.step)
+                            )
+                        case ParamValue():
+                            prepared.params.setdefault(item.name, item.value)
+                        case ArtifactFile():
+                            prepared.files.append((self._unique(item.path), item))
+                        case StepImage():
+                            prepared.images.append(item)
+                        case TextAppend():
+                            texts.append(item)
+                        case _:
+                            assert_never(item)
+        except BaseException:
+            self._uploaded.difference_update(path for path, _ in prepared.files)
+            raise
+        for text in texts:  # local appends, once: the row is remembered from here on
+            self._append(text.path, text.text)
+        self._prepared[row.seq] = prepared
+        return prepared
 
     def write_line(self, line: str) -> None:
         self._append(_TRAIN_LOG, line + "\n")
+        self._ensure_run()
         self._upload_text()
 
-    def _is_new_param(self, param: ParamValue) -> bool:
-        logged = self._params.get(param.name)
+    def _is_new_param(self, name: str, value: str) -> bool:
+        logged = self._params.get(name)
         if logged is None:
             return True
-        if logged != param.value:
-            warnings.warn(
-                f"MLflow params cannot change: {param.name!r} stays {logged!r}, "
-                f"not {param.value!r}",
-                stacklevel=2,
-            )
+        if logged != value:
+            self._warn_param(name, logged, value)
         return False
+
+    def _warn_param(self, name: str, logged: str, value: str) -> None:
+        warnings.warn(
+            f"MLflow params cannot change: {name!r} stays {logged!r}, not {value!r}",
+            stacklevel=2,
+        )
 
     def _log_image(self, image: StepImage) -> None:
         self.client.log_image(
@@ -307,8 +546,9 @@ class MLFlowOutputFormat(OutputFormat):
         self._uploaded.add(path)
         return path
 
-    def _upload(self, path: str, data: bytes) -> None:
-        relative = PurePosixPath(self._unique(path))
+    def _upload_fixed(self, path: str, data: bytes) -> None:
+        """Upload ``data`` as the artifact ``path`` (replacing a file of that name)."""
+        relative = PurePosixPath(path)
         folder = Path(tempfile.mkdtemp(dir=self._staging, prefix="upload-"))
         try:
             local = folder / relative.name

@@ -23,6 +23,7 @@ from tracklog.convert.wandb import (
 from tracklog.outputs._base import OutputFormat
 from tracklog.readers import wandb_records
 from tracklog.settings import WandbOutput
+from tracklog.values import HParam
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
@@ -43,11 +44,17 @@ class WandBOutputFormat(OutputFormat):
     """
 
     name = "wandb"
+    background = True
 
-    def __init__(self, settings: WandbOutput, *, run_dir: Path) -> None:
+    def __init__(
+        self, settings: WandbOutput, *, run_dir: Path, spool_dir: Path | None = None
+    ) -> None:
         import wandb
+        from wandb.sdk.lib import runid
 
         self.settings = settings
+        self.spool_dir = spool_dir
+        self._run_dir_setting = run_dir.absolute()
         self._names = wandb_names()
         self._exit_code = 0
         self._closed = False
@@ -67,7 +74,8 @@ class WandBOutputFormat(OutputFormat):
             tags=settings.tags or None,
             name=settings.name,
             notes=settings.notes,
-            id=settings.id,
+            # Fixed here, so `tracklog replay` of a spool can resume this very run.
+            id=settings.id or runid.generate_id(),
             resume=settings.resume,
             mode=settings.mode,
             dir=str(directory),
@@ -82,6 +90,20 @@ class WandBOutputFormat(OutputFormat):
     def run_dir(self) -> Path:
         """The run's folder: ``<dir>/wandb/offline-run-*`` when offline."""
         return Path(self.run.dir).parent
+
+    def spool_header(self) -> dict[str, Any] | None:
+        return {
+            "format": 1,
+            "output": "wandb",
+            "settings": self.settings.model_dump(mode="json", exclude={"api_key"}),
+            "id": self.run.id,
+            "run_dir": str(self._run_dir_setting),
+        }
+
+    def check_row(self, row: Row) -> None:
+        for key, value in row.values.items():
+            if not isinstance(value, HParam):
+                self._names(key)  # a rename warning points at this dump
 
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
@@ -100,6 +122,7 @@ class WandBOutputFormat(OutputFormat):
                         assert_never(item)
         if history:
             history[STEP_KEY] = row.step
+            history["_timestamp"] = row.timestamp  # when dumped, not when delivered
             self.run.log(history)
         for staged in self._staging.iterdir():  # wandb copied the media into the run
             staged.unlink()
@@ -109,7 +132,8 @@ class WandBOutputFormat(OutputFormat):
         self.run._console_raw_callback("stdout", line + "\n")
 
     def mark_failed(self, reason: str) -> None:
-        self._exit_code = 130 if reason == "KeyboardInterrupt" else 1
+        codes = {"KeyboardInterrupt": 130, "SIGTERM": 143}
+        self._exit_code = codes.get(reason, 1)
 
     def close(self) -> None:
         if self._closed:
