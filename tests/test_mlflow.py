@@ -733,8 +733,8 @@ def test_hparam_twice_is_fine_and_a_changed_value_keeps_the_first(
             logger.flush()
         assert tracklog_warnings(caught) == []
         logger.record("hparams", tracklog.HParam({"lr": 0.5, "batch": 64}))
+        logger.dump(2)
         with pytest.warns(UserWarning, match="MLflow params cannot change: 'lr' stays '0.1'"):
-            logger.dump(2)
             logger.flush()  # MLflow's worker knows which params the run has
         run_id = run_id_of(logger)
 

@@ -640,8 +640,8 @@ def test_histogram_without_finite_values_is_skipped_with_a_warning(run_dir: Path
         logger.record("weights/bad", np.array([np.nan, np.inf, -np.inf]))
         logger.record("weights/good", np.arange(3))
         logger.record("loss", 0.25)
+        logger.dump(1)
         with pytest.warns(UserWarning, match="'weights/bad' has no finite values"):
-            logger.dump(1)
             logger.flush()  # the histogram is converted on W&B's worker
 
     (row,) = read_finished(run_dir).rows
