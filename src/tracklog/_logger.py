@@ -323,6 +323,10 @@ class Logger(sb3.Logger):
         """
         limit = self.delivery.close_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        for output in self.output_formats:
+            media_flush = getattr(output, "flush", None)
+            if isinstance(output, OutputFormat) and not output.background and media_flush:
+                media_flush()  # JSONL/CSV media files encoded on their thread
         return all(channel.drain(deadline) for channel in list(self._channels.values()))
 
     def __enter__(self) -> Self:

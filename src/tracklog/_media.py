@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 __all__ = ["MediaStore", "safe_relpath"]
+
+_log = logging.getLogger("tracklog")
 
 _REMEMBERED_DUMPS = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -41,6 +47,8 @@ class MediaStore:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self._jobs: queue.Queue[tuple[Path, Callable[[], bytes]] | None] = queue.Queue()
+        self._encoder: threading.Thread | None = None
         # seq -> key -> path, for the most recent dumps only (formats of one dump
         # write close together; older entries are never asked for again).
         self._written: dict[int, dict[str, str]] = {}
@@ -75,8 +83,23 @@ class MediaStore:
             return False
         return True
 
-    def save(self, seq: int, step: int, key: str, ext: str, encode: Callable[[], bytes]) -> str:
-        """Write ``encode()`` for dump ``seq`` once; return its path relative to ``run_dir``."""
+    def save(
+        self,
+        seq: int,
+        step: int,
+        key: str,
+        ext: str,
+        encode: Callable[[], bytes],
+        *,
+        background: bool = False,
+    ) -> str:
+        """Write ``encode()`` for dump ``seq`` once; return its path relative to ``run_dir``.
+
+        With ``background`` (videos, images), the name is claimed now and the bytes are
+        encoded and written on the store's encoder thread, so ``dump()`` does not wait
+        for an H.264 encode; the file appears complete (written aside, then renamed
+        over the claimed name) shortly after, and at the latest when ``flush()`` returns.
+        """
         written = self._written.get(seq)
         if written is None:
             while len(self._written) >= _REMEMBERED_DUMPS:
@@ -86,7 +109,7 @@ class MediaStore:
         if done is not None:
             return done
         directory = self._dir_for(key)
-        data = encode()
+        data = b"" if background else encode()
         n = 0
         while True:
             name = f"step_{step}.{ext}" if n == 0 else f"step_{step}-{n}.{ext}"
@@ -97,6 +120,34 @@ class MediaStore:
                 break
             except FileExistsError:
                 n += 1
+        if background:
+            self._submit(self.run_dir / relative, encode)
         path = relative.as_posix()
         written[key] = path
         return path
+
+    def _submit(self, target: Path, encode: Callable[[], bytes]) -> None:
+        if self._encoder is None or not self._encoder.is_alive():
+            self._encoder = threading.Thread(
+                target=self._encode_loop, name="tracklog-media", daemon=True
+            )
+            self._encoder.start()
+        self._jobs.put((target, encode))
+
+    def _encode_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            target, encode = job
+            try:
+                aside = target.with_name(target.name + ".part")
+                aside.write_bytes(encode())
+                os.replace(aside, target)
+            except Exception:
+                _log.exception("tracklog: could not write the media file %s", target)
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def flush(self) -> None:
+        """Wait until every media file handed to the encoder thread is written."""
+        if self._encoder is not None:
+            self._jobs.join()

@@ -25,11 +25,15 @@ def to_cell(key: str, value: LogValue, row: Row, media: MediaStore) -> Cell:
         case Histogram():
             return media.save(row.seq, row.step, key, "npy", lambda: _encode.npy(value))
         case Image():
-            return media.save(row.seq, row.step, key, "png", lambda: _encode.png(value))
+            return media.save(
+                row.seq, row.step, key, "png", lambda: _encode.png(value), background=True
+            )
         case Figure():
             return media.save(row.seq, row.step, key, "png", lambda: value.png)
         case Video():
-            return media.save(row.seq, row.step, key, "mp4", lambda: _encode.mp4(value))
+            return media.save(
+                row.seq, row.step, key, "mp4", lambda: _encode.mp4(value), background=True
+            )
         case HParam():
             return media.save(row.seq, row.step, key, "json", lambda: _encode.hparam_json(value))
         case _:

@@ -37,5 +37,12 @@ class JsonlOutputFormat(OutputFormat):
         self._file.write(json.dumps(document, ensure_ascii=False, allow_nan=True) + "\n")
         self._file.flush()
 
+    def flush(self) -> None:
+        """Wait until the media files of the rows written so far are complete."""
+        self._media.flush()
+
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._media.flush()
+        finally:
+            self._file.close()
