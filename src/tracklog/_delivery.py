@@ -234,7 +234,7 @@ class Channel:
     def wait(self, deadline: float) -> bool:
         """Wait for the worker to deliver the close, until ``deadline`` (monotonic)."""
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and self._done:
             self._finish_spool()
             return True
         self._abandon()
@@ -295,14 +295,22 @@ class Channel:
 
     # Worker thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            taken = self._take()
-            if taken is None:
-                return
-            messages, from_spool = taken
-            self._deliver(messages, from_spool)
-            if self._done:
-                return
+        try:
+            while True:
+                taken = self._take()
+                if taken is None:
+                    return
+                messages, from_spool = taken
+                self._deliver(messages, from_spool)
+                if self._done:
+                    return
+        except BaseException:
+            # A broken spool file, or a bug: say so loudly; close() then keeps what is
+            # left in the spool and reports the replay command.
+            _log.exception("tracklog %s: the delivery worker stopped", self.label)
+        finally:
+            with self._cond:
+                self._cond.notify_all()
 
     def _take(self) -> tuple[list[Message], bool] | None:
         with self._cond:
