@@ -41,8 +41,9 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _dumped(logger: tracklog.Logger, run_dir: Path, step: int = 1) -> dict[str, Any]:
-    """Dump, then the last JSONL row as json.loads reads it."""
+    """Dump, then the last JSONL row as json.loads reads it (its media files written)."""
     logger.dump(step=step)
+    assert logger.flush()
     row = _rows(run_dir)[-1]
     assert row["_step"] == step
     return row

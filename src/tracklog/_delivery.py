@@ -225,8 +225,10 @@ class Channel:
             if not self._closing:
                 self._closing = True
                 message = Message("close")
-                if self._spilling and self._can_spill() and self._spill([message]):
-                    pass
+                pending = [queued for queued, _ in self._queue] + [message]
+                if self._spilling and self._can_spill() and self._spill(pending):
+                    self._queue.clear()
+                    self._bytes = 0
                 else:
                     self._queue.append((message, 0))
                 self._cond.notify_all()
@@ -342,7 +344,10 @@ class Channel:
                 if self._spilling and spool is not None:
                     # Drained: back to memory, and an empty log on disk.
                     self._spilling = False
-                    spool.reset()
+                    try:
+                        spool.reset()
+                    except OSError as error:
+                        _log.error("tracklog %s: cannot empty the spool: %s", self.label, error)
                     self._outage_reported = False
                 if self._closing and self._done:
                     return None
@@ -368,8 +373,13 @@ class Channel:
                     if not from_spool and self.spool is not None:
                         with self._cond:
                             if self._can_spill() and self._spill(messages[delivered:], front=True):
-                                # Continue from the spool: same order, now durable.
+                                # Continue from the spool: same order, now durable;
+                                # rows waiting in memory follow them there.
                                 self._inflight = []
+                                queued = [message for message, _ in self._queue]
+                                if queued and self._spill(queued):
+                                    self._queue.clear()
+                                    self._bytes = 0
                                 return
                     with self._cond:
                         self._cond.wait_for(lambda: self._abandoned, timeout=delay)
@@ -383,7 +393,7 @@ class Channel:
         with self._cond:
             self._inflight = []
             if from_spool and self.spool is not None:
-                self.spool.ack(self.spool.read_count)
+                self._ack(self.spool.read_count)
             self._cond.notify_all()
 
     def drain(self, deadline: float) -> bool:
@@ -400,10 +410,25 @@ class Channel:
         with self._cond:
             return self._cond.wait_for(idle, timeout=max(0.0, deadline - time.monotonic()))
 
+    def _ack(self, count: int) -> None:
+        """Record delivery; a failure (full disk) only means those may be sent again."""
+        assert self.spool is not None
+        try:
+            self.spool.ack(count)
+        except OSError as error:
+            self.spool.acked = count
+            _log.error(
+                "tracklog %s: cannot record delivery in %s (%s); a replay would send "
+                "those records again (MLflow ignores repeated metric points)",
+                self.label,
+                self.spool.directory,
+                error,
+            )
+
     def _ack_partial(self, messages: list[Message], delivered: int, from_spool: bool) -> None:
         if from_spool and self.spool is not None and delivered:
             with self._cond:
-                self.spool.ack(self.spool.read_count - (len(messages) - delivered))
+                self._ack(self.spool.read_count - (len(messages) - delivered))
 
     def _report_outage(self, error: Exception) -> None:
         if not self._outage_reported:

@@ -121,6 +121,7 @@ class Spool:
         self.header = header
         self._append: IO[bytes] | None = None
         self._read: IO[bytes] | None = None
+        self._size = 0  # bytes of records.log known to be intact and fsynced
         self.acked = 0
         self._lock_file: IO[bytes] | None = None
         #: Records appended (in this file), and records read by the delivering side.
@@ -144,6 +145,7 @@ class Spool:
         intact = _intact_length(records)
         with open(records, "ab") as file:
             file.truncate(intact)  # drop a frame cut off by a crash
+        self._size = intact
         self._append = open(records, "ab")  # noqa: SIM115  # held open for the run
         # Unbuffered: the file changes under this handle (appends, prepend's rewrite).
         self._read = open(records, "rb", buffering=0)  # noqa: SIM115
@@ -165,14 +167,33 @@ class Spool:
 
     # Writing ---------------------------------------------------------------------------
     def append(self, records: list[bytes]) -> None:
-        """Append ``records`` and fsync them (one dump boundary)."""
+        """Append ``records`` and fsync them (one dump boundary).
+
+        If writing or fsync fails (a full disk), the file is cut back to what it was,
+        so the failed frames can never be read later, and the error is raised.
+        """
         self.claim()
         assert self._append is not None
-        for data in records:
-            self._append.write(_FRAME.pack(len(data), zlib.crc32(data)) + data)
-        self._append.flush()
-        os.fsync(self._append.fileno())
+        blob = b"".join(_FRAME.pack(len(data), zlib.crc32(data)) + data for data in records)
+        try:
+            self._append.write(blob)
+            self._append.flush()
+            os.fsync(self._append.fileno())
+        except BaseException:
+            self._rollback()
+            raise
+        self._size += len(blob)
         self.written += len(records)
+
+    def _rollback(self) -> None:
+        """Drop whatever a failed append left in the file or in the writer's buffer."""
+        path = self.directory / _RECORDS
+        if self._append is not None:
+            with contextlib.suppress(OSError):
+                self._append.close()  # a failing flush still closes the file
+        with contextlib.suppress(OSError):
+            os.truncate(path, self._size)
+        self._append = open(path, "ab")  # noqa: SIM115
 
     # Reading ---------------------------------------------------------------------------
     def read_next(self) -> bytes:
@@ -186,21 +207,45 @@ class Spool:
 
     def prepend(self, records: list[bytes]) -> None:
         """Put ``records`` before the records not read yet (a delivery taken from memory
-        failed after newer records were spilled), then fsync."""
+        failed after newer records were spilled), then fsync.
+
+        The new log (``records`` then the unread records; delivered ones are dropped) is
+        written aside and renamed over the old one, so a failure leaves the old intact.
+        """
         self.claim()
         assert self._append is not None
         assert self._read is not None
+        path = self.directory / _RECORDS
+        aside = path.with_name(_RECORDS + ".new")
         start = self._read.tell()
-        rest = self._read.read()
-        self._read.seek(start)
-        self._append.truncate(start)
-        self._append.seek(0, os.SEEK_END)
-        for data in records:
-            self._append.write(_FRAME.pack(len(data), zlib.crc32(data)) + data)
-        self._append.write(rest)
-        self._append.flush()
-        os.fsync(self._append.fileno())
-        self.written += len(records)
+        with open(path, "rb") as old:
+            old.seek(start)
+            rest = old.read(self._size - start)
+        blob = b"".join(_FRAME.pack(len(data), zlib.crc32(data)) + data for data in records)
+        with contextlib.suppress(FileNotFoundError):
+            aside.unlink()
+        try:
+            with open(aside, "ab") as new:
+                new.write(blob + rest)
+                new.flush()
+                os.fsync(new.fileno())
+            # Acked before the rename: a crash in between re-delivers (harmless), never
+            # skips records of the new log.
+            _write_atomic_fast(self.directory / _ACKED, "0")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                aside.unlink()
+            raise
+        os.replace(aside, path)
+        pending = self.written - self.read_count
+        with contextlib.suppress(OSError):
+            self._append.close()
+        self._read.close()
+        self._append = open(path, "ab")  # noqa: SIM115
+        self._read = open(path, "rb", buffering=0)  # noqa: SIM115
+        self._size = len(blob) + len(rest)
+        self.read_count = self.acked = 0
+        self.written = len(records) + pending
 
     def ack(self, count: int) -> None:
         """Record that the first ``count`` records are delivered."""
@@ -214,7 +259,10 @@ class Spool:
         self._append.truncate(0)
         self._append.seek(0)
         self._read.seek(0)
+        self._size = 0
         self.written = self.read_count = self.acked = 0
+        # After the truncation: an older count on disk is harmless (claim() takes the
+        # smaller of it and the records there).
         _write_atomic_fast(self.directory / _ACKED, "0")
 
     def close(self, *, remove: bool) -> None:
@@ -284,6 +332,8 @@ def _next_frame(file: IO[bytes]) -> bytes | None:
     if len(head) < _FRAME.size:
         return None
     length, crc = _FRAME.unpack(head)
+    if length == 0:
+        return None  # records are never empty: zeros are a torn tail, not a frame
     data = file.read(length)
     if len(data) < length or zlib.crc32(data) != crc:
         return None

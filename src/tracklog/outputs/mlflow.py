@@ -34,6 +34,7 @@ __all__ = ["MLFlowOutputFormat"]
 
 _MAX_TAG_LENGTH = 8000
 _TRAIN_LOG = "train.log"
+_TEXT_SEQS = "text-rows"  # in staging: the rows whose text values are already appended
 
 
 def _tracklog_version() -> str:
@@ -208,6 +209,10 @@ class MLFlowOutputFormat(OutputFormat):
         self._uploaded: set[str] = set()
         self._listed: set[str] = set()
         self._prepared: dict[int, _Prepared] = {}
+        self._texts_applied: set[int] = set()
+        if replaying and (self._staging / _TEXT_SEQS).is_file():
+            text = (self._staging / _TEXT_SEQS).read_text(encoding="utf-8")
+            self._texts_applied = {int(seq) for seq in text.split()}
         self._checked: set[tuple[str, type]] = set()
         self._last_upload = time.monotonic()
         self._closed = False
@@ -496,15 +501,29 @@ class MLFlowOutputFormat(OutputFormat):
         except BaseException:
             self._uploaded.difference_update(path for path, _ in prepared.files)
             raise
-        for text in texts:  # local appends, once: the row is remembered from here on
-            self._append(text.path, text.text)
+        if row.seq not in self._texts_applied:
+            # Local appends, once: the row is remembered from here on, and in staging
+            # (a replay of a row whose delivery failed must not append it again).
+            for text in texts:
+                self._append(text.path, text.text)
+            if texts:
+                self._texts_applied.add(row.seq)
+                with open(self._staging / _TEXT_SEQS, "a", encoding="utf-8") as record:
+                    record.write(f"{row.seq}\n")
         self._prepared[row.seq] = prepared
         return prepared
 
     def write_line(self, line: str) -> None:
         self._append(_TRAIN_LOG, line + "\n")
-        self._ensure_run()
-        self._upload_text()
+        # The line is in the staging train.log now, marked for upload: a server that
+        # is down only delays that upload (to a later line, dump, or close), and this
+        # call must not fail, or the line would be appended again on the retry.
+        try:
+            self._ensure_run()
+            self._upload_text()
+        except Exception as error:
+            if not is_transient(error):
+                raise
 
     def _is_new_param(self, name: str, value: str) -> bool:
         logged = self._params.get(name)
