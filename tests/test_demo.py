@@ -1,4 +1,5 @@
-"""The demo `make demo` runs, shortened: it trains, records videos and reads them back."""
+"""The demo `make demo` runs (``tracklog demo``), shortened: it trains, records videos,
+reads them back, and ``tracklog plot`` draws its learning curve."""
 
 from __future__ import annotations
 
@@ -11,9 +12,30 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tests.test_cli import BLUE, assert_curve, child_env, run_subprocess
+from tracklog._demo import DEFAULT_SETTINGS
 from tracklog.readers import read_csv, read_jsonl, read_wandb_offline
+from tracklog.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_built_in_settings_are_examples_demo_yaml() -> None:
+    """``tracklog demo`` from a wheel (no examples/) logs exactly as ``make demo`` does."""
+    assert load_settings(DEFAULT_SETTINGS) == load_settings(ROOT / "examples" / "demo.yaml")
+
+
+def test_examples_demo_py_is_tracklog_demo() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == run_subprocess("demo", "--help").stdout
 
 
 @pytest.mark.slow
@@ -27,11 +49,12 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     settings_file = tmp_path / "demo.yaml"
     settings_file.write_text(yaml.safe_dump(settings))
 
-    demo = [sys.executable, str(ROOT / "examples" / "demo.py"), "--settings", str(settings_file)]
+    demo = [sys.executable, "-m", "tracklog", "demo", "--settings", str(settings_file)]
     done = subprocess.run(
-        [*demo, "--timesteps", "6144", "--video-every", "3072"],
+        [*demo, "--steps", "6144", "--video-every", "3072"],
         capture_output=True,
         text=True,
+        env=child_env(),
         timeout=300,
         check=False,
     )
@@ -78,3 +101,9 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     log = (run_dir / "train.log").read_text()
     assert "rollout/" in log
     assert "evaluation at step" in log
+
+    # Done when: `tracklog plot` on the demo run writes a PNG that shows the learning curve.
+    plotted = run_subprocess("plot", run_dir, "--key", "rollout/ep_rew_mean")
+    assert plotted.code == 0, plotted.stderr
+    assert f"1 curve(s), {len(rewards)} points" in plotted.stdout
+    assert_curve(run_dir / "plot.png", BLUE)
