@@ -1244,3 +1244,52 @@ def test_rows_waiting_in_memory_at_close_still_arrive(run_dir: Path) -> None:
         logger.close()
     assert arrived(run_dir / "flaky.jsonl") == expected
     assert messages(seen.records) == []
+
+
+def test_a_video_is_encoded_once_for_every_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The media thread (JSONL), the MLflow worker and the W&B worker receive the same
+    # Video: the first to ask encodes it, the others wait for those bytes.
+    from mlflow import artifacts
+
+    from tracklog import _encode
+    from tracklog.readers import read_wandb_offline
+
+    calls: list[int] = []
+    encode = _encode._encode_mp4
+
+    def counted(video: tracklog.Video) -> bytes:
+        calls.append(threading.get_ident())
+        time.sleep(0.2)  # long enough for the other threads to ask meanwhile
+        return encode(video)
+
+    monkeypatch.setattr(_encode, "_encode_mp4", counted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {
+        "run_dir": str(tmp_path / "run"),
+        "outputs": [
+            {"type": "jsonl"},
+            {"type": "mlflow", "tracking_uri": uri, "experiment": "once"},
+            {"type": "wandb", "project": "once", "mode": "offline"},
+        ],
+    }
+    frames = random_pixels((8, 3, 16, 16))
+    with tracklog.build_logger(settings) as logger:
+        logger.record("eval/video", tracklog.Video(frames, fps=10))
+        logger.dump(step=3)
+        run_id = next(
+            o.run_id for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)
+        )
+    assert len(calls) == 1
+    jsonl_file = (
+        tmp_path
+        / "run"
+        / str(read_jsonl(tmp_path / "run" / "progress.jsonl")[0].values["eval/video"])
+    )
+    downloaded = artifacts.download_artifacts(
+        run_id=run_id, artifact_path="videos/eval/video/step_3.mp4", tracking_uri=uri
+    )
+    wandb_run = read_wandb_offline(tmp_path / "run")
+    wandb_file = wandb_run.media_path(wandb_run.rows[0].values["eval/video"])
+    assert jsonl_file.read_bytes() == Path(downloaded).read_bytes() == wandb_file.read_bytes()

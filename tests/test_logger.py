@@ -536,3 +536,66 @@ def test_tracklog_formats_work_inside_sb3_own_logger(run_dir: Path) -> None:
     assert _table_keys(log) == {"a", "b", "clip", "m"}
     assert "<video 1x2x3x4x4 @5fps>" in log
     assert log.splitlines()[-1] == "hello from sb3"
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b/c", "d"]),
+                st.one_of(_NUMBERS, st.integers(-(2**40), 2**40), st.text(max_size=3)),
+                st.sampled_from([None, "json", ("csv", "json")]),
+            ),
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_repeated_records_reach_outputs_as_sb3_would_give_them(
+    dumps: list[list[tuple[str, float | int | str, str | tuple[str, ...] | None]]],
+) -> None:
+    # Later dumps of known keys take record()'s fast path for floats: exclusions of an
+    # earlier record of the same key must not stick, and every value must arrive.
+    reference, ours = _Capture(), _Capture()
+    sb3_logger = sb3.Logger(folder=None, output_formats=[reference])
+    with tempfile.TemporaryDirectory() as directory:
+        with tracklog.build_logger(
+            {"run_dir": directory, "outputs": [{"type": "jsonl"}, {"type": "csv"}]}
+        ) as logger:
+            logger.output_formats.append(ours)
+            for step, records in enumerate(dumps):
+                for key, value, exclude in records:
+                    logger.record(key, value, exclude=exclude)
+                    sb3_logger.record(key, value, exclude=exclude)
+                logger.dump(step)
+                sb3_logger.dump(step)
+        jsonl = _jsonl(Path(directory) / "progress.jsonl")
+        table = _csv(Path(directory) / "progress.csv")
+    wanted = [row for row in reference.rows if row[0]]  # tracklog skips an empty dump
+    assert len(ours.rows) == len(wanted)
+    for (got, got_excluded, got_step), (want, want_excluded, want_step) in zip(
+        ours.rows, wanted, strict=True
+    ):
+        assert got_step == want_step
+        assert got_excluded == {k: v or ("",) for k, v in want_excluded.items()}
+        assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in want.items()}
+        assert all(_same(got[k], want[k]) for k in want)
+    rows = iter(zip(jsonl, table, strict=True))
+    for want, want_excluded, step in wanted:
+        json_row, csv_row = next(rows)
+        assert json_row["_step"] == step == int(csv_row["_step"])
+        for key, value in want.items():
+            in_json = "json" not in want_excluded[key]
+            assert (key in json_row) == in_json
+            if in_json:
+                assert _same(json_row[key], value)
+            in_csv = "csv" not in want_excluded[key]
+            assert (csv_row.get(key, "") != "") == (in_csv and value != "")
+    assert next(rows, None) is None
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b and type(a) is type(b)

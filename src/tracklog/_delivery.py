@@ -24,18 +24,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, assert_never
 
 from tracklog._isolation import Isolation
 from tracklog._row import Row
 from tracklog._spool import Spool, dumps, loads
-from tracklog.values import Figure, Histogram, Image, Text, Video
+from tracklog.values import Figure, Histogram, HParam, Image, Scalar, Text, Video
 
 if TYPE_CHECKING:
     from tracklog.outputs._base import OutputFormat
     from tracklog.settings import DeliverySettings
 
-__all__ = ["Channel", "Message", "dispatch", "replay_command"]
+__all__ = ["Channel", "Message", "dispatch", "replay_command", "size_of", "size_of_row"]
 
 _log = logging.getLogger("tracklog")
 
@@ -47,6 +47,8 @@ class Message:
     kind: Kind
     row: Row | None = None
     text: str = ""
+    #: ``size_of`` this message, when the caller already knows it (0: not known).
+    size: int = 0
 
     def encode(self) -> bytes:
         return dumps((self.kind, self.row, self.text))
@@ -63,23 +65,32 @@ _SPILL_RETRY = 10.0  # seconds before trying a spool that could not be written a
 
 def size_of(message: Message) -> int:
     """A cheap estimate of the bytes ``message`` holds."""
-    size = 200 + len(message.text)
-    if message.row is not None:
-        for key, value in message.row.values.items():
-            size += 64 + len(key)
-            match value:
-                case Video():
-                    size += value.frames.nbytes
-                case Image():
-                    size += value.image.nbytes
-                case Figure():
-                    size += len(value.png)
-                case Histogram():
-                    size += value.values.nbytes
-                case Text():
-                    size += len(value.value)
-                case _:
-                    pass
+    if message.size:
+        return message.size
+    return 200 + len(message.text) + (size_of_row(message.row) if message.row else 0)
+
+
+def size_of_row(row: Row) -> int:
+    """A cheap estimate of the bytes ``row`` holds (keys, numbers, media)."""
+    size = 200 + 64 * len(row.values) + sum(map(len, row.values))
+    for value in row.values.values():
+        match value:
+            case Scalar():
+                pass
+            case Video():
+                size += value.frames.nbytes
+            case Image():
+                size += value.image.nbytes
+            case Figure():
+                size += len(value.png)
+            case Histogram():
+                size += value.values.nbytes
+            case Text():
+                size += len(value.value)
+            case HParam():
+                pass
+            case _:
+                assert_never(value)
     return size
 
 

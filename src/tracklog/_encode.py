@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -53,12 +54,34 @@ def png(image: Image) -> bytes:
     return buffer.getvalue()
 
 
+_memo_lock = threading.Lock()
+
+
 def mp4(video: Video) -> bytes:
     """The clip as an H.264/yuv420p MP4 that browsers play, at the video's fps.
 
     A batch of N clips is tiled left to right; odd sizes are padded by one pixel
-    because yuv420p needs even dimensions.
+    because yuv420p needs even dimensions. Encoded once per ``Video`` object: the
+    media thread and the MLflow and W&B workers receive the same object, and the
+    ones that ask while it is being encoded wait for that encoding instead of
+    repeating it (an encode holds the GIL for much of its time).
     """
+    # The cache lives in the instance's __dict__, past the frozen __setattr__: it is
+    # derived data, dropped with the video, and not part of its value or its pickle.
+    state = video.__dict__
+    encoded = state.get("_mp4")
+    if encoded is None:
+        with _memo_lock:
+            lock = state.setdefault("_mp4_lock", threading.Lock())
+        with lock:
+            encoded = state.get("_mp4")
+            if encoded is None:
+                encoded = state["_mp4"] = _encode_mp4(video)
+    assert isinstance(encoded, bytes)
+    return encoded
+
+
+def _encode_mp4(video: Video) -> bytes:
     import av
 
     c = video.shape[2]

@@ -6,6 +6,7 @@ import functools
 import itertools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
@@ -15,7 +16,7 @@ import numpy.typing as npt
 from stable_baselines3.common import logger as sb3
 
 from tracklog import _lifecycle
-from tracklog._delivery import Channel, Message
+from tracklog._delivery import Channel, Message, size_of_row
 from tracklog._isolation import Isolation
 from tracklog._row import Row
 from tracklog._spool import Spool, SpoolBusyError, free_directory
@@ -86,6 +87,7 @@ class Logger(sb3.Logger):
             delivery = settings.delivery if settings is not None else DeliverySettings()
         self.delivery = delivery
         self._values: dict[str, LogValue] = {}
+        self._valid_keys: set[str] = set()  # keys check_key accepted
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
         self._channels: dict[int, Channel] = {}
@@ -104,7 +106,23 @@ class Logger(sb3.Logger):
 
         Raises ``TypeError``/``ValueError`` naming ``key`` for an invalid key or value.
         """
+        if (
+            type(value) is float
+            and type(key) is str
+            and exclude is None
+            and key in self._valid_keys
+        ):
+            # The hot path of a training loop: a float under a key already checked
+            # (str is immutable, so a key that was valid stays valid). Same result as
+            # the general path below, with a third of its cost.
+            if self._closed:
+                self._check_open()
+            self._values[key] = Scalar(value)
+            self.name_to_value[key] = value
+            self.name_to_excluded[key] = ()
+            return
         self._store(key, normalise(check_key(key), value), exclude)
+        self._valid_keys.add(key)
 
     def record_mean(self, key: str, value: MeanValue, exclude: Exclude = None) -> None:
         """Average ``value`` over the calls before the next dump, exactly as SB3 does.
@@ -140,32 +158,43 @@ class Logger(sb3.Logger):
         if isinstance(step, bool) or not isinstance(step, int | np.integer):
             raise TypeError(f"dump step must be an int, not {type(step).__name__}: {step!r}")
         self._check_open()
-        values, excluded = self._values, dict(self.name_to_excluded)
-        legacy = dict(self.name_to_value)
+        values, excluded, legacy = self._values, self.name_to_excluded, self.name_to_value
         self._values = {}
-        self.name_to_value.clear()
-        self.name_to_count.clear()
-        self.name_to_excluded.clear()
+        self.name_to_value = defaultdict(float)
+        self.name_to_count = defaultdict(int)
+        self.name_to_excluded = {}
         if self.level == sb3.DISABLED or not values:
             return
         row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
-        sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
-        calls: list[tuple[object, Callable[[], None]]] = []
         with _lifecycle.critical():
-            for index, output in enumerate(self.output_formats):
-                if isinstance(output, OutputFormat):
-                    filtered = _for_output(row, excluded, output.name)
-                    if output.background:
-                        message = Message("row", row=filtered)
-                        call = functools.partial(self._put_row, index, output, message)
-                        calls.append((output, call))
-                    else:
-                        calls.append((output, functools.partial(output.write_row, filtered)))
-                elif isinstance(output, sb3.KVWriter):
-                    call = functools.partial(output.write, legacy, sb3_excluded, row.step)
-                    calls.append((output, call))
-            self._isolation.run(calls)
+            self._isolation.run(self._row_calls(row, excluded, legacy))
         self._raise_background_error()
+
+    def _row_calls(
+        self, row: Row, excluded: dict[str, tuple[str, ...]], legacy: dict[str, Any]
+    ) -> list[tuple[object, Callable[[], None]]]:
+        """One call per output handing it ``row`` (filtered by ``exclude``)."""
+        any_excluded = any(excluded.values())
+        size = 0
+        calls: list[tuple[object, Callable[[], None]]] = []
+        for index, output in enumerate(self.output_formats):
+            if isinstance(output, OutputFormat):
+                filtered = _for_output(row, excluded, output.name) if any_excluded else row
+                if output.background:
+                    if filtered is row:
+                        size = size or size_of_row(row)
+                        message = Message("row", row=row, size=size)
+                    else:
+                        message = Message("row", row=filtered)
+                    call = functools.partial(self._put_row, index, output, message)
+                    calls.append((output, call))
+                else:
+                    calls.append((output, functools.partial(output.write_row, filtered)))
+            elif isinstance(output, sb3.KVWriter):
+                sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
+                call = functools.partial(output.write, legacy, sb3_excluded, row.step)
+                calls.append((output, call))
+        return calls
 
     def log(self, *args: object, level: int = sb3.INFO) -> None:
         """Write ``args`` joined by spaces to every text output, if ``level`` is enabled."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias, assert_never
+from typing import TypeAlias, assert_never, cast
 
 from tracklog import _encode
 from tracklog._media import MediaStore
 from tracklog._row import Row
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
 
-__all__ = ["Cell", "to_cell"]
+__all__ = ["Cell", "row_cells", "to_cell"]
 
 Cell: TypeAlias = bool | int | float | str
 """A JSONL value or CSV field; media cells are paths relative to ``run_dir``."""
@@ -38,3 +38,15 @@ def to_cell(key: str, value: LogValue, row: Row, media: MediaStore) -> Cell:
             return media.save(row.seq, row.step, key, "json", lambda: _encode.hparam_json(value))
         case _:
             assert_never(value)
+
+
+def row_cells(row: Row, media: MediaStore) -> dict[str, Cell]:
+    """Every cell of ``row``; computed once for all formats sharing ``media`` (JSONL, CSV)."""
+    memo_key = ("cells", id(media))
+    cells = row.memo.get(memo_key)
+    if cells is None:
+        cells = row.memo[memo_key] = {
+            key: value.value if type(value) is Scalar else to_cell(key, value, row, media)
+            for key, value in row.values.items()
+        }
+    return cast(dict[str, Cell], cells)

@@ -8,19 +8,13 @@ from pathlib import Path
 
 from tracklog._media import MediaStore
 from tracklog._row import Row
-from tracklog.convert.files import Cell, to_cell
+from tracklog.convert.files import row_cells
 from tracklog.outputs._append import open_for_append
 from tracklog.outputs._base import OutputFormat
 
 __all__ = ["CsvOutputFormat"]
 
 _RESERVED = ("_step", "_timestamp")
-
-
-def _field(cell: Cell) -> str:
-    # repr keeps float64 exact and spells non-finite values nan/inf/-inf, which
-    # pandas.read_csv parses as floats.
-    return repr(cell) if isinstance(cell, float) else str(cell)
 
 
 class CsvOutputFormat(OutputFormat):
@@ -57,12 +51,21 @@ class CsvOutputFormat(OutputFormat):
         return header[2:]
 
     def write_row(self, row: Row) -> None:
-        cells = {key: to_cell(key, value, row, self._media) for key, value in row.values.items()}
+        cells = row_cells(row, self._media)
         new_keys = [key for key in cells if key not in self._key_set]
         if new_keys:
             self._widen(new_keys)
         fields = [str(row.step), repr(row.timestamp)]
-        fields.extend(_field(cells[key]) if key in cells else "" for key in self._keys)
+        # repr keeps float64 exact and spells non-finite values nan/inf/-inf, which
+        # pandas.read_csv parses as floats. A missing value is an empty field.
+        fields.extend(
+            ""
+            if (cell := cells.get(key)) is None
+            else repr(cell)
+            if type(cell) is float
+            else str(cell)
+            for key in self._keys
+        )
         self._writer.writerow(fields)
         self._file.flush()
 

@@ -10,6 +10,7 @@ from typing import TextIO
 from tracklog._row import Row
 from tracklog.convert.text import one_line, to_text
 from tracklog.outputs._base import OutputFormat
+from tracklog.values import LogValue, Scalar
 
 __all__ = ["FixedHumanOutputFormat", "render_table", "shorten"]
 
@@ -84,11 +85,9 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     if not cells:
         return []
     value_length = max(max_length, _NUMBER_WIDTH)
-    rows = [
-        (shown, "" if key is None else shorten(cells[key], value_length))
-        for shown, key in _layout(tuple(sorted(cells)), max_length)
-    ]
-    key_width = max(len(key) for key, _ in rows)
+    layout = _layout(tuple(sorted(cells)), max_length)
+    rows = [(shown, "" if key is None else _fit(cells[key], value_length)) for shown, key in layout]
+    key_width = _key_width(layout)
     value_width = max(len(value) for _, value in rows)
     dashes = "-" * (key_width + value_width + 7)
     lines = [dashes]
@@ -97,12 +96,28 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     return lines
 
 
+def _fit(text: str, max_length: int) -> str:
+    return text if len(text) <= max_length else shorten(text, max_length)
+
+
+@functools.lru_cache(maxsize=32)
+def _key_width(layout: tuple[tuple[str, str | None], ...]) -> int:
+    return max(len(shown) for shown, _ in layout)
+
+
+def _cell_text(value: LogValue) -> str:
+    # Floats are nearly every cell of an RL table: format them without the dispatch.
+    if type(value) is Scalar and type(value.value) is float:
+        return f"{value.value:.4g}"
+    return to_text(value)
+
+
 def _render_row(row: Row, max_length: int) -> str:
     # The console and train.log usually get the very same row: render it once for both.
     memo_key = ("table", max_length)
     text = row.memo.get(memo_key)
     if not isinstance(text, str):
-        cells = {key: to_text(value) for key, value in row.values.items()}
+        cells = {key: _cell_text(value) for key, value in row.values.items()}
         lines = render_table(cells, max_length)
         text = row.memo[memo_key] = "\n".join(lines) + "\n" if lines else ""
     return text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tracklog._media import MediaStore
 from tracklog._row import Row
-from tracklog.convert.files import to_cell
+from tracklog.convert.files import row_cells
 from tracklog.outputs._append import open_for_append
 from tracklog.outputs._base import OutputFormat
 
@@ -32,8 +32,7 @@ class JsonlOutputFormat(OutputFormat):
 
     def write_row(self, row: Row) -> None:
         document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
-        for key, value in row.values.items():
-            document[key] = to_cell(key, value, row, self._media)
+        document.update(row_cells(row, self._media))
         self._file.write(json.dumps(document, ensure_ascii=False, allow_nan=True) + "\n")
         self._file.flush()
 

@@ -25,6 +25,7 @@ from tracklog.convert.mlflow import (
 )
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import MlflowOutput, mask_uri
+from tracklog.values import Scalar
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -214,6 +215,7 @@ class MLFlowOutputFormat(OutputFormat):
             text = (self._staging / _TEXT_SEQS).read_text(encoding="utf-8")
             self._texts_applied = {int(seq) for seq in text.split()}
         self._checked: set[tuple[str, type]] = set()
+        self._scalar_keys: set[str] = set()  # keys checked as Scalar
         self._last_upload = time.monotonic()
         self._closed = False
         self._settings_json = settings_json
@@ -412,12 +414,16 @@ class MLFlowOutputFormat(OutputFormat):
 
     # Writing -------------------------------------------------------------------------
     def check_row(self, row: Row) -> None:
-        # Name each new (key, kind) now, so a rename warning points at this dump.
-        for key, value in row.values.items():
+        # Name each new (key, kind) now, so a rename warning points at this dump. The
+        # set difference skips the keys already named as scalars without a Python loop.
+        for key in row.values.keys() - self._scalar_keys:
+            value = row.values[key]
             kind = (key, type(value))
             if kind not in self._checked:
                 to_mlflow(key, value, row, self._names)
                 self._checked.add(kind)
+            if isinstance(value, Scalar):
+                self._scalar_keys.add(key)
 
     def write_row(self, row: Row) -> None:
         self.write_rows([row])

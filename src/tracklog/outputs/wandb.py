@@ -56,6 +56,7 @@ class WandBOutputFormat(OutputFormat):
         self.spool_dir = spool_dir
         self._run_dir_setting = run_dir.absolute()
         self._names = wandb_names()
+        self._named: set[str] = set()  # keys check_row named
         self._exit_code = 0
         self._closed = False
         # Like the file outputs' paths: relative to run_dir unless absolute.
@@ -101,9 +102,11 @@ class WandBOutputFormat(OutputFormat):
         }
 
     def check_row(self, row: Row) -> None:
-        for key, value in row.values.items():
-            if not isinstance(value, HParam):
-                self._names(key)  # a rename warning points at this dump
+        # A rename warning points at this dump; the set difference skips known keys.
+        for key in row.values.keys() - self._named:
+            if not isinstance(row.values[key], HParam):
+                self._names(key)
+                self._named.add(key)
 
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
