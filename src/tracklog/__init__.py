@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from tracklog import readers
+from tracklog import callbacks, readers
 from tracklog._build import build_logger
 from tracklog._logger import Logger
 from tracklog._row import Row
@@ -59,6 +59,7 @@ __all__ = [
     "WandBOutputFormat",
     "__version__",
     "build_logger",
+    "callbacks",
     "load_settings",
     "readers",
 ]

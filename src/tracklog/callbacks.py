@@ -1,0 +1,572 @@
+"""Stable-Baselines3 callbacks for what users otherwise wire by hand.
+
+- :class:`VideoRecorderCallback` plays an evaluation episode every N timesteps and
+  logs it as a :class:`~tracklog.Video`.
+- :class:`HParamCallback` logs the algorithm's hyperparameters as an
+  :class:`~tracklog.HParam` when training starts, and again with the final value of
+  chosen metrics when it ends.
+- :class:`TracklogEvalCallback` is SB3's ``EvalCallback`` whose values land at the
+  step the evaluation happened, and which moves nothing else.
+
+Every value these callbacks log is dumped at once, at the model's ``num_timesteps``
+at that moment, by :func:`dump_values`. Whatever SB3 (or other code) recorded for its
+own next dump is held back meanwhile and put back afterwards, so it is written by that
+dump, at the step it would have had without the callback. (SB3's own ``EvalCallback``
+dumps everything pending: the ``train/`` values of the previous update then land at
+the evaluation step, in a row of their own, instead of with the next rollout's.)
+
+The callbacks work with any SB3 ``Logger``; with a :class:`tracklog.Logger` every
+value is validated where it is recorded.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+import types
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from stable_baselines3.common import logger as sb3
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
+
+from tracklog._logger import Logger
+from tracklog.values import HParam, HParamValue, Recordable, Video, check_key
+
+if TYPE_CHECKING:
+    # Only for annotations: gymnasium is imported by SB3 anyway, but this module
+    # never needs it at run time (a plain env is used through reset/step/render).
+    import gymnasium as gym
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+__all__ = [
+    "HParamCallback",
+    "TracklogEvalCallback",
+    "VideoRecorderCallback",
+    "algorithm_hparams",
+    "dump_values",
+]
+
+Exclude = str | tuple[str, ...] | None
+
+
+# Dumping at a step without moving anyone else's values -------------------------------
+
+
+@contextmanager
+def _set_aside(logger: sb3.Logger) -> Iterator[None]:
+    """Hold back the values pending in ``logger``; a dump inside writes only newer ones.
+
+    On leaving, the held values are pending again, with their ``record_mean`` counts
+    and exclusions; a key recorded again inside keeps its newer value. If the block
+    raises, what it recorded is discarded.
+    """
+    values = dict(logger.name_to_value)
+    counts = dict(logger.name_to_count)
+    excluded = dict(logger.name_to_excluded)
+    # tracklog.Logger keeps the validated form of each pending value beside SB3's dicts.
+    typed = dict(logger._values) if isinstance(logger, Logger) else {}
+    _clear_pending(logger)
+    try:
+        yield
+    except BaseException:
+        _clear_pending(logger)
+        raise
+    finally:
+        for key, value in values.items():
+            if key in logger.name_to_value:
+                continue  # recorded again inside (after the dump): the newer value stands
+            logger.name_to_value[key] = value
+            if key in excluded:
+                logger.name_to_excluded[key] = excluded[key]
+            if key in counts:
+                logger.name_to_count[key] = counts[key]
+            if isinstance(logger, Logger) and key in typed:
+                logger._values[key] = typed[key]
+
+
+def _clear_pending(logger: sb3.Logger) -> None:
+    logger.name_to_value.clear()
+    logger.name_to_count.clear()
+    logger.name_to_excluded.clear()
+    if isinstance(logger, Logger):
+        logger._values.clear()
+
+
+def dump_values(
+    logger: sb3.Logger, step: int, values: Mapping[str, Recordable], exclude: Exclude = None
+) -> None:
+    """Record ``values`` and dump them, and only them, at ``step`` right away.
+
+    Values recorded earlier for the logger's next dump (SB3's ``train/`` values, say)
+    stay pending, with their ``record_mean`` counts, and are written by that dump as if
+    this call had not happened. A value that cannot be logged raises (naming its key)
+    before anything is dumped. Use it in your own callbacks to log at the step where
+    something happened.
+    """
+    with _set_aside(logger):
+        for key, value in values.items():
+            logger.record(key, value, exclude=exclude)
+        logger.dump(step=step)
+
+
+# VideoRecorderCallback -----------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class VideoRecorderCallback(BaseCallback):
+    """Every ``every_n_steps`` timesteps, plays ``n_episodes`` in ``eval_env`` and logs the video.
+
+    ``eval_env`` is a separate environment (a gymnasium ``Env`` or an SB3 ``VecEnv``)
+    made with ``render_mode="rgb_array"``; its episodes must end (a time limit). The
+    episodes are played one after another with ``model.predict(deterministic=...)`` and
+    logged as one :class:`~tracklog.Video` under ``key``, dumped at once at the
+    ``num_timesteps`` the recording started at (see :func:`dump_values`), so the video
+    sits at the step of the policy it shows. Recordings happen at the first step at or
+    after each multiple of ``every_n_steps`` (counted in timesteps, all envs together,
+    unlike ``EvalCallback``'s ``eval_freq``, which counts calls).
+
+    Every ``frame_stride``-th frame is kept (long episodes at full size take a lot of
+    memory: 500 CartPole frames are 360 MB). ``fps`` defaults to the env's
+    ``metadata["render_fps"]`` divided by ``frame_stride`` (real time), else 30. With
+    ``seed``, every recording starts from the same reset, so videos compare across
+    training. A ``VecEnv`` plays its first env only; it resets itself when that
+    episode ends, so its last frame is the one before the final step. If the training
+    env is wrapped in ``VecNormalize``, ``eval_env`` must be a ``VecEnv`` wrapped the
+    same way; its statistics are synchronised before each recording, as
+    ``EvalCallback`` does.
+
+    ``recorded_steps`` lists the step of every recording, in order.
+    """
+
+    def __init__(
+        self,
+        eval_env: gym.Env[Any, Any] | VecEnv,
+        every_n_steps: int,
+        n_episodes: int = 1,
+        *,
+        deterministic: bool = True,
+        fps: float | None = None,
+        key: str = "eval/video",
+        frame_stride: int = 1,
+        seed: int | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        self.n_episodes = _positive_int("n_episodes", n_episodes)
+        self.frame_stride = _positive_int("frame_stride", frame_stride)
+        self.key = check_key(key)
+        render_mode = getattr(eval_env, "render_mode", None)
+        if render_mode != "rgb_array":
+            raise ValueError(
+                f"VideoRecorderCallback eval_env must render frames: its render_mode is "
+                f"{render_mode!r}, not 'rgb_array'; make it with "
+                "gym.make(env_id, render_mode='rgb_array') or "
+                "make_vec_env(env_id, env_kwargs={'render_mode': 'rgb_array'})"
+            )
+        self.eval_env = eval_env
+        self.deterministic = deterministic
+        self.seed = seed
+        self.fps = self._default_fps() if fps is None else fps
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or self.fps <= 0:
+            raise ValueError(f"fps must be a positive number, got {fps!r}")
+        self.recorded_steps: list[int] = []
+        self._next_at = self.every_n_steps
+
+    def _default_fps(self) -> float:
+        env = self.eval_env
+        metadata = env.get_attr("metadata", [0])[0] if isinstance(env, VecEnv) else env.metadata
+        render_fps = metadata.get("render_fps") if isinstance(metadata, Mapping) else None
+        if (
+            isinstance(render_fps, int | float)
+            and not isinstance(render_fps, bool)
+            and render_fps > 0
+        ):
+            return float(render_fps) / self.frame_stride
+        return 30.0
+
+    def _init_callback(self) -> None:
+        if self.model.get_vec_normalize_env() is not None and not isinstance(self.eval_env, VecEnv):
+            raise ValueError(
+                "VideoRecorderCallback: the training env is wrapped in VecNormalize, so "
+                "eval_env must be a VecEnv wrapped in VecNormalize too (the policy expects "
+                "normalised observations)"
+            )
+
+    def _on_training_start(self) -> None:
+        self._next_at = (self.num_timesteps // self.every_n_steps + 1) * self.every_n_steps
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self._next_at:
+            self._next_at = (self.num_timesteps // self.every_n_steps + 1) * self.every_n_steps
+            self.record_video()
+        return True
+
+    def record_video(self) -> Video:
+        """Play the episodes now and dump the video at the model's ``num_timesteps``.
+
+        Called by the callback during training; call it yourself after ``learn()`` to
+        record the final policy.
+        """
+        step = self.model.num_timesteps
+        if isinstance(self.eval_env, VecEnv):
+            if self.model.get_vec_normalize_env() is not None:
+                sync_envs_normalization(self.training_env, self.eval_env)
+            frames = self._play_vec_env(self.eval_env)
+        else:
+            frames = self._play_env(self.eval_env)
+        clip = np.stack(frames)
+        frames.clear()  # Video copies the clip: hold two copies at most, not three
+        # (T,H,W,C) as environments render -> (T,C,H,W) as Video takes
+        video = Video(clip.transpose(0, 3, 1, 2), fps=self.fps)
+        del clip
+        dump_values(self.logger, step, {self.key: video})
+        self.recorded_steps.append(step)
+        if self.verbose >= 1:
+            print(f"recorded {video.shape[1]} frames under {self.key!r} at step {step}")
+        return video
+
+    def _play_env(self, env: gym.Env[Any, Any]) -> list[npt.NDArray[np.uint8]]:
+        frames: list[npt.NDArray[np.uint8]] = []
+        t = 0
+        for episode in range(self.n_episodes):
+            observation, _ = env.reset(seed=self.seed if episode == 0 else None)
+            frames.append(_frame(env.render()))
+            state: tuple[npt.NDArray[Any], ...] | None = None
+            start = np.ones((1,), dtype=bool)
+            done = False
+            while not done:
+                action, state = self.model.predict(
+                    observation, state=state, episode_start=start, deterministic=self.deterministic
+                )
+                observation, _, terminated, truncated, _ = env.step(action)
+                done = bool(terminated or truncated)
+                start = np.zeros((1,), dtype=bool)
+                t += 1
+                if t % self.frame_stride == 0:
+                    frames.append(_frame(env.render()))
+        return frames
+
+    def _play_vec_env(self, env: VecEnv) -> list[npt.NDArray[np.uint8]]:
+        if self.seed is not None:
+            env.seed(self.seed)
+        observation = env.reset()
+        frames = [_frame(env.get_images()[0])]
+        state: tuple[npt.NDArray[Any], ...] | None = None
+        starts = np.ones((env.num_envs,), dtype=bool)
+        episodes, t = 0, 0
+        while True:
+            assert not isinstance(observation, tuple)  # VecEnv.reset/step never return one
+            actions, state = self.model.predict(
+                observation, state=state, episode_start=starts, deterministic=self.deterministic
+            )
+            observation, _, starts, _ = env.step(actions)
+            t += 1
+            if starts[0]:
+                episodes += 1
+                if episodes == self.n_episodes:
+                    return frames
+            if t % self.frame_stride == 0:
+                # After an episode ends this is the first frame of the next one.
+                frames.append(_frame(env.get_images()[0]))
+
+
+def _frame(image: object) -> npt.NDArray[np.uint8]:
+    """One rendered frame as an (H,W,C) array."""
+    if image is None:
+        raise ValueError(
+            "eval_env.render() returned None; was it made with render_mode='rgb_array'?"
+        )
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, np.newaxis]
+    if array.ndim != 3:
+        raise ValueError(f"eval_env rendered a frame of shape {array.shape}; expected (H,W,C)")
+    return array
+
+
+# HParamCallback ------------------------------------------------------------------------
+
+# Constructor arguments that are not hyperparameters (or are logged under another name).
+_NOT_HPARAMS: Final = frozenset(
+    {"self", "policy", "env", "verbose", "tensorboard_log", "_init_setup_model"}
+)
+# Arguments that SB3 accepts as a number or a schedule (progress_remaining -> value).
+_SCHEDULES: Final = frozenset({"learning_rate", "clip_range", "clip_range_vf"})
+_MAX_TEXT: Final = 200
+
+
+def algorithm_hparams(model: BaseAlgorithm) -> dict[str, HParamValue]:
+    """The hyperparameters of an SB3 algorithm, as readable values for an ``HParam``.
+
+    ``algorithm``, ``policy``, ``env`` (its id, when known) and ``n_envs``, then every
+    argument of the algorithm's constructor that the model keeps as an attribute of the
+    same name (``learning_rate``, ``gamma``, ``n_steps``, ``batch_size``, ``ent_coef``,
+    ``train_freq``, ``policy_kwargs``, ...; for a subclass taking ``**kwargs``, its
+    parent's arguments too). Schedules become their value if constant, else a
+    description (``LinearSchedule(start=0.001, end=0.0, end_fraction=1.0)``, or
+    ``name: 0.001 -> 0``); classes become their name; named tuples and enums their
+    fields and values.
+    """
+    hparams: dict[str, HParamValue] = {
+        "algorithm": type(model).__name__,
+        "policy": type(model.policy).__name__,
+    }
+    env_id = _env_id(model)
+    if env_id is not None:
+        hparams["env"] = env_id
+    hparams["n_envs"] = model.n_envs
+    for name in _constructor_arguments(type(model)):
+        if name in _NOT_HPARAMS or name in hparams:
+            continue
+        value = getattr(model, name, _MISSING)
+        if value is _MISSING:
+            continue
+        hparams[name] = _schedule(value) if name in _SCHEDULES else _readable(value)
+    return hparams
+
+
+_MISSING: Final = object()
+
+
+def _constructor_arguments(cls: type) -> list[str]:
+    """Named arguments of ``cls.__init__``, and of its parents' while it takes ``**kwargs``."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()  # type: ignore[misc]  # reading a class's __init__ is what we mean
+        names += [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
+
+
+def _env_id(model: BaseAlgorithm) -> str | None:
+    env = model.get_env()
+    if env is None:
+        return None
+    try:
+        spec = env.get_attr("spec", [0])[0]
+    except (AttributeError, IndexError, NotImplementedError):
+        return None
+    env_id = getattr(spec, "id", None)
+    return env_id if isinstance(env_id, str) else None
+
+
+def _schedule(value: object) -> HParamValue:
+    """A number, or a schedule as its constant value or a description."""
+    if not callable(value) or isinstance(value, type):
+        return _readable(value)
+    inner = getattr(value, "value_schedule", value)  # SB3's FloatSchedule wraps the user's
+    try:
+        start, end = float(value(1.0)), float(value(0.0))
+    except (TypeError, ValueError, ArithmeticError):
+        return _name(inner)
+    if start == end:
+        return start
+    if _has_own_repr(inner):
+        return _text(repr(inner))
+    return f"{_name(inner)}: {start:g} -> {end:g}"
+
+
+def _readable(value: object) -> HParamValue:
+    """``value`` as something an HParam holds (numbers, text, tuples, mappings)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic | np.ndarray):
+        return _readable(value.tolist())
+    if isinstance(value, enum.Enum):
+        return _readable(value.value)
+    if isinstance(value, type):
+        return value.__qualname__
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return _readable(value._asdict())  # a named tuple, such as SB3's TrainFreq
+    if isinstance(value, Mapping):
+        return {str(key): _readable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return tuple(_readable(item) for item in value)
+    if _has_own_repr(value):
+        return _text(str(value))  # torch.device('cpu') -> 'cpu'; action noise objects
+    return _name(value)
+
+
+def _has_own_repr(value: object) -> bool:
+    """True when ``value`` describes itself (not ``<function f at 0x...>``)."""
+    if isinstance(value, types.FunctionType | types.MethodType | functools.partial):
+        return False
+    kind = type(value)
+    return kind.__repr__ is not object.__repr__ or kind.__str__ is not object.__str__
+
+
+def _name(value: object) -> str:
+    if isinstance(value, functools.partial):
+        return _name(value.func)
+    name = getattr(value, "__qualname__", None)
+    return name if isinstance(name, str) else type(value).__qualname__
+
+
+def _text(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+class _LastValues(sb3.KVWriter):
+    """An SB3 ``KVWriter`` that remembers the last number dumped under each name."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+        self.last: dict[str, float] = {}
+
+    def write(
+        self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0
+    ) -> None:
+        for name in self.names & key_values.keys():
+            value = key_values[name]
+            if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+                value, bool
+            ):
+                self.last[name] = float(value)
+
+    def close(self) -> None:
+        pass
+
+
+class HParamCallback(BaseCallback):
+    """Logs the algorithm's hyperparameters as an :class:`~tracklog.HParam` under ``key``.
+
+    At the start of training: :func:`algorithm_hparams` of the model, updated with
+    ``extra`` (say the env id or the seed; ``extra`` wins on a shared name), dumped at
+    once at the model's ``num_timesteps``, so a run that crashes still has them (MLflow
+    params, the W&B config, TensorBoard's hparams).
+
+    At the end of training it records them again, with the last value dumped under
+    each name in ``metrics`` as the HParam's ``metric_dict``: the scores that hparams
+    views (TensorBoard's HPARAMS tab, the W&B run summary) show beside the
+    hyperparameters. That second record leaves MLflow out: its params are already set,
+    it shows each metric's latest value by itself, and it would log the values again
+    as extra points at the final step. A name never dumped during training is left out
+    with a warning (a typo, or a metric the algorithm does not log).
+
+    ``hparams`` holds what was logged; ``metric_values`` the final metric values.
+    """
+
+    def __init__(
+        self,
+        extra: Mapping[str, object] | None = None,
+        metrics: Sequence[str] = ("rollout/ep_rew_mean", "rollout/ep_len_mean"),
+        *,
+        key: str = "hparams",
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        try:
+            self.extra = dict(HParam(extra or {}).hparam_dict)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"HParamCallback extra: {error}") from error
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+            raise TypeError(
+                f"HParamCallback metrics must be a sequence of metric names, not {metrics!r}"
+            )
+        for name in metrics:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"HParamCallback metrics holds {name!r}, not a metric name")
+        self.metrics = tuple(metrics)
+        self.key = check_key(key)
+        self.hparams: dict[str, HParamValue] = {}
+        self.metric_values: dict[str, float] = {}
+        self._last = _LastValues(self.metrics)
+
+    def _on_training_start(self) -> None:
+        self.hparams = {**algorithm_hparams(self.model), **self.extra}
+        dump_values(self.logger, self.num_timesteps, {self.key: HParam(self.hparams)})
+        self._last = _LastValues(self.metrics)
+        if self.metrics:
+            self.logger.output_formats.append(self._last)
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        if self._last in self.logger.output_formats:
+            self.logger.output_formats.remove(self._last)
+        if not self.metrics:
+            return
+        self.metric_values = {n: self._last.last[n] for n in self.metrics if n in self._last.last}
+        missing = [name for name in self.metrics if name not in self.metric_values]
+        if missing:
+            warnings.warn(
+                f"HParamCallback: no value was dumped under the metric(s) {missing} during "
+                "training; they are left out of the hparams' metrics",
+                stacklevel=2,
+            )
+        if self.metric_values:
+            final = HParam(self.hparams, self.metric_values)
+            dump_values(self.logger, self.model.num_timesteps, {self.key: final}, exclude="mlflow")
+
+
+# TracklogEvalCallback ------------------------------------------------------------------
+
+
+class TracklogEvalCallback(EvalCallback):
+    """SB3's ``EvalCallback``, same arguments and behaviour, that moves no one else's values.
+
+    Each evaluation's ``eval/mean_reward``, ``eval/mean_ep_length`` (and
+    ``eval/success_rate``) are dumped at once at the ``num_timesteps`` the evaluation
+    ran at, in a row of their own (with ``time/total_timesteps``), as SB3 does; unlike
+    SB3's, the dump leaves the values recorded for the algorithm's next dump pending
+    (see :func:`dump_values`), so ``train/`` and ``rollout/`` rows keep the steps they
+    have without evaluation. ``eval_freq`` counts calls, as in SB3: with ``n_envs``
+    training envs an evaluation runs every ``eval_freq * n_envs`` timesteps.
+
+    ``eval_steps`` lists the step of every evaluation, in order.
+    """
+
+    def __init__(
+        self,
+        eval_env: gym.Env[Any, Any] | VecEnv,
+        callback_on_new_best: BaseCallback | None = None,
+        callback_after_eval: BaseCallback | None = None,
+        n_eval_episodes: int = 5,
+        eval_freq: int = 10000,
+        log_path: str | None = None,
+        best_model_save_path: str | None = None,
+        deterministic: bool = True,
+        render: bool = False,
+        verbose: int = 1,
+        warn: bool = True,
+    ) -> None:
+        super().__init__(
+            eval_env,
+            callback_on_new_best=callback_on_new_best,
+            callback_after_eval=callback_after_eval,
+            n_eval_episodes=n_eval_episodes,
+            eval_freq=eval_freq,
+            log_path=log_path,
+            best_model_save_path=best_model_save_path,
+            deterministic=deterministic,
+            render=render,
+            verbose=verbose,
+            warn=warn,
+        )
+        self.eval_steps: list[int] = []
+
+    def _on_step(self) -> bool:
+        # SB3's condition for an evaluation in EvalCallback._on_step.
+        if not (self.eval_freq > 0 and self.n_calls % self.eval_freq == 0):
+            return super()._on_step()
+        with _set_aside(self.logger):
+            continue_training = super()._on_step()
+        self.eval_steps.append(self.num_timesteps)
+        return continue_training
