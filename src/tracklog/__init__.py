@@ -18,6 +18,7 @@ from tracklog.outputs import (
     JsonlOutputFormat,
     MLFlowOutputFormat,
     OutputFormat,
+    TensorBoardOutputFormat,
     WandBOutputFormat,
 )
 from tracklog.settings import LoggerSettings, load_settings
@@ -54,6 +55,7 @@ __all__ = [
     "Recordable",
     "Row",
     "Scalar",
+    "TensorBoardOutputFormat",
     "Text",
     "Video",
     "WandBOutputFormat",

@@ -16,6 +16,7 @@ from tracklog.outputs import (
     FixedHumanOutputFormat,
     JsonlOutputFormat,
     MLFlowOutputFormat,
+    TensorBoardOutputFormat,
     WandBOutputFormat,
 )
 from tracklog.settings import (
@@ -26,6 +27,7 @@ from tracklog.settings import (
     LoggerSettings,
     MlflowOutput,
     OutputSettings,
+    TensorboardOutput,
     WandbOutput,
     load_settings,
 )
@@ -48,6 +50,8 @@ def _make_output(
             return JsonlOutputFormat(settings.resolve(output.path), media=media)
         case CsvOutput():
             return CsvOutputFormat(settings.resolve(output.path), media=media)
+        case TensorboardOutput():
+            return TensorBoardOutputFormat(settings.resolve(output.path))
         case MlflowOutput():
             return MLFlowOutputFormat(
                 output,

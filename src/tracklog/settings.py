@@ -49,6 +49,7 @@ __all__ = [
     "LoggerSettings",
     "MlflowOutput",
     "OutputSettings",
+    "TensorboardOutput",
     "WandbOutput",
     "load_settings",
 ]
@@ -226,8 +227,34 @@ class WandbOutput(_Output):
         return tags
 
 
+class TensorboardOutput(_FileBacked):
+    """TensorBoard event files in the folder ``path`` (exclude name ``tensorboard``).
+
+    ``tensorboard --logdir <run_dir>/tensorboard`` shows them; needs the optional extra
+    ``pip install 'tracklog[tensorboard]'``.
+    """
+
+    type: Literal["tensorboard"] = "tensorboard"
+    path: Path = Field(
+        default=Path("tensorboard"), description="the event files' folder, relative to run_dir"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: Path) -> Path:  # a folder, not a file: its own message
+        if str(value) in ("", "."):
+            raise ValueError("path must name a folder (default: tensorboard)")
+        return value
+
+
 OutputSettings = Annotated[
-    ConsoleOutput | FileOutput | JsonlOutput | CsvOutput | MlflowOutput | WandbOutput,
+    ConsoleOutput
+    | FileOutput
+    | JsonlOutput
+    | CsvOutput
+    | TensorboardOutput
+    | MlflowOutput
+    | WandbOutput,
     Field(discriminator="type"),
 ]
 

@@ -5,6 +5,7 @@ from tracklog.outputs.csv import CsvOutputFormat
 from tracklog.outputs.human import FixedHumanOutputFormat
 from tracklog.outputs.jsonl import JsonlOutputFormat
 from tracklog.outputs.mlflow import MLFlowOutputFormat
+from tracklog.outputs.tensorboard import TensorBoardOutputFormat
 from tracklog.outputs.wandb import WandBOutputFormat
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "JsonlOutputFormat",
     "MLFlowOutputFormat",
     "OutputFormat",
+    "TensorBoardOutputFormat",
     "WandBOutputFormat",
 ]
