@@ -721,6 +721,20 @@ def test_hparam_becomes_params_and_metrics(store: Store, run_dir: Path) -> None:
     assert steps_and_values(store, run_id, "hparam/score") == [(12, -0.5)]
 
 
+def test_a_metric_recorded_beside_its_hparam_keeps_the_recorded_value(
+    sqlite: Store, run_dir: Path
+) -> None:
+    # SB3's metric_dict values are often placeholders for a curve logged under the
+    # same key: one point per step, the recorded one.
+    with mlflow_logger(run_dir, sqlite) as logger:
+        logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"eval/reward": 0.0, "other": 2}))
+        logger.record("eval/reward", 7.5)
+        logger.dump(3)
+        run_id = run_id_of(logger)
+    assert steps_and_values(sqlite, run_id, "eval/reward") == [(3, 7.5)]
+    assert steps_and_values(sqlite, run_id, "other") == [(3, 2.0)]
+
+
 def test_hparam_twice_is_fine_and_a_changed_value_keeps_the_first(
     sqlite: Store, run_dir: Path
 ) -> None:

@@ -200,9 +200,13 @@ def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[M
                 ParamValue(names.param(name), _param_text(name, param))
                 for name, param in value.flat().items()
             ]
+            # A metric the same dump also records itself keeps that recorded value: two
+            # points at one step would draw a spike (SB3's metric_dict values are often
+            # placeholders for the real curve).
             metrics = [
                 MetricPoint(names.metric(name), metric, ms, row.step)
                 for name, metric in value.metric_dict.items()
+                if not isinstance(row.values.get(name), Scalar)
             ]
             return [*params, *metrics]
         case _:
