@@ -410,17 +410,40 @@ def _read_file(path: Path) -> object:
     return json.loads(text)
 
 
+def _is_omegaconf(source: object) -> bool:
+    return any(cls.__module__.partition(".")[0] == "omegaconf" for cls in type(source).__mro__)
+
+
+def _from_omegaconf(config: object) -> Mapping[str, object]:
+    """A Hydra/OmegaConf ``DictConfig`` as plain dicts, every interpolation resolved."""
+    # Only reached with an object whose class comes from omegaconf, so omegaconf is
+    # already imported: tracklog itself never depends on Hydra or OmegaConf.
+    from omegaconf import OmegaConf
+
+    # throw_on_missing: a "???" left unset raises omegaconf's MissingMandatoryValue
+    # naming its key, instead of reaching pydantic as the string "???" (a valid path).
+    data = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    if not isinstance(data, Mapping):
+        raise TypeError(f"settings must be a mapping (a DictConfig), not {type(config).__name__}")
+    return {str(key): value for key, value in data.items()}
+
+
 def load_settings(
     source: LoggerSettings | Mapping[str, object] | str | os.PathLike[str],
 ) -> LoggerSettings:
     """Validate ``source`` into :class:`LoggerSettings` without touching the disk beyond reading it.
 
-    ``source`` is a ready model, a mapping (for example parsed YAML), or a path to a
+    ``source`` is a ready model, a mapping (for example parsed YAML, or an OmegaConf
+    ``DictConfig`` such as Hydra's ``cfg.logging``, resolved with
+    ``OmegaConf.to_container(resolve=True)``), or a path to a
     ``.yaml``/``.yml``/``.toml``/``.json`` file. Errors are pydantic's own, naming the
-    field path.
+    field path; an interpolation that does not resolve, or a ``???`` left unset, raises
+    OmegaConf's own error naming its key.
     """
     if isinstance(source, LoggerSettings):
         return source
+    if _is_omegaconf(source):
+        source = _from_omegaconf(source)
     if isinstance(source, str | os.PathLike):
         data = _read_file(Path(source))
         if not isinstance(data, Mapping):
