@@ -13,17 +13,14 @@ import contextlib
 import importlib
 import math
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +36,7 @@ from pydantic import SecretStr, ValidationError
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.rundirs import fresh_run_dir
 from tests.samples import NESTED_HPARAMS, grey_clip, random_pixels
 from tests.strategies import Number, dump_sequences
 from tracklog.readers import WandbRun, read_jsonl, read_wandb_offline, wandb_records
@@ -76,16 +74,6 @@ def _no_output_failed(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 def wandb_logger(run_dir: Path, *others: dict[str, object], **options: object) -> tracklog.Logger:
     output: dict[str, object] = {"type": "wandb", "project": "tests", **options}
     return tracklog.build_logger({"run_dir": str(run_dir), "outputs": [output, *others]})
-
-
-@contextmanager
-def fresh_run_dir() -> Iterator[Path]:
-    """A new directory per Hypothesis example (the function-scoped fixture is shared)."""
-    parent = Path(tempfile.mkdtemp(prefix="tracklog-wandb-test-"))
-    try:
-        yield parent / "run"
-    finally:
-        shutil.rmtree(parent)
 
 
 def read_finished(path: Path) -> WandbRun:
@@ -220,6 +208,7 @@ def test_every_field_reaches_the_run(run_dir: Path, tmp_path: Path) -> None:
     assert run.directory.name.startswith("offline-run-")
     assert run.run_id == "run-0001"
     assert run.project == "tracklog-tests"
+    assert (run.group, run.name, run.tags) == ("sweep-7", "ppo-cartpole-1", ("ppo", "cartpole"))
     assert run.config == {"seed": 3, "env": {"id": "CartPole-v1"}}
     (record,) = raw_records(wandb_file(elsewhere), "run")
     assert record.run.entity == "rl-team"

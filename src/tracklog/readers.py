@@ -137,6 +137,9 @@ class _Updates(Protocol):
 class _RunRecord(Protocol):
     run_id: str
     project: str
+    run_group: str
+    display_name: str
+    tags: Sequence[str]
     config: _Updates
 
 
@@ -182,6 +185,10 @@ class WandbRun:
     run_id: str
     project: str
     rows: list[WandbRow]
+    #: The run's group, display name and tags ("" and () when not set).
+    group: str
+    name: str
+    tags: tuple[str, ...]
     config: Mapping[str, object]
     summary: Mapping[str, object]
     console: str
@@ -279,7 +286,8 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
     config: dict[str, object] = {}
     summary: dict[str, object] = {}
     console: list[str] = []
-    run_id = project = ""
+    run_id = project = group = name = ""
+    tags: tuple[str, ...] = ()
     exit_code: int | None = None
     for payload in wandb_records(log):
         record: _Record = record_class()
@@ -301,6 +309,11 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
             )
         elif kind == "run":
             run_id, project = record.run.run_id, record.run.project
+            group, name, tags = (
+                record.run.run_group,
+                record.run.display_name,
+                tuple(record.run.tags),
+            )
             config.update(_decode_items(record.run.config.update))
         elif kind == "config":
             config.update(_decode_items(record.config.update))
@@ -316,6 +329,9 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
         run_id=run_id,
         project=project,
         rows=rows,
+        group=group,
+        name=name,
+        tags=tags,
         config=config,
         summary=summary,
         console="".join(console),
