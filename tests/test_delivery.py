@@ -1293,3 +1293,53 @@ def test_a_video_is_encoded_once_for_every_output(
     wandb_run = read_wandb_offline(tmp_path / "run")
     wandb_file = wandb_run.media_path(wandb_run.rows[0].values["eval/video"])
     assert jsonl_file.read_bytes() == Path(downloaded).read_bytes() == wandb_file.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("setting", "during"),
+    [({}, 0.001), ({"switch_interval": 0.002}, 0.002), ({"switch_interval": None}, 0.005)],
+)
+def test_the_gil_switch_interval_is_lowered_while_workers_run(
+    tmp_path: Path, setting: dict[str, object], during: float
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    try:
+        logger = tracklog.build_logger(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "outputs": [{"type": "mlflow", "tracking_uri": uri}],
+                "delivery": setting,
+            }
+        )
+        logger.record("a", 1.0)
+        logger.dump(0)
+        assert sys.getswitchinterval() == pytest.approx(during)
+        logger.close()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_a_switch_interval_the_program_sets_meanwhile_is_kept(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.0005)  # already below tracklog's: never raised
+        with tracklog.build_logger(
+            {"run_dir": str(tmp_path / "a"), "outputs": [{"type": "mlflow", "tracking_uri": uri}]}
+        ) as logger:
+            logger.record("a", 1.0)
+            logger.dump(0)
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+        sys.setswitchinterval(0.005)
+        with tracklog.build_logger(
+            {"run_dir": str(tmp_path / "b"), "outputs": [{"type": "mlflow", "tracking_uri": uri}]}
+        ) as logger:
+            logger.record("a", 1.0)
+            logger.dump(0)
+            sys.setswitchinterval(0.003)  # the program's own choice wins at close
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+    finally:
+        sys.setswitchinterval(before)

@@ -301,6 +301,14 @@ class DeliverySettings(BaseModel):
         description="on SIGTERM (SLURM preemption), flush and close every logger, then "
         "exit with status 143; only installed if SIGTERM still has its default handler",
     )
+    switch_interval: float | None = Field(
+        default=0.001,
+        gt=0,
+        le=0.1,
+        description="seconds; while background workers run, Python's GIL switch interval "
+        "is lowered to this (never raised), so the training thread waits at most about "
+        "this long for a worker inside dump(); null leaves sys.setswitchinterval alone",
+    )
 
     @model_validator(mode="after")
     def _retry_order(self) -> DeliverySettings:
