@@ -320,6 +320,22 @@ def test_api_reference_documents_every_public_name_of_each_module(site: Site, pa
     assert not missing, f"{page}: not documented: {missing}"
 
 
+@pytest.mark.parametrize("page", ["api/tracklog", *API_PAGES])
+def test_api_reference_shows_no_private_module_level_name(site: Site, page: str) -> None:
+    # The public names are the ones in __all__; mask_uri, LEVELS, parse_field... are not.
+    module = API_PAGES.get(page, tracklog)
+    parser = _Ids()
+    parser.feed(site.page(page))
+    prefix = module.__name__ + "."
+    shown = {
+        anchor.removeprefix(prefix)
+        for anchor in parser.ids
+        if anchor.startswith(prefix) and "." not in anchor.removeprefix(prefix)
+    }
+    assert shown, f"{page}: nothing documented"
+    assert shown <= set(module.__all__), f"{page}: not in __all__: {shown - set(module.__all__)}"
+
+
 def test_api_reference_documents_every_top_level_name_somewhere(site: Site) -> None:
     ids = _documented(site)
     modules = {module.__name__ for module in API_PAGES.values()}
