@@ -11,12 +11,9 @@ import csv
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from PIL import Image as PILImage
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.rundirs import fresh_run_dir
 from tests.samples import one_of_every_kind, random_pixels
 from tracklog.readers import LoggedRow, Value, read_csv, read_jsonl
 
@@ -45,16 +43,6 @@ def files_logger(run_dir: Path, *extra: dict[str, str]) -> tracklog.Logger:
     return tracklog.build_logger(
         {"run_dir": str(run_dir), "outputs": [*FILE_OUTPUTS, *extra]},
     )
-
-
-@contextmanager
-def fresh_run_dir() -> Iterator[Path]:
-    """A new directory per Hypothesis example (the function-scoped fixture is shared)."""
-    parent = Path(tempfile.mkdtemp(prefix="tracklog-test-"))
-    try:
-        yield parent / "run"
-    finally:
-        shutil.rmtree(parent)
 
 
 def bits(value: float) -> bytes:
