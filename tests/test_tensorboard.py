@@ -12,19 +12,16 @@ import importlib
 import io
 import math
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -39,8 +36,16 @@ from pydantic import ValidationError
 from stable_baselines3.common import logger as sb3
 
 import tracklog
+from tests.rundirs import fresh_run_dir
 from tests.samples import NESTED_HPARAMS, grey_clip, random_pixels
 from tests.strategies import Number, dump_sequences
+from tests.tensorboard_readback import (
+    Accumulator,
+    hparams_plugin_data,
+    hparams_tab,
+    read_events,
+    scalars,
+)
 from tracklog.outputs.tensorboard import crc32c, masked_crc32c
 from tracklog.readers import read_jsonl, read_wandb_offline
 from tracklog.settings import TensorboardOutput
@@ -57,127 +62,7 @@ def _no_output_failed(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert not failures, [record.getMessage() for record in failures]
 
 
-# Reading event files back ------------------------------------------------------------
-# TensorBoard's modules carry no type information; these Protocols describe what the
-# tests read (the same approach as the W&B tests' protobuf records).
-
-
-class _ScalarEvent(Protocol):
-    wall_time: float
-    step: int
-    value: float
-
-
-class _HistogramValue(Protocol):
-    min: float
-    max: float
-    num: float
-    sum: float
-    sum_squares: float
-    bucket_limit: list[float]
-    bucket: list[float]
-
-
-class _HistogramEvent(Protocol):
-    step: int
-    histogram_value: _HistogramValue
-
-
-class _ImageEvent(Protocol):
-    step: int
-    encoded_image_string: bytes
-    width: int
-    height: int
-
-
-class _TensorProto(Protocol):
-    string_val: Sequence[bytes]
-
-
-class _TensorEvent(Protocol):
-    step: int
-    tensor_proto: _TensorProto
-
-
-class _PluginData(Protocol):
-    plugin_name: str
-
-
-class _SummaryMetadata(Protocol):
-    plugin_data: _PluginData
-
-
-class _Accumulator(Protocol):
-    def Reload(self) -> _Accumulator: ...
-    def Tags(self) -> dict[str, Any]: ...
-    def Scalars(self, tag: str) -> list[_ScalarEvent]: ...
-    def Histograms(self, tag: str) -> list[_HistogramEvent]: ...
-    def Images(self, tag: str) -> list[_ImageEvent]: ...
-    def Tensors(self, tag: str) -> list[_TensorEvent]: ...
-    def SummaryMetadata(self, tag: str) -> _SummaryMetadata: ...
-    def PluginTagToContent(self, plugin_name: str) -> dict[str, bytes]: ...
-
-
-def read_events(folder: Path) -> _Accumulator:
-    """Every event in ``folder`` (all its event files), as TensorBoard loads a run."""
-    module = importlib.import_module("tensorboard.backend.event_processing.event_accumulator")
-    accumulator: _Accumulator = module.EventAccumulator(
-        str(folder), size_guidance=module.STORE_EVERYTHING_SIZE_GUIDANCE
-    )
-    return accumulator.Reload()
-
-
-def scalars(events: _Accumulator, tag: str) -> list[tuple[int, float]]:
-    return [(event.step, event.value) for event in events.Scalars(tag)]
-
-
-def hparams_plugin_data(events: _Accumulator) -> dict[str, dict[str, Any]]:
-    """The hparams plugin's data by tag, parsed with its own ``plugin_data_pb2``."""
-    plugin_data = importlib.import_module("tensorboard.plugins.hparams.plugin_data_pb2")
-    json_format = importlib.import_module("google.protobuf.json_format")
-    parsed: dict[str, dict[str, Any]] = {}
-    for tag, content in events.PluginTagToContent("hparams").items():
-        message = plugin_data.HParamsPluginData.FromString(content)
-        parsed[tag] = json_format.MessageToDict(message)
-    return parsed
-
-
-def hparams_tab(logdir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What TensorBoard's HPARAMS tab shows for ``logdir``: (experiment, session groups).
-
-    Runs the hparams plugin's own request handlers over TensorBoard's data provider,
-    the code ``tensorboard --logdir`` serves the tab from.
-    """
-    multiplexer_module = importlib.import_module(
-        "tensorboard.backend.event_processing.plugin_event_multiplexer"
-    )
-    provider_module = importlib.import_module("tensorboard.backend.event_processing.data_provider")
-    base_plugin = importlib.import_module("tensorboard.plugins.base_plugin")
-    plugin_module = importlib.import_module("tensorboard.plugins.hparams.hparams_plugin")
-    api = importlib.import_module("tensorboard.plugins.hparams.api_pb2")
-    get_experiment = importlib.import_module("tensorboard.plugins.hparams.get_experiment")
-    list_groups = importlib.import_module("tensorboard.plugins.hparams.list_session_groups")
-    context = importlib.import_module("tensorboard.context")
-    json_format = importlib.import_module("google.protobuf.json_format")
-
-    multiplexer = multiplexer_module.EventMultiplexer()
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = provider_module.MultiplexerDataProvider(multiplexer, str(logdir))
-    tb_context = base_plugin.TBContext(
-        logdir=str(logdir), multiplexer=multiplexer, data_provider=provider
-    )
-    backend = plugin_module.HParamsPlugin(tb_context)._context
-    request_context = context.RequestContext()
-    experiment = get_experiment.Handler(
-        request_context, backend, "", api.GetExperimentRequest()
-    ).run()
-    statuses = [api.STATUS_UNKNOWN, api.STATUS_SUCCESS, api.STATUS_FAILURE, api.STATUS_RUNNING]
-    request = api.ListSessionGroupsRequest(start_index=0, slice_size=100, allowed_statuses=statuses)
-    groups = list_groups.Handler(request_context, backend, "", request).run()
-    experiment_dict: dict[str, Any] = json_format.MessageToDict(experiment)
-    groups_dict: dict[str, Any] = json_format.MessageToDict(groups)
-    return experiment_dict, groups_dict
+# Decoding pictures ------------------------------------------------------------------
 
 
 def gif_frames(encoded: bytes) -> tuple[list[npt.NDArray[np.uint8]], list[int], int | None]:
@@ -204,16 +89,6 @@ def decoded(encoded: bytes) -> PILImage.Image:
 def tb_logger(run_dir: Path, *others: dict[str, object], **options: object) -> tracklog.Logger:
     output: dict[str, object] = {"type": "tensorboard", **options}
     return tracklog.build_logger({"run_dir": str(run_dir), "outputs": [output, *others]})
-
-
-@contextmanager
-def fresh_run_dir() -> Iterator[Path]:
-    """A new directory per Hypothesis example (the function-scoped fixture is shared)."""
-    parent = Path(tempfile.mkdtemp(prefix="tracklog-tb-test-"))
-    try:
-        yield parent / "run"
-    finally:
-        shutil.rmtree(parent)
 
 
 def as_float32(value: Number) -> float:
@@ -320,7 +195,7 @@ def log_dumps_and_flush(
 
 
 def assert_scalars(
-    events: _Accumulator,
+    events: Accumulator,
     dumps: Sequence[tuple[int, Mapping[str, Number]]],
     windows: Sequence[tuple[float, float]],
 ) -> None:
@@ -718,9 +593,18 @@ def test_hparams_plugin_data_names_the_hparams_and_metrics(run_dir: Path) -> Non
     assert data["_hparams_/session_end_info"]["sessionEndInfo"]["status"] == "STATUS_SUCCESS"
 
 
+def tab_metrics(group: Mapping[str, Any]) -> dict[str, tuple[int, float]]:
+    """A session group's metric columns: tag -> (step, value) of the value shown."""
+    # protobuf's JSON form leaves out fields that are 0
+    return {
+        value["name"]["tag"]: (int(value.get("trainingStep", 0)), value.get("value", 0.0))
+        for value in group.get("metricValues", [])
+    }
+
+
 def test_hparams_tab_shows_the_hparams_with_their_metrics(run_dir: Path) -> None:
-    # SB3's convention: metric_dict names scalars logged during training; its values
-    # are logged too, and a value recorded under the same key in that dump wins.
+    # SB3's convention: metric_dict names scalars logged during training, with
+    # placeholder values. As in SB3's own writer, the placeholders are no points.
     with tb_logger(run_dir) as logger:
         logger.record("hparams", tracklog.HParam({"lr": 0.01, "algo": "PPO"}, METRICS))
         logger.record("eval/return", 5.0)
@@ -730,7 +614,7 @@ def test_hparams_tab_shows_the_hparams_with_their_metrics(run_dir: Path) -> None
         logger.dump(10)
     events = read_events(run_dir / "tensorboard")
     assert scalars(events, "eval/return") == [(0, 5.0), (10, 7.5)]
-    assert scalars(events, "train/loss") == [(0, 0.0), (10, 0.25)]
+    assert scalars(events, "train/loss") == [(10, 0.25)]
 
     experiment, groups = hparams_tab(run_dir / "tensorboard")
     assert {info["name"] for info in experiment["hparamInfos"]} == {"lr", "algo"}
@@ -763,15 +647,160 @@ def test_a_second_hparam_warns_and_the_tab_keeps_the_first(run_dir: Path) -> Non
     with tb_logger(run_dir) as logger:
         logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"m": 1.0}))
         logger.dump(0)
-        logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"m": 2.0}))  # same: no warning
-        logger.dump(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # same hparams and metrics: no warning
+            logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"m": 2.0}))
+            logger.dump(1)
         logger.record("again", tracklog.HParam({"lr": 0.5}, {"m": 3.0}))
-        with pytest.warns(UserWarning, match="keeps the first HParam logged, not 'again'"):
+        with pytest.warns(
+            UserWarning, match="keeps the first HParam's hyperparameters, not 'again'"
+        ):
             logger.dump(2)  # the warning belongs to this dump (the training thread)
     _, groups = hparams_tab(run_dir / "tensorboard")
     (group,) = groups["sessionGroups"]
     assert group["hparams"] == {"lr": 0.1}
+    # "m" is never recorded itself: the HParams' values are its points.
     assert scalars(read_events(run_dir / "tensorboard"), "m") == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert tab_metrics(group) == {"m": (2, 3.0)}
+
+
+def test_metrics_named_at_the_end_fill_the_tab_without_extra_points(run_dir: Path) -> None:
+    # HParamCallback's way: the hyperparameters when training starts, the final value
+    # of each chosen metric when it ends. TensorBoard keeps the first summary of each
+    # hparams tag, so the metric columns must wait for the names.
+    with tb_logger(run_dir) as logger, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same hparams twice: nothing to warn about
+        logger.record("hparams", tracklog.HParam({"lr": 0.01, "algo": "PPO"}))
+        logger.dump(0)
+        for step, reward in [(64, 10.0), (128, 12.5), (192, 11.0)]:
+            logger.record("rollout/ep_rew_mean", reward)
+            logger.record("train/loss", 1.0 / step)
+            logger.dump(step)
+        final = {"rollout/ep_rew_mean": 11.0, "eval/best": 20.0}  # eval/best: no chart
+        logger.record("hparams", tracklog.HParam({"lr": 0.01, "algo": "PPO"}, final))
+        logger.dump(200)
+    events = read_events(run_dir / "tensorboard")
+    assert scalars(events, "rollout/ep_rew_mean") == [(64, 10.0), (128, 12.5), (192, 11.0)]
+    assert scalars(events, "eval/best") == [(200, 20.0)]
+
+    experiment, groups = hparams_tab(run_dir / "tensorboard")
+    assert [info["name"]["tag"] for info in experiment["metricInfos"]] == list(final)
+    (group,) = groups["sessionGroups"]
+    assert group["hparams"] == {"lr": 0.01, "algo": "PPO"}
+    assert tab_metrics(group) == {"rollout/ep_rew_mean": (192, 11.0), "eval/best": (200, 20.0)}
+    assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
+
+
+def test_until_an_hparam_names_metrics_the_tab_offers_every_scalar(run_dir: Path) -> None:
+    # What a training run with HParamCallback shows while it runs (or after a crash).
+    logger = tb_logger(run_dir)
+    try:
+        logger.record("hparams", tracklog.HParam({"lr": 0.01}))
+        logger.dump(0)
+        logger.record("a", 1.0)
+        logger.record("b", 2.0)
+        logger.dump(5)
+        assert logger.flush(timeout=30)
+        data = hparams_plugin_data(read_events(run_dir / "tensorboard"))
+        assert set(data) == {"_hparams_/session_start_info"}
+        # The folder above: TensorBoard's guess finds no values in a run named "."
+        # (a --logdir that is the event files' folder itself).
+        experiment, groups = hparams_tab(run_dir)
+        assert {info["name"] for info in experiment["hparamInfos"]} == {"lr"}
+        assert {info["name"]["tag"] for info in experiment["metricInfos"]} == {"a", "b"}
+        (group,) = groups["sessionGroups"]
+        assert tab_metrics(group) == {"a": (5, 1.0), "b": (5, 2.0)}
+    finally:
+        logger.close()
+
+
+def test_metric_values_of_a_tag_never_recorded_are_written_at_close(run_dir: Path) -> None:
+    logger = tb_logger(run_dir)
+    try:
+        logger.record("hparams", tracklog.HParam({"lr": 0.01}, {"final/score": 0.5}))
+        logger.dump(3)
+        assert logger.flush(timeout=30)
+        # Not yet: a value recorded under the tag later would make it a placeholder.
+        assert "final/score" not in read_events(run_dir / "tensorboard").Tags()["scalars"]
+    finally:
+        logger.close()
+    assert scalars(read_events(run_dir / "tensorboard"), "final/score") == [(3, 0.5)]
+    (group,) = hparams_tab(run_dir / "tensorboard")[1]["sessionGroups"]
+    assert tab_metrics(group) == {"final/score": (3, 0.5)}
+
+
+def test_a_later_hparam_naming_other_metrics_warns(run_dir: Path) -> None:
+    with tb_logger(run_dir) as logger:
+        logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"m": 0.0}))
+        logger.dump(0)
+        logger.record("hparams", tracklog.HParam({"lr": 0.1}, {"m": 1.0, "n": 2.0}))
+        with pytest.warns(UserWarning, match=r"metrics of the first HParam naming any, \['m'\]"):
+            logger.dump(1)
+    experiment, _ = hparams_tab(run_dir / "tensorboard")
+    assert [info["name"]["tag"] for info in experiment["metricInfos"]] == ["m"]
+    assert scalars(read_events(run_dir / "tensorboard"), "n") == [(1, 2.0)]
+
+
+# A dump: (values recorded, an HParam's metric_dict or None). Float32 values, exact.
+HParamDump = tuple[dict[str, float], dict[str, float] | None]
+METRIC_TAGS = ["eval/return", "train/loss", "score"]
+float32s = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=80)
+@given(
+    dumps=st.lists(
+        st.tuples(
+            st.dictionaries(st.sampled_from(METRIC_TAGS), float32s, max_size=2),
+            st.none() | st.dictionaries(st.sampled_from(METRIC_TAGS), float32s, max_size=3),
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+# SB3's placeholder, recorded later; HParamCallback's hparams first, metrics at the end.
+@example(dumps=[({}, {"score": 0.0}), ({"score": 2.0}, None)])
+@example(dumps=[({}, {}), ({"score": 1.5}, None), ({}, {"score": 1.5, "eval/return": 3.0})])
+def test_hparam_metrics_never_add_points_to_a_recorded_chart(dumps: list[HParamDump]) -> None:
+    """Each tag's chart is its recorded values if it has any, else the HParams' values;
+    the tab's columns are the first metric names declared, showing each chart's end."""
+    with fresh_run_dir() as run_dir:
+        with tb_logger(run_dir) as logger, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step, (recorded, metrics) in enumerate(dumps):
+                for tag, value in recorded.items():
+                    logger.record(tag, value)
+                if metrics is not None:
+                    logger.record("hparams", tracklog.HParam({"lr": 0.1}, metrics))
+                logger.dump(step)
+        events = read_events(run_dir / "tensorboard")
+        experiment, groups = hparams_tab(run_dir)  # (see the test above for why)
+
+    charts: dict[str, list[tuple[int, float]]] = {}
+    for tag in METRIC_TAGS:
+        chart = [(step, rec[tag]) for step, (rec, _) in enumerate(dumps) if tag in rec]
+        if not chart:
+            chart = [(step, m[tag]) for step, (_, m) in enumerate(dumps) if m and tag in m]
+        if chart:
+            charts[tag] = chart
+    assert {tag: scalars(events, tag) for tag in events.Tags()["scalars"]} == charts
+
+    declared: list[str] | None = None
+    adding = 0  # HParams naming a metric after the columns were declared
+    for _, metrics in dumps:
+        if metrics and declared is None:
+            declared = list(metrics)
+        elif metrics and declared is not None and not set(metrics) <= set(declared):
+            adding += 1
+    assert len([w for w in caught if "cannot add" in str(w.message)]) == adding
+    if all(metrics is None for _, metrics in dumps):
+        assert "sessionGroups" not in groups  # no HParam: no session
+        return
+    columns = declared if declared is not None else list(charts)  # else TensorBoard's own
+    assert {info["name"]["tag"] for info in experiment.get("metricInfos", [])} == set(columns)
+    (group,) = groups["sessionGroups"]
+    shown = {tag: charts[tag][-1] for tag in columns if tag in charts}
+    assert tab_metrics(group) == shown
 
 
 def test_a_sweep_is_one_hparams_table_with_a_row_per_run(tmp_path: Path) -> None:
@@ -1023,8 +1052,9 @@ def test_tensorboard_mlflow_and_wandb_in_one_logger(
     assert [(m.step, as_float32(m.value)) for m in history] == episode_lengths
     history = client.get_metric_history(run.info.run_id, "time/total_timesteps")
     assert [(m.step, m.value) for m in history] == [(64, 64.0), (128, 128.0)]
-    # MLflow keeps the HParam's placeholder 0.0 beside the recorded 21.0 at step 128.
-    assert 21.0 in [m.value for m in client.get_metric_history(run.info.run_id, "eval/return")]
+    # The HParam's placeholder 0.0 is no point: the recorded 21.0 is, in all three.
+    history = client.get_metric_history(run.info.run_id, "eval/return")
+    assert [(m.step, m.value) for m in history] == [(128, 21.0)]
     assert run.data.params == {"lr": "0.0003"}
 
     wandb_run = read_wandb_offline(run_dir)
@@ -1034,4 +1064,5 @@ def test_tensorboard_mlflow_and_wandb_in_one_logger(
         (128, 128),
     ]
     assert wandb_run.config == {"lr": 3e-4}
+    assert wandb_run.summary["eval/return"] == 21.0
     assert [row.global_step for row in wandb_run.rows if "eval/video" in row.values] == [128]

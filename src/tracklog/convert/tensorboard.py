@@ -42,15 +42,10 @@ GIF_MAX_FPS = 50.0
 
 @dataclass(frozen=True, slots=True)
 class ScalarSummary:
-    """A point of the scalar chart ``tag``.
-
-    ``from_hparam`` marks an ``HParam`` metric; a value recorded under the same key in
-    the same dump takes precedence over it.
-    """
+    """A point of the scalar chart ``tag``."""
 
     tag: str
     value: float
-    from_hparam: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +88,14 @@ class TextSummary:
 
 @dataclass(frozen=True, slots=True)
 class HParamsSummary:
-    """Hyperparameters and the names of the metrics that judge them (the HPARAMS tab)."""
+    """Hyperparameters and the metrics that judge them (the HPARAMS tab).
+
+    ``metrics`` maps each metric's name (a scalar tag) to the ``HParam``'s value for
+    it; the output decides whether that value becomes a point of the tag's chart.
+    """
 
     hparams: dict[str, bool | float | str]
-    metrics: tuple[str, ...]
+    metrics: dict[str, float]
 
 
 TensorboardItem: TypeAlias = (
@@ -238,13 +237,9 @@ def _hparam_value(value: bool | int | float | str | None) -> bool | float | str:
     return float(value)
 
 
-def _hparams(hparam: HParam) -> list[TensorboardItem]:
+def _hparams(hparam: HParam) -> HParamsSummary:
     values = {name: _hparam_value(value) for name, value in hparam.flat().items()}
-    items: list[TensorboardItem] = [HParamsSummary(values, tuple(hparam.metric_dict))]
-    items.extend(
-        ScalarSummary(name, number, from_hparam=True) for name, number in hparam.metric_dict.items()
-    )
-    return items
+    return HParamsSummary(values, dict(hparam.metric_dict))
 
 
 def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
@@ -267,6 +262,6 @@ def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
         case Video():
             return [_video(key, value)]
         case HParam():
-            return _hparams(value)
+            return [_hparams(value)]
         case _:
             assert_never(value)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 import socket
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Protocol, assert_never
@@ -132,7 +132,7 @@ _SESSION_START_TAG = "_hparams_/session_start_info"
 _SESSION_END_TAG = "_hparams_/session_end_info"
 _TEXT_PLUGIN = "text"
 
-_file_numbers = count()
+_file_numbers = itertools.count()
 
 # CRC-32C, which every TFRecord frame carries. TensorBoard's own implementation is pure
 # Python: 0.1 s per MB, holding the GIL (so slowing the training thread) for a GIF
@@ -196,10 +196,18 @@ class TensorBoardOutputFormat(OutputFormat):
 
     Numbers become scalars (float32, as TensorBoard keeps them), arrays histograms,
     images and figures PNG images, videos animated GIFs in the Images tab (encoded
-    with Pillow, no moviepy), text the Text tab, and ``HParam`` the HPARAMS tab with
-    its ``metric_dict`` names as the metrics (their values logged as scalars). Keys
+    with Pillow, no moviepy), text the Text tab, and ``HParam`` the HPARAMS tab. Keys
     are tags as they are. Encoding happens on a background worker; the event file is
     flushed after each batch of rows, so ``logger.flush()`` makes a dump readable.
+
+    HPARAMS tab: the first ``HParam`` starts the run's session with its
+    hyperparameters; the first one whose ``metric_dict`` names metrics declares the
+    tab's metric columns (until then TensorBoard offers every scalar as one).
+    TensorBoard shows each metric's last scalar point, so ``metric_dict`` values are
+    not drawn into a chart that is logged anyway (SB3's convention: they are
+    placeholders, or the final value of that chart). Only a metric never recorded as
+    a scalar by this logger gets them as its points, at their dumps' steps, when the
+    logger closes.
 
     A local file has no outage to wait out, so this output keeps no spool: a row still
     queued when the process is killed is lost (``close()``, ``atexit`` and SIGTERM
@@ -215,8 +223,16 @@ class TensorBoardOutputFormat(OutputFormat):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / _event_file_name()
         self._file: IO[bytes] = open(self.path, "xb")  # noqa: SIM115  # held until close()
-        self._hparams: HParamsSummary | None = None
-        self._first_hparam: tuple[_FlatParams, tuple[str, ...]] | None = None
+        # Worker side: the session's hyperparameters and when it started, whether the
+        # experiment (the metric columns) is written, the tags recorded as scalars, and
+        # metric_dict points waiting for close() to see whether their tag ever was.
+        self._session: tuple[dict[str, bool | float | str], float] | None = None
+        self._experiment_written = False
+        self._recorded: set[str] = set()
+        self._hparam_points: list[tuple[int, float, str, float]] = []
+        # Training-thread side, for the warnings.
+        self._first_hparams: _FlatParams | None = None
+        self._declared_metrics: tuple[str, ...] | None = None
         self._last_step = 0
         self._status = self._protos.status_success
         self._closed = False
@@ -230,13 +246,27 @@ class TensorBoardOutputFormat(OutputFormat):
 
     def _check_hparam(self, key: str, value: HParam) -> None:
         # On the training thread, so the warning belongs to the dump that caused it.
-        seen = (value.flat(), tuple(value.metric_dict))
-        if self._first_hparam is None:
-            self._first_hparam = seen
-        elif seen != self._first_hparam:
+        flat = value.flat()
+        if self._first_hparams is None:
+            self._first_hparams = flat
+        elif flat != self._first_hparams:
             warnings.warn(
                 f"TensorBoard shows one set of hparams per run: the HPARAMS tab keeps the "
-                f"first HParam logged, not {key!r}'s (its metric values are still logged)",
+                f"first HParam's hyperparameters, not {key!r}'s",
+                stacklevel=4,
+            )
+        names = tuple(value.metric_dict)
+        if not names:
+            return
+        if self._declared_metrics is None:
+            self._declared_metrics = names
+            return
+        added = [name for name in names if name not in self._declared_metrics]
+        if added:
+            warnings.warn(
+                f"TensorBoard's HPARAMS tab keeps the metrics of the first HParam naming "
+                f"any, {list(self._declared_metrics)}; {key!r} also names {added}, which "
+                "the tab cannot add",
                 stacklevel=4,
             )
 
@@ -257,16 +287,13 @@ class TensorBoardOutputFormat(OutputFormat):
 
     def _write_row(self, row: Row) -> None:
         items = [item for key, value in row.values.items() for item in to_tensorboard(key, value)]
-        # A metric recorded under its own key in this dump wins over the HParam's value.
-        recorded = {
-            item.tag for item in items if isinstance(item, ScalarSummary) and not item.from_hparam
-        }
+        # Before the HParams: a metric recorded in the same dump is recorded already.
+        self._recorded.update(item.tag for item in items if isinstance(item, ScalarSummary))
         values: list[_Message] = []
         for item in items:
             match item:
                 case ScalarSummary():
-                    if not (item.from_hparam and item.tag in recorded):
-                        values.append(self._protos.value(tag=item.tag, simple_value=item.value))
+                    values.append(self._protos.value(tag=item.tag, simple_value=item.value))
                 case HistogramSummary():
                     values.append(self._histogram(item))
                 case ImageSummary():
@@ -274,9 +301,7 @@ class TensorBoardOutputFormat(OutputFormat):
                 case TextSummary():
                     values.append(self._text(item))
                 case HParamsSummary():
-                    if self._hparams is None:
-                        self._hparams = item
-                        values.extend(self._session_start(item, row.timestamp))
+                    values.extend(self._hparams(item, row))
                 case _:
                     assert_never(item)
         self._last_step = row.step
@@ -326,26 +351,60 @@ class TensorBoardOutputFormat(OutputFormat):
         )
         return p.value(tag=tag, metadata=metadata, tensor=p.null_tensor)
 
-    def _session_start(self, item: HParamsSummary, timestamp: float) -> list[_Message]:
+    def _hparams(self, item: HParamsSummary, row: Row) -> list[_Message]:
+        """The session start (first HParam) and the experiment (first naming metrics).
+
+        TensorBoard keeps the first summary of each ``_hparams_/`` tag in a run, so each
+        is written once, when its content is known. The metric values wait for close().
+        """
+        values: list[_Message] = []
+        if self._session is None:
+            self._session = (item.hparams, row.timestamp)
+            values.append(self._session_start(item.hparams, row.timestamp))
+        if item.metrics and not self._experiment_written:
+            self._experiment_written = True
+            hparams, started = self._session
+            values.append(self._experiment(hparams, tuple(item.metrics), started))
+        self._hparam_points.extend(
+            (row.step, row.timestamp, name, number)
+            for name, number in item.metrics.items()
+            if name not in self._recorded
+        )
+        return values
+
+    def _experiment(
+        self, hparams: dict[str, bool | float | str], metrics: tuple[str, ...], created: float
+    ) -> _Message:
         p = self._protos
         experiment = p.experiment(
-            time_created_secs=timestamp,
+            time_created_secs=created,
             hparam_infos=[
                 p.hparam_info(name=name, type=p.data_types[type(value)])
-                for name, value in item.hparams.items()
+                for name, value in hparams.items()
             ],
             metric_infos=[
-                p.metric_info(name=p.metric_name(group="", tag=metric)) for metric in item.metrics
+                p.metric_info(name=p.metric_name(group="", tag=metric)) for metric in metrics
             ],
         )
+        return self._plugin_value(_EXPERIMENT_TAG, experiment=experiment)
+
+    def _session_start(self, hparams: dict[str, bool | float | str], started: float) -> _Message:
+        p = self._protos
         start = p.session_start(
-            start_time_secs=timestamp,
-            hparams={name: self._hparam_value(value) for name, value in item.hparams.items()},
+            start_time_secs=started,
+            hparams={name: self._hparam_value(value) for name, value in hparams.items()},
         )
-        return [
-            self._plugin_value(_EXPERIMENT_TAG, experiment=experiment),
-            self._plugin_value(_SESSION_START_TAG, session_start_info=start),
-        ]
+        return self._plugin_value(_SESSION_START_TAG, session_start_info=start)
+
+    def _write_hparam_points(self) -> None:
+        """The metric_dict values of metrics never recorded as scalars, at their dumps."""
+        points = [point for point in self._hparam_points if point[2] not in self._recorded]
+        self._hparam_points.clear()
+        for (step, wall_time), dump in itertools.groupby(points, key=lambda p: (p[0], p[1])):
+            summary = self._protos.summary(
+                value=[self._protos.value(tag=tag, simple_value=v) for _, _, tag, v in dump]
+            )
+            self._write_record(self._protos.event(wall_time=wall_time, step=step, summary=summary))
 
     def _hparam_value(self, value: bool | float | str) -> _Message:
         build = self._protos.hparam_value
@@ -369,12 +428,13 @@ class TensorBoardOutputFormat(OutputFormat):
         self._status = self._protos.status_failure
 
     def close(self) -> None:
-        """End the hparams session (if one was started) and close the event file."""
+        """Write the pending metric values, end the hparams session, close the file."""
         if self._closed:
             return
         self._closed = True
         try:
-            if self._hparams is not None:
+            self._write_hparam_points()
+            if self._session is not None:
                 p = self._protos
                 end = p.session_end(status=self._status, end_time_secs=time.time())
                 value = self._plugin_value(_SESSION_END_TAG, session_end_info=end)
