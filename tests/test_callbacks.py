@@ -39,6 +39,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import tracklog
 from tests.readback import decode_mp4
+from tests.tensorboard_readback import hparams_tab, read_events, scalars
 from tracklog.callbacks import (
     HParamCallback,
     TracklogEvalCallback,
@@ -145,6 +146,7 @@ def test_callbacks_log_at_their_step_in_every_backend(run_dir: Path, tmp_path: P
             "run_dir": str(run_dir),
             "outputs": [
                 {"type": "jsonl"},
+                {"type": "tensorboard"},
                 {"type": "mlflow", "tracking_uri": uri, "experiment": EXPERIMENT},
                 {"type": "wandb", "project": "tests", "mode": "offline"},
             ],
@@ -168,8 +170,10 @@ def test_callbacks_log_at_their_step_in_every_backend(run_dir: Path, tmp_path: P
         log_path=str(tmp_path / "evaluations"),
         verbose=0,
     )
-    with pytest.warns(UserWarning, match=r"rollout/typo"):
+    with pytest.warns(UserWarning, match=r"rollout/typo") as caught:
         model.learn(3 * N_STEPS, callback=[video, hparams, evaluation])
+    # The typo's warning only: nothing about TensorBoard keeping the first HParam.
+    assert [str(w.message) for w in caught if "rollout/typo" not in str(w.message)] == []
     assert logger.flush()
     (run_id,) = [
         o.run_id for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)
@@ -234,10 +238,20 @@ def test_callbacks_log_at_their_step_in_every_backend(run_dir: Path, tmp_path: P
     assert params["gamma"] == "0.99"
     assert params["seed"] == "0"
     assert params["learning_rate"].startswith("LinearSchedule(")
-    history = client.get_metric_history(run_id, "eval/mean_reward")
-    assert sorted(point.step for point in history) == evaluation.eval_steps
-    rollout = client.get_metric_history(run_id, "rollout/ep_rew_mean")
-    assert sorted(point.step for point in rollout) == [64, 128, 192]  # no extra hparam point
+    # The metrics' histories hold the dumped points only: no hparam placeholder or copy.
+    history = sorted(
+        (p.step, p.value) for p in client.get_metric_history(run_id, "eval/mean_reward")
+    )
+    assert [step for step, _ in history] == evaluation.eval_steps
+    assert [value for _, value in history] == pytest.approx(eval_means)
+    rewards = frame.loc[frame["rollout/ep_rew_mean"].notna(), ["_step", "rollout/ep_rew_mean"]]
+    reward_steps = rewards["_step"].tolist()
+    assert reward_steps == [64, 128, 192]
+    rollout = sorted(
+        (p.step, p.value) for p in client.get_metric_history(run_id, "rollout/ep_rew_mean")
+    )
+    assert [step for step, _ in rollout] == reward_steps
+    assert [value for _, value in rollout] == pytest.approx(rewards["rollout/ep_rew_mean"].tolist())
     videos = {entry.path for entry in client.list_artifacts(run_id, "videos/eval/video")}
     assert videos == {f"videos/eval/video/step_{step}.mp4" for step in video.recorded_steps}
     downloaded = client.download_artifacts(
@@ -263,6 +277,38 @@ def test_callbacks_log_at_their_step_in_every_backend(run_dir: Path, tmp_path: P
         assert close_to(first_frame(decode_mp4(path)[0]), rendered_reset(3))
     assert wandb_run.summary["eval/mean_reward"] == pytest.approx(eval_means[-1])
     assert wandb_run.summary["rollout/ep_rew_mean"] == pytest.approx(last_reward)
+    metric_rows = [r for r in wandb_run.rows if "rollout/ep_rew_mean" in r.values]
+    assert [r.global_step for r in metric_rows] == reward_steps
+
+    # TensorBoard, read with its own event reader and hparams plugin. The HPARAMS tab
+    # lists the metrics HParamCallback named (the typo left out) with their final
+    # values, read from the metrics' own charts, which hold the dumped points only.
+    events = read_events(run_dir / "tensorboard")
+    assert scalars(events, "rollout/ep_rew_mean") == [
+        (step, float(np.float32(value))) for step, value in rollout
+    ]
+    assert scalars(events, "eval/mean_reward") == [
+        (step, float(np.float32(value)))
+        for step, value in zip(evaluation.eval_steps, eval_means, strict=True)
+    ]
+    experiment, groups = hparams_tab(run_dir / "tensorboard")
+    assert [info["name"]["tag"] for info in experiment["metricInfos"]] == [
+        "rollout/ep_rew_mean",
+        "eval/mean_reward",
+    ]
+    (group,) = groups["sessionGroups"]
+    assert group["hparams"]["algorithm"] == "PPO"
+    assert group["hparams"]["n_steps"] == N_STEPS
+    assert group["hparams"]["learning_rate"].startswith("LinearSchedule(")
+    shown = {value["name"]["tag"]: value for value in group["metricValues"]}
+    assert {tag: shown[tag]["value"] for tag in shown} == {
+        tag: float(np.float32(value)) for tag, value in hparams.metric_values.items()
+    }
+    assert {tag: int(shown[tag]["trainingStep"]) for tag in shown} == {
+        "rollout/ep_rew_mean": 192,
+        "eval/mean_reward": evaluation.eval_steps[-1],
+    }
+    assert group["sessions"][0]["status"] == "STATUS_SUCCESS"
 
 
 # TracklogEvalCallback against SB3's EvalCallback ----------------------------------------

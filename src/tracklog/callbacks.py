@@ -453,11 +453,17 @@ class HParamCallback(BaseCallback):
 
     At the end of training it records them again, with the last value dumped under
     each name in ``metrics`` as the HParam's ``metric_dict``: the scores that hparams
-    views (TensorBoard's HPARAMS tab, the W&B run summary) show beside the
-    hyperparameters. That second record leaves MLflow out: its params are already set,
-    it shows each metric's latest value by itself, and it would log the values again
-    as extra points at the final step. A name never dumped during training is left out
-    with a warning (a typo, or a metric the algorithm does not log).
+    views show beside the hyperparameters. TensorBoard's HPARAMS tab gets these names
+    as its metric columns and shows each one's last point, which is that value (the
+    metrics' charts get no extra point); the W&B run summary gets the values. That
+    second record leaves MLflow out: its params are already set, it shows each
+    metric's latest value by itself, and it would log the values again as extra
+    points at the final step. A name never dumped during training is left out with a
+    warning (a typo, or a metric the algorithm does not log).
+
+    The names are not declared in the first record: there are no values yet, and a
+    placeholder would reach MLflow as a point of the metric's history (and W&B as its
+    summary) until training ends.
 
     ``hparams`` holds what was logged; ``metric_values`` the final metric values.
     """
