@@ -10,6 +10,7 @@ from stable_baselines3.common.logger import KVWriter
 
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
+from tracklog._ranks import detect
 from tracklog._spool import free_directory
 from tracklog.outputs import (
     CsvOutputFormat,
@@ -77,8 +78,20 @@ def build_logger(
     JSON file. Invalid settings raise :class:`pydantic.ValidationError` (naming the
     field path) before any file or directory exists. If an output fails to open, the
     ones already opened are closed again before the error propagates.
+
+    In a sweep and a process group (see docs/deployment.md), MLflow and W&B runs are
+    named and tagged by ``group``, the job number and the rank. A rank other than 0
+    gets a logger that validates every ``record()`` and ``dump()`` as usual but writes
+    nothing, unless ``all_ranks`` is true: then each rank writes its own runs and files
+    under ``<run_dir>/rank<N>``.
     """
     resolved = load_settings(settings)
+    placement = detect(resolved)
+    if not placement.writes(resolved):
+        return Logger(
+            folder=None, level=resolved.level_number, strict=resolved.strict, settings=resolved
+        )
+    resolved = placement.apply(resolved)
     resolved.run_dir.mkdir(parents=True, exist_ok=True)
     media = MediaStore(resolved.run_dir)
     outputs: list[KVWriter] = []

@@ -335,6 +335,24 @@ class LoggerSettings(BaseSettings):
         "failing output is reported and the others keep logging",
     )
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    group: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="the sweep this run belongs to: MLflow tag tracklog.group and run name "
+        "<group>-<job>, W&B group (see docs/deployment.md)",
+    )
+    job: int | None = Field(
+        default=None,
+        ge=0,
+        description="this run's number in its sweep; default: Hydra's job.num in a "
+        "multirun, else $SLURM_ARRAY_TASK_ID",
+    )
+    all_ranks: bool = Field(
+        default=False,
+        description="in a process group (torch.distributed, $RANK), every rank logs to a "
+        "run of its own under <run_dir>/rank<N>; by default only rank 0 writes",
+    )
 
     @model_validator(mode="before")
     @classmethod

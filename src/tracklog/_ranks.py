@@ -1,0 +1,169 @@
+"""Where a process sits in a sweep (its job number) and in a process group (its rank).
+
+``build_logger`` asks :func:`detect` once; :meth:`Placement.apply` then names and tags
+the process's runs and, with ``all_ranks``, gives each rank a ``run_dir`` of its own.
+Nothing here imports torch or Hydra: a process group or a Hydra job can only exist if
+the program imported them already.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from tracklog.settings import (
+    CsvOutput,
+    FileOutput,
+    JsonlOutput,
+    LoggerSettings,
+    MlflowOutput,
+    OutputSettings,
+    WandbOutput,
+)
+
+__all__ = ["Placement", "detect"]
+
+_MAX_RUN_NAME = 250  # MLflow's limit (and the settings' run_name)
+_MAX_OVERRIDES = 5000  # of MLflow's 8000 characters per tag value
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This process's job in its sweep and rank in its process group (None: not in one)."""
+
+    job: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    overrides: tuple[str, ...] = ()
+
+    def writes(self, settings: LoggerSettings) -> bool:
+        """Whether this process's logger writes anything: rank 0, or every rank if asked."""
+        return self.rank in (None, 0) or settings.all_ranks
+
+    def apply(self, settings: LoggerSettings) -> LoggerSettings:
+        """``settings`` with this placement's run names, tags, W&B group and ``run_dir``."""
+        own_run = settings.all_ranks and self.rank is not None
+        if own_run:
+            _check_own_run(settings)
+        outputs = [self._identify(output, settings, own_run=own_run) for output in settings.outputs]
+        update: dict[str, object] = {"outputs": outputs}
+        if own_run:
+            update["run_dir"] = settings.run_dir / f"rank{self.rank}"
+        return settings.model_copy(update=update)
+
+    def _identify(
+        self, output: OutputSettings, settings: LoggerSettings, *, own_run: bool
+    ) -> OutputSettings:
+        match output:
+            case MlflowOutput():
+                tags = {**output.tags, **self._tags(settings.group)}
+                name = self._run_name(output.run_name, settings.group, own_run=own_run)
+                return output.model_copy(update={"tags": tags, "run_name": name})
+            case WandbOutput():
+                name = self._run_name(output.name, settings.group, own_run=own_run)
+                group = output.group if output.group is not None else settings.group
+                return output.model_copy(update={"name": name, "group": group})
+            case _:
+                return output
+
+    def _tags(self, group: str | None) -> dict[str, str]:
+        tags: dict[str, str] = {}
+        if group is not None:
+            tags["tracklog.group"] = group
+        if self.job is not None:
+            tags["tracklog.job"] = str(self.job)
+        if self.rank is not None:
+            tags["tracklog.rank"] = str(self.rank)
+        if self.overrides:
+            tags["tracklog.overrides"] = " ".join(self.overrides)[:_MAX_OVERRIDES]
+        return tags
+
+    def _run_name(self, explicit: str | None, group: str | None, *, own_run: bool) -> str | None:
+        """An explicit name, else ``<group>-<job>`` (or ``<group>``); ``-rank<N>`` per rank."""
+        name = explicit
+        if name is None and group is not None:
+            name = group if self.job is None else f"{group}-{self.job}"
+        if not own_run:
+            return name
+        suffix = f"rank{self.rank}"
+        return suffix if name is None else f"{name[: _MAX_RUN_NAME - len(suffix) - 1]}-{suffix}"
+
+
+def _check_own_run(settings: LoggerSettings) -> None:
+    """With ``all_ranks``, settings that would make every rank write the same thing fail."""
+    for index, output in enumerate(settings.outputs):
+        if isinstance(output, FileOutput | JsonlOutput | CsvOutput) and output.path.is_absolute():
+            raise ValueError(
+                f"outputs.{index}.path: {output.path} is absolute, so with all_ranks: true "
+                "every rank would write it; use a path relative to run_dir"
+            )
+        if isinstance(output, MlflowOutput) and output.run_id is not None:
+            raise ValueError(
+                f"outputs.{index}.run_id: with all_ranks: true every rank would resume "
+                "the same MLflow run"
+            )
+        if isinstance(output, WandbOutput) and output.id is not None:
+            raise ValueError(
+                f"outputs.{index}.id: with all_ranks: true every rank would resume the same W&B run"
+            )
+    if settings.delivery.spool_dir.is_absolute():
+        # Each rank's spool directories get their own names (0-mlflow~2…), so nothing
+        # is mixed up, but replay could not tell the ranks apart: keep them apart.
+        raise ValueError(
+            f"delivery.spool_dir: {settings.delivery.spool_dir} is absolute, so with "
+            "all_ranks: true the ranks would share it; use a path relative to run_dir"
+        )
+
+
+def detect(settings: LoggerSettings) -> Placement:
+    """The placement of this process, from the settings, Hydra, SLURM and torch."""
+    job, overrides = _hydra_job()
+    if settings.job is not None:
+        job = settings.job
+    elif job is None:
+        job = _env_int("SLURM_ARRAY_TASK_ID")
+    rank, world_size = _rank()
+    return Placement(job=job, rank=rank, world_size=world_size, overrides=overrides)
+
+
+def _rank() -> tuple[int | None, int | None]:
+    """The rank and world size from ``torch.distributed`` if initialised, else the env.
+
+    ``RANK`` (the global rank, set by torchrun and most launchers), else ``LOCAL_RANK``.
+    """
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    for name in ("RANK", "LOCAL_RANK"):
+        rank = _env_int(name)
+        if rank is not None:
+            return rank, _env_int("WORLD_SIZE")
+    return None, None
+
+
+def _hydra_job() -> tuple[int | None, tuple[str, ...]]:
+    """Hydra's ``job.num`` in a multirun, and the job's command-line overrides."""
+    if "hydra" not in sys.modules:
+        return None, ()
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, ()
+    config = HydraConfig.get()
+    overrides = tuple(str(item) for item in config.overrides.task)
+    if config.mode != RunMode.MULTIRUN:
+        return None, overrides  # a single run: job.num means nothing
+    return int(config.job.num), overrides
+
+
+def _env_int(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"${name} must be a non-negative integer, not {text!r}")
+    return int(text)
