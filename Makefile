@@ -30,11 +30,11 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(PY) examples/demo.py --settings examples/demo.yaml
+	$(BIN)/tracklog demo --settings examples/demo.yaml
 
 lint: install-dev
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/ruff check src tests examples bench docs/hooks
+	$(BIN)/ruff format --check src tests examples bench docs/hooks
 
 typecheck: install-dev
 	$(BIN)/mypy --strict
