@@ -202,6 +202,25 @@ def test_models_found_include_every_output_and_delivery() -> None:
     assert len(_output_models()) == 7
 
 
+def test_every_settings_field_has_a_description_in_the_schema() -> None:
+    # The reference page shows each field's schema description; a field without one is
+    # a bare "–" there. Checked on the schema itself, so it fails without building the site.
+    schema = LoggerSettings.model_json_schema()
+    described = {"LoggerSettings": schema, **schema["$defs"]}
+    models = {model.__name__: model for model in _models(LoggerSettings)}
+    assert set(described) == set(models)
+    missing = []
+    for name, model in models.items():
+        properties = described[name]["properties"]
+        assert list(properties) == list(model.model_fields), f"{name}: fields differ"
+        missing += [
+            f"{name}.{field}"
+            for field, field_schema in properties.items()
+            if not str(field_schema.get("description", "")).strip()
+        ]
+    assert not missing, f"settings fields without a description: {missing}"
+
+
 @pytest.mark.parametrize("model", list(_models(LoggerSettings)), ids=lambda model: model.__name__)
 def test_settings_reference_lists_every_field_with_its_default_and_description(
     site: Site, model: type[BaseModel]
@@ -220,9 +239,9 @@ def test_settings_reference_lists_every_field_with_its_default_and_description(
             assert default == written, f"{model.__name__}.{name}: default"
         else:
             assert default != "–", f"{model.__name__}.{name}: computed default not shown"
-        if info.description:
-            # Backticks become code; <run_dir> and the like stay visible as text.
-            assert description == info.description.replace("`", ""), f"{model.__name__}.{name}"
+        assert info.description, f"{model.__name__}.{name}: no description"
+        # Backticks become code; <run_dir> and the like stay visible as text.
+        assert description == info.description.replace("`", ""), f"{model.__name__}.{name}"
         for choice in _literals(info.annotation):
             assert str(choice) in kind, f"{model.__name__}.{name}: choice {choice!r} missing"
 

@@ -78,30 +78,49 @@ class _FileBacked(_Output):
 class ConsoleOutput(_Output):
     """The human-readable table on standard output (SB3's ``stdout``)."""
 
-    type: Literal["console"] = "console"
+    type: Literal["console"] = Field(
+        default="console", description="selects this output; its `exclude` name is `stdout`"
+    )
     max_length: int = Field(default=36, ge=8, le=200, description="widest key or value shown")
 
 
 class FileOutput(_FileBacked):
     """The same table and every ``info()`` line, appended to a file (SB3's ``log``)."""
 
-    type: Literal["file"] = "file"
-    path: Path = Path("train.log")
+    type: Literal["file"] = Field(
+        default="file", description="selects this output; its `exclude` name is `log`"
+    )
+    path: Path = Field(
+        default=Path("train.log"),
+        description="the log file, appended to; relative to run_dir unless absolute",
+    )
     max_length: int = Field(default=36, ge=8, le=200, description="widest key or value shown")
 
 
 class JsonlOutput(_FileBacked):
     """One flat JSON object per dump (exclude name ``json``)."""
 
-    type: Literal["jsonl"] = "jsonl"
-    path: Path = Path("progress.jsonl")
+    type: Literal["jsonl"] = Field(
+        default="jsonl", description="selects this output; its `exclude` name is `json`"
+    )
+    path: Path = Field(
+        default=Path("progress.jsonl"),
+        description="the JSONL file, appended to; relative to run_dir unless absolute; "
+        "media values are files under <run_dir>/media/",
+    )
 
 
 class CsvOutput(_FileBacked):
     """One CSV row per dump; a key first seen later still gets a column (``csv``)."""
 
-    type: Literal["csv"] = "csv"
-    path: Path = Path("progress.csv")
+    type: Literal["csv"] = Field(
+        default="csv", description="selects this output; its `exclude` name is `csv`"
+    )
+    path: Path = Field(
+        default=Path("progress.csv"),
+        description="the CSV file, appended to; relative to run_dir unless absolute; "
+        "media values are files under <run_dir>/media/",
+    )
 
 
 def mask_uri(uri: str) -> str:
@@ -129,22 +148,61 @@ class MlflowOutput(_Output):
     3.17+ refuses it too.
     """
 
-    type: Literal["mlflow"] = "mlflow"
-    allow_file_store: bool = False  # before tracking_uri: its validator reads it
-    tracking_uri: str = Field(default_factory=_default_tracking_uri)
-    experiment: str | None = Field(default=None, min_length=1, max_length=500)
+    type: Literal["mlflow"] = Field(
+        default="mlflow", description="selects this output; its `exclude` name is `mlflow`"
+    )
+    allow_file_store: bool = Field(  # before tracking_uri: its validator reads it
+        default=False,
+        description="accept MLflow's old file store (a `file:` URI or a plain path) as "
+        "tracking_uri, which MLflow 3.17+ refuses; also sets $MLFLOW_ALLOW_FILE_STORE=true "
+        "unless it is set",
+    )
+    tracking_uri: str = Field(
+        default_factory=_default_tracking_uri,
+        description="a sqlite, postgresql, mysql, mssql, http(s) or databricks URI; default: "
+        "$MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory; a "
+        "password in it is masked as `***` wherever tracklog shows or stores the settings",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=500,
+        description="the experiment's name, created if missing; default: MLflow's Default "
+        "experiment; ignored, with a warning, when resuming run_id",
+    )
     artifact_location: str | None = Field(
         default=None,
         description="where a new experiment keeps artifacts (default: the store's own, "
         "./mlruns for a sqlite store)",
     )
-    run_name: str | None = Field(default=None, min_length=1, max_length=250)
+    run_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=250,
+        description="default: <group>-<job> (or <group>) in a sweep, else a name MLflow "
+        "makes up; with all_ranks, -rank<N> is appended; ignored, with a warning, when "
+        "resuming run_id",
+    )
     run_id: str | None = Field(
         default=None, pattern=r"^[0-9a-zA-Z_-]{1,64}$", description="resume this run"
     )
-    tags: dict[str, str] = Field(default_factory=dict)
-    username: str | None = None
-    password: SecretStr | None = None
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="tags of the run, also set on a resumed one; tracklog adds its own "
+        "`tracklog.*` tags (version, settings; group, job and rank in a sweep), which win "
+        "over these",
+    )
+    username: str | None = Field(
+        default=None,
+        description="basic-auth user name for a tracking server, or "
+        "$MLFLOW_TRACKING_USERNAME; tracklog sets MLflow's variables for the process while "
+        "the output is open (MLflow reads credentials only from there)",
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description="basic-auth password (needs username), or $MLFLOW_TRACKING_PASSWORD; "
+        "never shown",
+    )
     artifact_upload_interval: float = Field(
         default=60.0, ge=0.0, description="seconds between uploads of train.log and text files"
     )
@@ -201,18 +259,60 @@ class WandbOutput(_Output):
     (or ``$WANDB_API_KEY``) is only needed online.
     """
 
-    type: Literal["wandb"] = "wandb"
-    project: str | None = Field(default=None, min_length=1, max_length=128)
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    name: str | None = None
-    notes: str | None = None
-    id: str | None = Field(default=None, pattern=r"^[^/\\#?%:]{1,64}$")
-    resume: Literal["allow", "must", "never", "auto"] | None = None
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    dir: Path | None = Field(default=None, description="default: the logger's run_dir")
-    api_key: SecretStr | None = None
+    type: Literal["wandb"] = Field(
+        default="wandb", description="selects this output; its `exclude` name is `wandb`"
+    )
+    project: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="the W&B project; default: one W&B infers from the program, else uncategorized",
+    )
+    entity: str | None = Field(
+        default=None,
+        description="the W&B user or team that owns the run; default: your W&B default entity",
+    )
+    group: str | None = Field(
+        default=None, description="groups runs in W&B; default: the logger's group"
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="tags of the run, 1 to 64 characters each; given for a resumed run, "
+        "they replace its tags",
+    )
+    name: str | None = Field(
+        default=None,
+        description="the run's display name; default: <group>-<job> (or <group>) in a "
+        "sweep, else a name W&B makes up; with all_ranks, -rank<N> is appended",
+    )
+    notes: str | None = Field(default=None, description="a longer description of the run")
+    id: str | None = Field(
+        default=None,
+        pattern=r"^[^/\\#?%:]{1,64}$",
+        description="the run's id, unique in its project; set it to resume that run (see "
+        "resume); default: a new random id",
+    )
+    resume: Literal["allow", "must", "never", "auto"] | None = Field(
+        default=None,
+        description="for a run with this id: allow resumes it if it exists, else creates "
+        "it; must resumes it or fails; never fails if it exists; auto resumes the run that "
+        "crashed last on this machine; default: a new run",
+    )
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="offline",
+        description="offline: written to disk only, for `wandb sync` later; online: "
+        "uploaded as it goes (needs a login or api_key); disabled: W&B writes nothing",
+    )
+    dir: Path | None = Field(
+        default=None,
+        description="the run goes to <dir>/wandb/; relative to run_dir unless absolute; "
+        "default: the logger's run_dir",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="needed only online; default: $WANDB_API_KEY, else the key `wandb login` "
+        "saved; never shown",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="extra run config")
     finish_timeout: float = Field(
         default=60.0, gt=0, description="seconds close() waits for W&B to finish the run"
@@ -234,9 +334,14 @@ class TensorboardOutput(_FileBacked):
     ``pip install 'tracklog[tensorboard]'``.
     """
 
-    type: Literal["tensorboard"] = "tensorboard"
+    type: Literal["tensorboard"] = Field(
+        default="tensorboard",
+        description="selects this output; its `exclude` name is `tensorboard`",
+    )
     path: Path = Field(
-        default=Path("tensorboard"), description="the event files' folder, relative to run_dir"
+        default=Path("tensorboard"),
+        description="the event files' folder, relative to run_dir unless absolute; each "
+        "logger adds an event file of its own",
     )
 
     @field_validator("path")
@@ -327,14 +432,26 @@ class LoggerSettings(BaseSettings):
     )
 
     run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
-    level: Level = "info"
-    outputs: list[OutputSettings] = Field(default_factory=_default_outputs)
+    level: Level = Field(
+        default="info",
+        description="debug(), info(), warn() and error() lines below this level are dropped; "
+        "disabled also drops every dump",
+    )
+    outputs: list[OutputSettings] = Field(
+        default_factory=_default_outputs,
+        description="where each dump goes, one entry per output, chosen by its type; at most "
+        "one console, and no two outputs may write the same file or folder",
+    )
     strict: bool = Field(
         default=False,
         description="raise when an output fails (for tests and debugging); by default a "
         "failing output is reported and the others keep logging",
     )
-    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    delivery: DeliverySettings = Field(
+        default_factory=DeliverySettings,
+        description="how the background outputs (TensorBoard, MLflow, W&B) get their rows: "
+        "queue, spool, retries, closing (see docs/delivery.md)",
+    )
     group: str | None = Field(
         default=None,
         min_length=1,
