@@ -369,7 +369,7 @@ def _default_outputs() -> list[OutputSettings]:
 
 
 class DeliverySettings(BaseModel):
-    """How rows reach the outputs that run on a background worker (MLflow, W&B).
+    """How rows reach the outputs that run on a background worker (MLflow, W&B, TensorBoard).
 
     The training thread only enqueues. Each such output has its own worker and an
     in-memory queue of at most ``queue_bytes``; when the backend is unreachable or
