@@ -32,6 +32,7 @@ os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 import argparse
 import multiprocessing
+import resource
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,12 @@ class Done:
     run_id: str
     started: float
     finished: float
+    cpu: float  # seconds of CPU (all threads) between started and finished
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ceiling(task: Task, barrier: Barrier) -> Done:
@@ -88,7 +95,7 @@ def ceiling(task: Task, barrier: Barrier) -> Done:
     assert experiment is not None
     run_id = client.create_run(experiment.experiment_id).info.run_id
     barrier.wait()
-    started = time.time()
+    started, cpu = time.time(), _cpu()
     for first in range(0, task.dumps, STEPS_PER_CALL):
         now = int(time.time() * 1000)
         metrics = [
@@ -98,7 +105,7 @@ def ceiling(task: Task, barrier: Barrier) -> Done:
         ]
         client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id)
-    return Done(task.worker, run_id, started, time.time())
+    return Done(task.worker, run_id, started, time.time(), _cpu() - cpu)
 
 
 def through_tracklog(task: Task, barrier: Barrier) -> Done:
@@ -117,13 +124,13 @@ def through_tracklog(task: Task, barrier: Barrier) -> Done:
     assert isinstance(output, tracklog.MLFlowOutputFormat)
     names = [key(index) for index in range(KEYS)]
     barrier.wait()
-    started = time.time()
+    started, cpu = time.time(), _cpu()
     for step in range(task.dumps):
         for index, name in enumerate(names):
             logger.record(name, value(task.worker, index, step))
         logger.dump(step)
     logger.close()
-    return Done(task.worker, output.run_id, started, time.time())
+    return Done(task.worker, output.run_id, started, time.time(), _cpu() - cpu)
 
 
 Worker = Callable[[Task, Barrier], Done]
@@ -144,6 +151,7 @@ def _child(
 class Measured:
     points_per_s: float
     seconds: float
+    cpu_per_kpoint: float  # client CPU, ms per 1000 points
     lost: int
     repeated: int
 
@@ -187,7 +195,9 @@ def measure(
         child.join()
     seconds = max(item.finished for item in done) - min(item.started for item in done)
     lost, repeated = check(url, done, dumps)
-    return Measured(processes * dumps * KEYS / seconds, seconds, lost, repeated)
+    points = processes * dumps * KEYS
+    cpu = sum(item.cpu for item in done) * 1e6 / points
+    return Measured(points / seconds, seconds, cpu, lost, repeated)
 
 
 def check(url: str, done: list[Done], dumps: int) -> tuple[int, int]:
@@ -251,7 +261,8 @@ def _report(
     )
     print(
         f"{'processes':>9}  {'ceiling pts/s':>13}  {'tracklog pts/s':>14}  {'ratio':>5}  "
-        f"{'lost':>4}  {'repeated':>8}  target   rounds (ceiling / tracklog)"
+        f"{'client CPU ms/1k pts':>20}  {'lost':>4}  {'repeated':>8}  target   "
+        "rounds (ceiling / tracklog pts/s)"
     )
     failed = False
     for processes in args.processes:
@@ -262,6 +273,10 @@ def _report(
             ours.append(measure(context, through_tracklog, url, processes, args.dumps, tmp, round_))
         top = statistics.median(item.points_per_s for item in tops)
         our = statistics.median(item.points_per_s for item in ours)
+        cpu = (
+            f"{statistics.median(item.cpu_per_kpoint for item in tops):.0f} / "
+            f"{statistics.median(item.cpu_per_kpoint for item in ours):.0f}"
+        )
         lost = sum(item.lost for item in tops + ours)
         repeated = sum(item.repeated for item in tops + ours)
         failed |= bool(lost or repeated)
@@ -270,8 +285,8 @@ def _report(
             f"{a.points_per_s:,.0f}/{b.points_per_s:,.0f}" for a, b in zip(tops, ours, strict=True)
         )
         print(
-            f"{processes:>9}  {top:>13,.0f}  {our:>14,.0f}  {our / top:>5.2f}  {lost:>4}  "
-            f"{repeated:>8}  {verdict:<7}  {rounds}",
+            f"{processes:>9}  {top:>13,.0f}  {our:>14,.0f}  {our / top:>5.2f}  {cpu:>20}  "
+            f"{lost:>4}  {repeated:>8}  {verdict:<7}  {rounds}",
             flush=True,
         )
     print(f"target: tracklog >= {TARGET:.0%} of the ceiling, nothing lost or repeated")

@@ -125,7 +125,7 @@ def test_rank_from_the_environment(
 
 
 @pytest.mark.parametrize("name", ["RANK", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID"])
-@pytest.mark.parametrize("text", ["one", "-1", "1.5"])
+@pytest.mark.parametrize("text", ["one", "-1", "1.5", "²"])
 def test_a_variable_that_is_not_a_rank_is_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, text: str
 ) -> None:
@@ -179,21 +179,26 @@ def test_all_ranks_gives_a_rank_its_own_runs_and_run_dir(
 
 
 @pytest.mark.parametrize(
-    ("output", "error"),
+    ("shared", "error"),
     [
         (
-            {"type": "jsonl", "path": "/tmp/all.jsonl"},
+            {"outputs": [{"type": "jsonl", "path": "/tmp/all.jsonl"}]},
             r"outputs\.0\.path: /tmp/all\.jsonl is absolute",
         ),
-        ({"type": "mlflow", "run_id": "abc123"}, r"outputs\.0\.run_id: with all_ranks"),
-        ({"type": "wandb", "id": "abc123"}, r"outputs\.0\.id: with all_ranks"),
+        (
+            {"outputs": [{"type": "tensorboard", "path": "/tmp/tb"}]},
+            r"outputs\.0\.path: /tmp/tb is absolute",
+        ),
+        ({"outputs": [{"type": "mlflow", "run_id": "abc123"}]}, r"outputs\.0\.run_id: with all"),
+        ({"outputs": [{"type": "wandb", "id": "abc123"}]}, r"outputs\.0\.id: with all_ranks"),
+        ({"delivery": {"spool_dir": "/tmp/spool"}}, r"delivery\.spool_dir: /tmp/spool is absolute"),
     ],
 )
 def test_all_ranks_refuses_what_every_rank_would_share(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, output: dict[str, object], error: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shared: dict[str, object], error: str
 ) -> None:
     monkeypatch.setenv("RANK", "0")
-    settings = {"run_dir": str(tmp_path / "run"), "all_ranks": True, "outputs": [output]}
+    settings = {"run_dir": str(tmp_path / "run"), "all_ranks": True, "outputs": [], **shared}
     with pytest.raises(ValueError, match=error):
         tracklog.build_logger(settings)
     assert not (tmp_path / "run").exists()

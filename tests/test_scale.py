@@ -168,7 +168,9 @@ class Sweep:
             if self.launcher.poll() is not None:
                 raise AssertionError(f"the sweep ended before {marker!r}:\n{self.logs()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"not every job reached {marker!r} within {timeout} s")
+                raise AssertionError(
+                    f"not every job reached {marker!r} within {timeout} s:\n{self.logs()}"
+                )
             time.sleep(0.05)
 
     def log(self, job: int) -> str:
@@ -188,7 +190,9 @@ class Sweep:
         assert code == 0, self.logs()
 
 
-def start_sweep(root: Path, url: str, *, pace: float, pause: bool = False) -> Sweep:
+def start_sweep(
+    launched: list[Sweep], root: Path, url: str, *, pace: float, pause: bool = False
+) -> Sweep:
     """``JOBS`` processes, one settings file; each told its job number as SLURM would."""
     experiment, group = f"scale-{uuid.uuid4().hex[:8]}", f"sweep-{uuid.uuid4().hex[:6]}"
     settings = {
@@ -224,6 +228,7 @@ def start_sweep(root: Path, url: str, *, pace: float, pause: bool = False) -> Sw
             start_new_session=True,  # a timeout kills the launcher and its jobs
         )
     sweep = Sweep(experiment, group, root, launcher)
+    launched.append(sweep)
     sweep.wait_for("ready", timeout=120)
     assert launcher.stdin is not None
     launcher.stdin.write(b"go\n")
@@ -279,15 +284,30 @@ def spooled(sweep: Sweep) -> int:
     )
 
 
-def test_eight_jobs_at_once_land_in_one_experiment(stack: Stack, tmp_path: Path) -> None:
-    sweep = start_sweep(tmp_path, stack.mlflow.url, pace=0.0)
+@pytest.fixture
+def launched() -> Iterator[list[Sweep]]:
+    """Sweeps a test started; any still running at its end (it failed) are killed."""
+    sweeps: list[Sweep] = []
+    yield sweeps
+    for sweep in sweeps:
+        if sweep.launcher.poll() is None:
+            os.killpg(sweep.launcher.pid, signal.SIGKILL)
+            sweep.launcher.wait()
+
+
+def test_eight_jobs_at_once_land_in_one_experiment(
+    stack: Stack, launched: list[Sweep], tmp_path: Path
+) -> None:
+    sweep = start_sweep(launched, tmp_path, stack.mlflow.url, pace=0.0)
     sweep.finish(timeout=180)
     check_sweep(stack.client, sweep, tmp_path / "downloads")
 
 
-def test_eight_jobs_survive_a_server_restart(stack: Stack, tmp_path: Path) -> None:
+def test_eight_jobs_survive_a_server_restart(
+    stack: Stack, launched: list[Sweep], tmp_path: Path
+) -> None:
     """The server stops half-way through the dumps and comes back on the same database."""
-    sweep = start_sweep(tmp_path, stack.mlflow.url, pace=0.01, pause=True)
+    sweep = start_sweep(launched, tmp_path, stack.mlflow.url, pace=0.01, pause=True)
     sweep.wait_for("half", timeout=120)
     stack.mlflow.stop()
     (tmp_path / "server-stopped").touch()  # the jobs dump their second half now

@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from tracklog.settings import (
-    CsvOutput,
-    FileOutput,
-    JsonlOutput,
     LoggerSettings,
     MlflowOutput,
     OutputSettings,
@@ -34,7 +32,6 @@ class Placement:
 
     job: int | None = None
     rank: int | None = None
-    world_size: int | None = None
     overrides: tuple[str, ...] = ()
 
     def writes(self, settings: LoggerSettings) -> bool:
@@ -93,9 +90,10 @@ class Placement:
 def _check_own_run(settings: LoggerSettings) -> None:
     """With ``all_ranks``, settings that would make every rank write the same thing fail."""
     for index, output in enumerate(settings.outputs):
-        if isinstance(output, FileOutput | JsonlOutput | CsvOutput) and output.path.is_absolute():
+        path = getattr(output, "path", None)  # the outputs that write files of their own
+        if isinstance(path, Path) and path.is_absolute():
             raise ValueError(
-                f"outputs.{index}.path: {output.path} is absolute, so with all_ranks: true "
+                f"outputs.{index}.path: {path} is absolute, so with all_ranks: true "
                 "every rank would write it; use a path relative to run_dir"
             )
         if isinstance(output, MlflowOutput) and output.run_id is not None:
@@ -108,8 +106,8 @@ def _check_own_run(settings: LoggerSettings) -> None:
                 f"outputs.{index}.id: with all_ranks: true every rank would resume the same W&B run"
             )
     if settings.delivery.spool_dir.is_absolute():
-        # Each rank's spool directories get their own names (0-mlflow~2…), so nothing
-        # is mixed up, but replay could not tell the ranks apart: keep them apart.
+        # The ranks start together: two of them could pick the same free spool
+        # directory (0-mlflow, 0-mlflow~2…) before either has claimed it.
         raise ValueError(
             f"delivery.spool_dir: {settings.delivery.spool_dir} is absolute, so with "
             "all_ranks: true the ranks would share it; use a path relative to run_dir"
@@ -123,12 +121,11 @@ def detect(settings: LoggerSettings) -> Placement:
         job = settings.job
     elif job is None:
         job = _env_int("SLURM_ARRAY_TASK_ID")
-    rank, world_size = _rank()
-    return Placement(job=job, rank=rank, world_size=world_size, overrides=overrides)
+    return Placement(job=job, rank=_rank(), overrides=overrides)
 
 
-def _rank() -> tuple[int | None, int | None]:
-    """The rank and world size from ``torch.distributed`` if initialised, else the env.
+def _rank() -> int | None:
+    """The rank from ``torch.distributed`` if it is initialised, else the environment.
 
     ``RANK`` (the global rank, set by torchrun and most launchers), else ``LOCAL_RANK``.
     """
@@ -136,12 +133,12 @@ def _rank() -> tuple[int | None, int | None]:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
+            return dist.get_rank()
     for name in ("RANK", "LOCAL_RANK"):
         rank = _env_int(name)
         if rank is not None:
-            return rank, _env_int("WORLD_SIZE")
-    return None, None
+            return rank
+    return None
 
 
 def _hydra_job() -> tuple[int | None, tuple[str, ...]]:
@@ -164,6 +161,6 @@ def _env_int(name: str) -> int | None:
     text = os.environ.get(name, "").strip()
     if not text:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"${name} must be a non-negative integer, not {text!r}")
     return int(text)
