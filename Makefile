@@ -9,6 +9,8 @@ PY := $(BIN)/python
 # The CPU build of torch that lies on this machine's disk; it must be installed
 # before stable-baselines3, or pip resolves a multi-GB CUDA build instead.
 TORCH := torch==2.13.0
+# MLflow's client and server would otherwise try to send usage telemetry off the machine.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: install install-dev demo test lint typecheck pytest bench clean postgres bench-scale
 

@@ -1235,3 +1235,18 @@ def test_a_server_that_is_down_at_start_never_stops_training(
     spool = run_dir / "spool" / "1-mlflow"
     assert f"python -m tracklog replay {spool}" in caplog.text
     assert (spool / "records.log").stat().st_size > 0
+
+
+def test_contested_names_go_to_the_key_recorded_first(sqlite: Store, run_dir: Path) -> None:
+    # Naming follows the row's order, not a set's: with 24 contested names, any other
+    # order would give at least one of them to the histogram (all but surely).
+    with mlflow_logger(run_dir, sqlite) as logger:
+        for i in range(24):
+            logger.record(f"w{i}/mean", 100.0 + i)
+            logger.record(f"w{i}", np.array([1.0, 3.0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one rename warning per pair
+            logger.dump(0)
+        run_id = run_id_of(logger)
+    for i in range(24):
+        assert steps_and_values(sqlite, run_id, f"w{i}/mean") == [(0, 100.0 + i)]

@@ -415,9 +415,14 @@ class MLFlowOutputFormat(OutputFormat):
     # Writing -------------------------------------------------------------------------
     def check_row(self, row: Row) -> None:
         # Name each new (key, kind) now, so a rename warning points at this dump. The
-        # set difference skips the keys already named as scalars without a Python loop.
-        for key in row.values.keys() - self._scalar_keys:
-            value = row.values[key]
+        # set difference skips a row of known scalars without a Python loop; new keys
+        # are named in the row's order, which decides who keeps a contested name.
+        new = row.values.keys() - self._scalar_keys
+        if not new:
+            return
+        for key, value in row.values.items():
+            if key not in new:
+                continue
             kind = (key, type(value))
             if kind not in self._checked:
                 to_mlflow(key, value, row, self._names)

@@ -102,9 +102,13 @@ class WandBOutputFormat(OutputFormat):
         }
 
     def check_row(self, row: Row) -> None:
-        # A rename warning points at this dump; the set difference skips known keys.
-        for key in row.values.keys() - self._named:
-            if not isinstance(row.values[key], HParam):
+        # A rename warning points at this dump; the set difference skips a row of known
+        # keys, and new keys are named in the row's order (first come keeps a name).
+        new = row.values.keys() - self._named
+        if not new:
+            return
+        for key, value in row.values.items():
+            if key in new and not isinstance(value, HParam):
                 self._names(key)
                 self._named.add(key)
 
