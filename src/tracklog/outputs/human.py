@@ -10,7 +10,7 @@ from typing import TextIO
 from tracklog._row import Row
 from tracklog.convert.text import one_line, to_text
 from tracklog.outputs._base import OutputFormat
-from tracklog.values import LogValue, Scalar
+from tracklog.values import Scalar
 
 __all__ = ["FixedHumanOutputFormat", "render_table", "shorten"]
 
@@ -86,30 +86,31 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
         return []
     value_length = max(max_length, _NUMBER_WIDTH)
     layout = _layout(tuple(sorted(cells)), max_length)
-    rows = [(shown, "" if key is None else _fit(cells[key], value_length)) for shown, key in layout]
-    key_width = _key_width(layout)
-    value_width = max(len(value) for _, value in rows)
+    values = [
+        ""
+        if key is None
+        else text
+        if len(text := cells[key]) <= value_length
+        else shorten(text, value_length)
+        for _, key in layout
+    ]
+    prefixes, key_width = _prefixes(layout)
+    value_width = max(map(len, values))
     dashes = "-" * (key_width + value_width + 7)
     lines = [dashes]
-    lines.extend(f"| {key.ljust(key_width)} | {value.ljust(value_width)} |" for key, value in rows)
+    lines.extend(
+        prefix + value.ljust(value_width) + " |"
+        for prefix, value in zip(prefixes, values, strict=True)
+    )
     lines.append(dashes)
     return lines
 
 
-def _fit(text: str, max_length: int) -> str:
-    return text if len(text) <= max_length else shorten(text, max_length)
-
-
 @functools.lru_cache(maxsize=32)
-def _key_width(layout: tuple[tuple[str, str | None], ...]) -> int:
-    return max(len(shown) for shown, _ in layout)
-
-
-def _cell_text(value: LogValue) -> str:
-    # Floats are nearly every cell of an RL table: format them without the dispatch.
-    if type(value) is Scalar and type(value.value) is float:
-        return f"{value.value:.4g}"
-    return to_text(value)
+def _prefixes(layout: tuple[tuple[str, str | None], ...]) -> tuple[tuple[str, ...], int]:
+    """Each row's ``"| key<padding> | "`` and the key column's width, worked out once."""
+    key_width = max(len(shown) for shown, _ in layout)
+    return tuple(f"| {shown.ljust(key_width)} | " for shown, _ in layout), key_width
 
 
 def _render_row(row: Row, max_length: int) -> str:
@@ -117,7 +118,13 @@ def _render_row(row: Row, max_length: int) -> str:
     memo_key = ("table", max_length)
     text = row.memo.get(memo_key)
     if not isinstance(text, str):
-        cells = {key: _cell_text(value) for key, value in row.values.items()}
+        # Floats are nearly every cell of an RL table: formatted here without dispatch.
+        cells = {
+            key: f"{value.value:.4g}"
+            if type(value) is Scalar and type(value.value) is float
+            else to_text(value)
+            for key, value in row.values.items()
+        }
         lines = render_table(cells, max_length)
         text = row.memo[memo_key] = "\n".join(lines) + "\n" if lines else ""
     return text

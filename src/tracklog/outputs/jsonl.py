@@ -13,6 +13,9 @@ from tracklog.outputs._base import OutputFormat
 
 __all__ = ["JsonlOutputFormat"]
 
+# One encoder for every row: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=True)
+
 
 class JsonlOutputFormat(OutputFormat):
     """Appends ``{"_step": …, "_timestamp": …, key: value, …}`` lines to ``path``.
@@ -33,7 +36,7 @@ class JsonlOutputFormat(OutputFormat):
     def write_row(self, row: Row) -> None:
         document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
         document.update(row_cells(row, self._media))
-        self._file.write(json.dumps(document, ensure_ascii=False, allow_nan=True) + "\n")
+        self._file.write(_ENCODER.encode(document) + "\n")
         self._file.flush()
 
     def flush(self) -> None:
