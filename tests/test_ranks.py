@@ -307,7 +307,10 @@ with tracklog.build_logger(settings) as logger:
 if how != "env":
     dist.barrier()
     dist.destroy_process_group()
-print(json.dumps(report), flush=True)
+# A file per rank: torchrun relays its children's stdout, and two ranks' lines can
+# interleave there.
+with open(os.path.join(os.path.dirname(__file__), f"report-{rank}.json"), "w") as out:
+    json.dump(report, out)
 """
 
 
@@ -336,11 +339,17 @@ def run_ranks(commands: list[list[str]], envs: list[dict[str, str]]) -> list[dic
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for command, env in zip(commands, envs, strict=True)
     ]
-    reports: list[dict[str, Any]] = []
     for child in children:
-        out, err = child.communicate(timeout=180)
+        _, err = child.communicate(timeout=180)
         assert child.returncode == 0, err.decode(errors="replace")
-        reports += [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    scripts = {
+        Path(part).parent for command in commands for part in command if part.endswith(".py")
+    }
+    reports: list[dict[str, Any]] = [
+        json.loads(report.read_text())
+        for folder in scripts
+        for report in folder.glob("report-*.json")
+    ]
     return sorted(reports, key=lambda report: int(report["rank"]))
 
 
