@@ -1343,3 +1343,41 @@ def test_a_switch_interval_the_program_sets_meanwhile_is_kept(tmp_path: Path) ->
         assert sys.getswitchinterval() == pytest.approx(0.003)
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("linger", [0.0, 9.0])
+def test_mlflow_rows_wait_for_the_linger_but_never_for_flush_or_close(
+    tmp_path: Path, linger: float
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "outputs": [{"type": "mlflow", "tracking_uri": uri, "experiment": "linger"}],
+            "delivery": {"linger": linger},
+        }
+    )
+    for step in range(3):
+        logger.record("a", float(step))
+        logger.dump(step)
+    run_id = next(
+        o.run_id for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)
+    )
+
+    def points() -> int:
+        return len(client.get_metric_history(run_id, "a"))
+
+    deadline = time.monotonic() + 5
+    while points() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert points() == (3 if linger == 0 else 0)  # 9 s of linger: nothing sent yet
+    start = time.monotonic()
+    assert logger.flush(timeout=10)
+    assert points() == 3
+    logger.record("a", 3.0)
+    logger.dump(3)
+    logger.close()
+    assert time.monotonic() - start < 4  # neither flush() nor close() waited for the linger
+    assert [p.value for p in client.get_metric_history(run_id, "a")] == [0.0, 1.0, 2.0, 3.0]
+    assert client.get_run(run_id).info.status == "FINISHED"

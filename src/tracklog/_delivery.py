@@ -196,6 +196,8 @@ class Channel:
         self._abandoned = False
         self._done = False
         self._outage_reported = False
+        self._first_queued = 0.0  # when the oldest message in the queue was put
+        self._drainers = 0  # threads in drain(): the worker does not linger for them
         self._batch_rows = type(output).write_rows is not _base_write_rows()
         #: The first failure, raised on the training thread when ``strict``.
         self.error: Exception | None = None
@@ -221,7 +223,30 @@ class Channel:
                 self._warn_over_budget()
             self._queue.append((message, size))
             self._bytes += size
-            self._cond.notify_all()
+            if len(self._queue) == 1:
+                self._first_queued = time.monotonic()
+            # A waiting worker starts its linger at the first message and wakes by
+            # itself when it ends; waking it at every dump would cost the GIL each time.
+            if len(self._queue) == 1 or not self._batch_rows or self._linger_over():
+                self._cond.notify_all()
+
+    def _linger_over(self) -> bool:
+        """Whether the queued rows should go now rather than wait for more."""
+        return (
+            self._closing
+            or self._drainers > 0
+            or len(self._queue) >= _MAX_GROUP
+            or 2 * self._bytes > self.settings.queue_bytes
+            or self._queue[0][0].kind != "row"
+        )
+
+    def _linger_left(self) -> float:
+        """Seconds the worker waits for more rows before it delivers (0: now)."""
+        # Only an output that sends rows together gains from waiting (MLflow: one
+        # request per batch); another would do the same work later, in a longer burst.
+        if not self._batch_rows or self.settings.linger == 0 or self._linger_over():
+            return 0.0
+        return self._first_queued + self.settings.linger - time.monotonic()
 
     def _can_spill(self) -> bool:
         return self.spool is not None and (time.monotonic() - self._spill_failed_at >= _SPILL_RETRY)
@@ -388,6 +413,10 @@ class Channel:
                     self._inflight, self._inflight_from_memory = messages, False
                     return messages, True
                 if self._queue:
+                    wait = self._linger_left()
+                    if wait > 0:
+                        self._cond.wait(wait)
+                        continue
                     messages = []
                     while self._queue and (
                         not messages or (len(messages) < _MAX_GROUP and messages[-1].kind == "row")
@@ -464,7 +493,12 @@ class Channel:
             )
 
         with self._cond:
-            return self._cond.wait_for(idle, timeout=max(0.0, deadline - time.monotonic()))
+            self._drainers += 1
+            self._cond.notify_all()  # a lingering worker delivers at once
+            try:
+                return self._cond.wait_for(idle, timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                self._drainers -= 1
 
     def _ack(self, count: int) -> None:
         """Record delivery; a failure (full disk) only means those may be sent again."""

@@ -406,6 +406,15 @@ class DeliverySettings(BaseModel):
         description="on SIGTERM (SLURM preemption), flush and close every logger, then "
         "exit with status 143; only installed if SIGTERM still has its default handler",
     )
+    linger: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="seconds a worker waits after a dump for more rows before it delivers, "
+        "so a backend gets one request per batch of dumps rather than one per dump; "
+        "flush(), close() and a full batch (64 rows) do not wait; 0 delivers every dump "
+        "at once",
+    )
     switch_interval: float | None = Field(
         default=0.001,
         gt=0,
