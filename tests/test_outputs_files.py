@@ -719,3 +719,20 @@ def test_every_media_kind_in_one_dump(run_dir: Path) -> None:
     }
     frame = pd.read_json(run_dir / "progress.jsonl", lines=True)
     assert frame["video"][0] == row.values["video"]
+
+
+@given(st.text(alphabet=st.sampled_from("a\x85\u2028\u2029\u00e9\n\r"), max_size=8))
+def test_a_jsonl_row_is_one_line_for_every_line_splitter(text: str) -> None:
+    # U+0085, U+2028 and U+2029 are valid raw in JSON, but str.splitlines() ends a line
+    # at each: written escaped, a row stays one line for every reader.
+    with fresh_run_dir() as run_dir:
+        with tracklog.build_logger(
+            {"run_dir": str(run_dir), "outputs": [{"type": "jsonl"}]}
+        ) as logger:
+            logger.record(f"k{text}", text)
+            logger.dump(0)
+        content = (run_dir / "progress.jsonl").read_text(encoding="utf-8")
+        frame = pd.read_json(run_dir / "progress.jsonl", lines=True)
+    (line,) = content.splitlines()
+    assert json.loads(line)[f"k{text}"] == text
+    assert frame[f"k{text}"].tolist() == [text]

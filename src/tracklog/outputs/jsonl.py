@@ -15,6 +15,9 @@ __all__ = ["JsonlOutputFormat"]
 
 # One encoder for every row: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=True)
+# Valid raw inside a JSON string, but str.splitlines() and some JSON Lines readers end
+# a line there: escaped, so one row is always one line (json.loads gives them back).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 class JsonlOutputFormat(OutputFormat):
@@ -36,7 +39,10 @@ class JsonlOutputFormat(OutputFormat):
     def write_row(self, row: Row) -> None:
         document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
         document.update(row_cells(row, self._media))
-        self._file.write(_ENCODER.encode(document) + "\n")
+        line = _ENCODER.encode(document)
+        if not line.isascii():
+            line = line.translate(_LINE_BREAKS)
+        self._file.write(line + "\n")
         self._file.flush()
 
     def flush(self) -> None:
