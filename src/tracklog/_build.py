@@ -4,69 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import assert_never
 
 from stable_baselines3.common.logger import KVWriter
 
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
+from tracklog._outbox import Outbox, RemoteOutput
 from tracklog._ranks import detect
-from tracklog._spool import free_directory
-from tracklog.outputs import (
-    CsvOutputFormat,
-    FixedHumanOutputFormat,
-    JsonlOutputFormat,
-    MLFlowOutputFormat,
-    TensorBoardOutputFormat,
-    WandBOutputFormat,
-)
-from tracklog.settings import (
-    ConsoleOutput,
-    CsvOutput,
-    FileOutput,
-    JsonlOutput,
-    LoggerSettings,
-    MlflowOutput,
-    OutputSettings,
-    TensorboardOutput,
-    WandbOutput,
-    load_settings,
-)
+from tracklog._registry import LocalContext, backend
+from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
 __all__ = ["build_logger"]
-
-
-def _make_output(
-    output: OutputSettings, settings: LoggerSettings, media: MediaStore, index: int
-) -> KVWriter:
-    spool_root = settings.resolve(settings.delivery.spool_dir)
-    match output:
-        case ConsoleOutput():
-            return FixedHumanOutputFormat(None, max_length=output.max_length)
-        case FileOutput():
-            return FixedHumanOutputFormat(
-                settings.resolve(output.path), max_length=output.max_length
-            )
-        case JsonlOutput():
-            return JsonlOutputFormat(settings.resolve(output.path), media=media)
-        case CsvOutput():
-            return CsvOutputFormat(settings.resolve(output.path), media=media)
-        case TensorboardOutput():
-            return TensorBoardOutputFormat(settings.resolve(output.path))
-        case MlflowOutput():
-            return MLFlowOutputFormat(
-                output,
-                settings_json=settings.model_dump_json(),
-                spool_dir=free_directory(spool_root / f"{index}-mlflow"),
-            )
-        case WandbOutput():
-            return WandBOutputFormat(
-                output,
-                run_dir=settings.run_dir,
-                spool_dir=free_directory(spool_root / f"{index}-wandb"),
-            )
-        case _:
-            assert_never(output)
 
 
 def build_logger(
@@ -93,19 +41,38 @@ def build_logger(
         )
     resolved = placement.apply(resolved)
     resolved.run_dir.mkdir(parents=True, exist_ok=True)
-    media = MediaStore(resolved.run_dir)
-    outputs: list[KVWriter] = []
+    remote: list[tuple[int, OutputSettings]] = []
+    local: list[tuple[int, OutputSettings]] = []
+    for index, output in enumerate(resolved.outputs):
+        (remote if backend(output).remote else local).append((index, output))
+    files = any(backend(output).files for _, output in local)
+    outbox = None
+    if remote or files:
+        media = any(backend(output).media for _, output in local)
+        outbox = Outbox(resolved, remote, media=media, strict=resolved.strict)
+    store = MediaStore(resolved.run_dir, defer=outbox is not None)
+    context = LocalContext(run_dir=resolved.run_dir, media=store)
+    outputs: dict[int, KVWriter] = {}
     try:
-        for index, output in enumerate(resolved.outputs):
-            outputs.append(_make_output(output, resolved, media, index))
+        for index, output in local:
+            build = backend(output).build_local
+            assert build is not None
+            outputs[index] = build(output, context)
     except BaseException:
-        for opened in outputs:
+        for opened in outputs.values():
             opened.close()
+        if outbox is not None:
+            outbox.close(0.0)
         raise
+    if outbox is not None:
+        for index, output in remote:
+            outputs[index] = RemoteOutput(output, index, outbox)
     return Logger(
         folder=str(resolved.run_dir),
-        output_formats=outputs,
+        output_formats=[outputs[index] for index in sorted(outputs)],
         level=resolved.level_number,
         strict=resolved.strict,
         settings=resolved,
+        outbox=outbox,
+        media=store,
     )

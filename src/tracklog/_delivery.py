@@ -1,540 +1,472 @@
-"""Background delivery: one worker thread per slow output, a byte-budgeted queue, a spool.
+"""Delivering one queue: the code the delivery process runs, and ``tracklog replay`` too.
 
-The training thread calls :meth:`Channel.put` (an append to a deque, or to the spool
-when spilling) and never waits for the backend. The worker delivers in order:
+Each output the queue names (MLflow, W&B, TensorBoard, and ``media``: the JSONL/CSV
+media files to encode) gets a worker thread with its own cursor in the queue. A worker
+builds its output, then reads messages after its cursor in order, hands consecutive
+rows over together (``write_rows``), and records its cursor (the ack) after each
+batch. So an output that is slow or down holds back only itself.
 
-- from memory while the backend keeps up;
-- from the on-disk spool (:mod:`tracklog._spool`) once the backend failed with an error
-  the output calls transient (connection refused, timeout, 5xx, 429), or the queue
-  outgrew ``queue_bytes``. While spilling, every new message goes to the spool too, so
-  order is kept; when the spool is drained the channel goes back to memory.
+- A transient error (the output's ``is_transient``: server down, 5xx, 429, a locked
+  database) is retried with backoff from ``retry_initial`` doubling to ``retry_max``:
+  for as long as the trainer lives (the rows wait on disk, not in memory), then until
+  ``delivery.deadline`` seconds after it ended. What is left stays in the queue for
+  ``tracklog replay``.
+- Any other error of a batch splits it: the rows are sent one by one, and only the row
+  that fails again is skipped, reported with its step and keys.
+- A record that does not parse is reported with its position and skipped.
+- If the trainer died without ``close()``, the run is ended KILLED (FAILED when the
+  queue holds the exception training died of) once everything is delivered.
 
-A transient failure is retried with exponential backoff (``retry_initial`` doubling up
-to ``retry_max``), forever until ``close()``'s deadline. Any other failure is reported
-once through :class:`~tracklog._isolation.Isolation` and counted, and that message is
-skipped for this output only. Consecutive rows are handed over together to an output
-that has ``write_rows`` (MLflow sends them in one request), so a backlog drains fast.
+The queue is removed once every output has everything and the trainer is gone.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import os
+import shutil
 import threading
 import time
-from collections import deque
+import traceback
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, assert_never
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Final, Protocol
 
-from tracklog._isolation import Isolation
-from tracklog._row import Row
-from tracklog._spool import Spool, dumps, loads
-from tracklog.values import Figure, Histogram, HParam, Image, Scalar, Text, Video
+from tracklog import _encode
+from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
+from tracklog._queue import MEDIA, Message, Queue, replay_command
+from tracklog._registry import RemoteContext, backend, parse_output
+from tracklog.outputs._base import OutputFormat
+from tracklog.settings import DeliverySettings, OutputSettings
+from tracklog.values import Image, Video
 
-if TYPE_CHECKING:
-    from tracklog.outputs._base import OutputFormat
-    from tracklog.settings import DeliverySettings
-
-__all__ = ["Channel", "Message", "dispatch", "replay_command", "size_of", "size_of_row"]
+__all__ = ["Delivery", "Reporter", "Target", "targets"]
 
 _log = logging.getLogger("tracklog")
 
-Kind = Literal["row", "line", "failed", "close"]
+_BATCH: Final = 64  # rows handed over in one write_rows call
+_POLL: Final = 0.02  # seconds between looks at the queue when there is nothing to do
+_FORGET_EVERY: Final = 2.0  # seconds between deletions of what every output has
+
+
+class Reporter(Protocol):
+    """Where the delivery side's warnings and errors go (the trainer, or the log)."""
+
+    def __call__(self, level: int, message: str, *, warning: bool = False) -> None: ...
+
+
+def log_reporter(level: int, message: str, *, warning: bool = False) -> None:
+    _log.log(level, "%s", message)
 
 
 @dataclass(frozen=True, slots=True)
-class Message:
-    kind: Kind
-    row: Row | None = None
-    text: str = ""
-    #: ``size_of`` this message, when the caller already knows it (0: not known).
-    size: int = 0
+class Target:
+    """One output of the queue: its consumer name, settings path and settings."""
 
-    def encode(self) -> bytes:
-        return dumps((self.kind, self.row, self.text))
+    consumer: str
+    index: int
+    settings: OutputSettings
 
-    @staticmethod
-    def decode(data: bytes) -> Message:
-        kind, row, text = loads(data)
-        return Message(kind, row, text)
+    @property
+    def label(self) -> str:
+        return f"outputs.{self.index} ({self.settings.type})"
 
 
-_MAX_GROUP = 64  # rows handed over in one write_rows call
-_SPILL_RETRY = 10.0  # seconds before trying a spool that could not be written again
+def targets(header: dict[str, Any], secrets: dict[str, dict[str, Any]] | None) -> list[Target]:
+    """The outputs ``header`` lists, with their secrets filled in when given."""
+    found = []
+    for entry in header["outputs"]:
+        data = dict(entry["settings"])
+        data.update((secrets or {}).get(entry["consumer"], {}))
+        found.append(Target(entry["consumer"], int(entry["index"]), parse_output(data)))
+    return found
 
 
-def size_of(message: Message) -> int:
-    """A cheap estimate of the bytes ``message`` holds."""
-    if message.size:
-        return message.size
-    return 200 + len(message.text) + (size_of_row(message.row) if message.row else 0)
+class _Rows:
+    """Decoded rows shared by the workers, so a video is loaded and encoded once."""
+
+    def __init__(self, queue: Queue) -> None:
+        self._queue = queue
+        self._lock = threading.Lock()
+        self._rows: OrderedDict[int, Decoded | CodecError] = OrderedDict()
+
+    def get(self, message: Message) -> Decoded:
+        with self._lock:
+            found = self._rows.get(message.seq)
+            if found is None:
+                try:
+                    found = decode_row(message.body, self._queue.blobs)
+                except CodecError as error:
+                    found = error
+                self._rows[message.seq] = found
+                while len(self._rows) > 2 * _BATCH:
+                    self._rows.popitem(last=False)
+        if isinstance(found, CodecError):
+            raise found
+        return found
 
 
-def size_of_row(row: Row) -> int:
-    """A cheap estimate of the bytes ``row`` holds (keys, numbers, media)."""
-    size = 200 + 64 * len(row.values) + sum(map(len, row.values))
-    for value in row.values.values():
-        if type(value) is Scalar:
-            continue  # nearly every value: skip the dispatch
-        match value:
-            case Scalar():
-                pass
-            case Video():
-                size += value.frames.nbytes
-            case Image():
-                size += value.image.nbytes
-            case Figure():
-                size += len(value.png)
-            case Histogram():
-                size += value.values.nbytes
-            case Text():
-                size += len(value.value)
-            case HParam():
-                pass
-            case _:
-                assert_never(value)
-    return size
+@dataclass
+class _Worker:
+    target: Target | None  # None: the media worker
+    consumer: str
+    cursor: int = 0
+    output: OutputFormat | None = None
+    closed: bool = False
+    failed_seen: bool = False
+    gave_up: bool = False
+    failures: int = 0
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.target.label if self.target is not None else "media files"
 
 
-def dispatch(output: OutputFormat, messages: list[Message]) -> None:
-    """Hand ``messages`` (consecutive rows, or one other message) to ``output``."""
-    first = messages[0]
-    if first.kind == "row":
-        rows = [message.row for message in messages if message.row is not None]
-        if len(rows) == 1:
-            output.write_row(rows[0])
+class Delivery:
+    """Delivers one queue until every output is closed or the deadline passes."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        secrets: dict[str, dict[str, Any]] | None,
+        trainer_gone: Callable[[], bool],
+        report: Reporter = log_reporter,
+        deadline: float | None = None,
+    ) -> None:
+        self.queue = queue
+        self.header = queue.header()
+        self.settings = DeliverySettings.model_validate(self.header["delivery"])
+        self.run_dir = Path(self.header["run_dir"])
+        self._trainer_gone = trainer_gone
+        self._report = report
+        self._rows = _Rows(queue)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        #: monotonic time after which transient errors are no longer retried
+        self._deadline = deadline
+        self.workers = [
+            _Worker(target, target.consumer) for target in targets(self.header, secrets)
+        ]
+        if self.header.get("media"):
+            self.workers.append(_Worker(None, MEDIA))
+
+    # Running ---------------------------------------------------------------------------
+    def run(self) -> bool:
+        """Deliver; True if every output got everything (the queue is then removed)."""
+        for worker in self.workers:
+            worker.cursor = self.queue.acked(worker.consumer)
+            worker.thread = threading.Thread(
+                target=self._work, args=(worker,), name=f"tracklog-{worker.consumer}", daemon=True
+            )
+            worker.thread.start()
+        last_forget = time.monotonic()
+        while any(
+            worker.thread is not None and worker.thread.is_alive() for worker in self.workers
+        ):
+            for worker in self.workers:
+                if worker.thread is not None:
+                    worker.thread.join(_FORGET_EVERY)
+                    break
+            if time.monotonic() - last_forget >= _FORGET_EVERY:
+                last_forget = time.monotonic()
+                self._forget()
+        complete = all(worker.closed and not worker.gave_up for worker in self.workers)
+        self._forget()
+        if complete:
+            self._remove()
         else:
-            output.write_rows(rows)
-    elif first.kind == "line":
-        output.write_line(first.text)
-    elif first.kind == "failed":
-        output.mark_failed(first.text)
-    else:
-        output.close()
+            left = self.queue.pending([worker.consumer for worker in self.workers])
+            self._report(
+                logging.ERROR,
+                f"tracklog: {left} message(s) could not be delivered in time and are kept in "
+                f"{self.queue.directory}. Deliver them later with:\n    "
+                f"{replay_command(self.queue.directory)}",
+            )
+        return complete
+
+    def _forget(self) -> None:
+        low = min((worker.cursor for worker in self.workers), default=0)
+        if low > 0:
+            try:
+                self.queue.forget(low)
+            except Exception as error:  # a locked database: next time
+                _log.debug("tracklog: could not trim %s: %s", self.queue.directory, error)
+
+    def _remove(self) -> None:
+        """Remove the queue once its trainer is gone (it may still wait in close())."""
+        lock = self.queue.trainer_lock()
+        limit = time.monotonic() + 60.0
+        while lock.held_elsewhere() and time.monotonic() < limit:
+            time.sleep(0.05)
+        self.queue.close()
+        shutil.rmtree(self.queue.directory, ignore_errors=True)
+
+    def _past_deadline(self) -> bool:
+        if self._deadline is None:
+            if not self._trainer_gone():
+                return False
+            self._deadline = time.monotonic() + self.settings.deadline
+        return time.monotonic() >= self._deadline
+
+    # One output ------------------------------------------------------------------------
+    def _work(self, worker: _Worker) -> None:
+        try:
+            if worker.target is not None and not self._build(worker):
+                return
+            self._loop(worker)
+        except BaseException as error:  # a bug: say so; the queue keeps what is left
+            worker.gave_up = True
+            self._report(
+                logging.ERROR,
+                f"tracklog {worker.label}: the delivery worker stopped: "
+                + "".join(traceback.format_exception(error)),
+            )
+
+    def _build(self, worker: _Worker) -> bool:
+        target = worker.target
+        assert target is not None
+        entry = backend(target.settings)
+        assert entry.build_remote is not None
+        state_dir = self.queue.directory / f"state-{target.consumer}"
+        state_dir.mkdir(mode=0o700, exist_ok=True)
+        published = self.queue.state(target.consumer)
+        again = published.pop("built", None) is not None
+        self.queue.set_state(target.consumer, {"built": "1"})
+        context = RemoteContext(
+            run_dir=self.run_dir,
+            settings_json=str(self.header.get("settings_json", "{}")),
+            state_dir=state_dir,
+            identity=dict(self.header["identity"].get(target.consumer, {})),
+            published=published,
+            again=again,
+        )
+        delay = self.settings.retry_initial
+        while True:
+            try:
+                output = entry.build_remote(target.settings, context)
+                break
+            except Exception as error:
+                if not entry.transient(error) or self._past_deadline():
+                    worker.gave_up = True
+                    self._report(
+                        logging.ERROR,
+                        f"tracklog {target.label}: cannot start: {type(error).__name__}: "
+                        f"{error}; its rows stay in {self.queue.directory} for `tracklog "
+                        "replay` once the settings are fixed",
+                        warning=False,
+                    )
+                    return False
+                self._wait(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+        worker.output = output
+        self._publish(worker)
+        return True
+
+    def _publish(self, worker: _Worker) -> None:
+        assert worker.target is not None
+        assert worker.output is not None
+        try:
+            published = backend(worker.target.settings).publish(worker.output)
+        except Exception:  # not known yet (MLflow down at start): published later
+            return
+        self.queue.set_state(worker.consumer, published)
+
+    def _loop(self, worker: _Worker) -> None:
+        while not worker.closed:
+            gone = self._trainer_gone()  # before reading: rows committed before it count
+            messages = self.queue.read(worker.cursor, _BATCH)
+            if not messages:
+                if gone:
+                    self._end_orphaned(worker)
+                    return
+                self._wait(_POLL)
+                continue
+            messages = self._linger(worker, messages)
+            for group in _groups(messages):
+                if not self._deliver(worker, group):
+                    worker.gave_up = True
+                    return
+                worker.cursor = group[-1].seq
+                self.queue.ack(worker.consumer, worker.cursor)
+
+    def _end_orphaned(self, worker: _Worker) -> None:
+        """The trainer ended without close(): end the run as it ended (KILLED, or
+        FAILED if the queue holds the exception it died of)."""
+        if not worker.failed_seen:
+            self._deliver(worker, [Message(0, "failed", "died")])
+        if self._deliver(worker, [Message(0, "close", "")]):
+            worker.cursor = self.queue.last_seq()
+        else:
+            worker.gave_up = True
+
+    def _linger(self, worker: _Worker, messages: list[Message]) -> list[Message]:
+        """Wait up to ``linger`` for more rows, so a backend gets one request for many."""
+        linger = self.settings.linger
+        if linger == 0 or worker.target is None or len(messages) >= _BATCH:
+            return messages
+        if any(message.kind != "row" for message in messages):
+            return messages
+        until = time.monotonic() + linger
+        while time.monotonic() < until and not self._trainer_gone():
+            self._wait(min(_POLL, linger))
+            more = self.queue.read(worker.cursor, _BATCH)
+            if len(more) >= _BATCH or any(message.kind != "row" for message in more):
+                return more
+            messages = more
+        return messages
+
+    def _wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # Handing messages over -------------------------------------------------------------
+    def _deliver(self, worker: _Worker, group: list[Message]) -> bool:
+        """Hand ``group`` over, retrying transient errors; False if given up."""
+        delay = self.settings.retry_initial
+        outage = False
+        while True:
+            try:
+                self._dispatch(worker, group)
+                if outage:
+                    self._report(
+                        logging.WARNING, f"tracklog {worker.label}: the backend is reachable again"
+                    )
+                return True
+            except Exception as error:
+                if worker.output is None or not worker.output.is_transient(error):
+                    if len(group) > 1:
+                        return all(self._deliver(worker, [message]) for message in group)
+                    self._skip(worker, group[0], error)
+                    if group[0].kind == "close":
+                        worker.closed = True
+                    return True
+                if self._past_deadline():
+                    self._report(
+                        logging.ERROR,
+                        f"tracklog {worker.label}: still failing at the delivery deadline "
+                        f"({type(error).__name__}: {_first_line(error)})",
+                    )
+                    return False
+                if not outage:
+                    outage = True
+                    self._report(
+                        logging.WARNING,
+                        f"tracklog {worker.label}: delivery failed ({type(error).__name__}: "
+                        f"{_first_line(error)}); the rows wait in the queue and delivery is "
+                        "retried with backoff; training goes on",
+                    )
+                self._wait(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+
+    def _dispatch(self, worker: _Worker, group: list[Message]) -> None:
+        first = group[0]
+        if worker.target is None:
+            if first.kind == "row":
+                for message in group:
+                    self._encode_media(self._decoded(worker, message))
+            elif first.kind == "close":
+                worker.closed = True
+            return
+        output = worker.output
+        assert output is not None
+        name = backend(worker.target.settings).exclude
+        if first.kind == "row":
+            rows = []
+            for message in group:
+                decoded = self._decoded(worker, message)
+                if decoded is not None:
+                    rows.append(decoded.for_output(name))
+            if len(rows) == 1:
+                output.write_row(rows[0])
+            elif rows:
+                output.write_rows(rows)
+            if "run_id" not in self.queue.state(worker.consumer):
+                self._publish(worker)  # the run exists now if it did not at start
+        elif first.kind == "line":
+            output.write_line(first.body)
+        elif first.kind == "failed":
+            worker.failed_seen = True
+            output.mark_failed(first.body)
+        elif first.kind == "close":
+            output.close()
+            worker.closed = True
+
+    def _decoded(self, worker: _Worker, message: Message) -> Decoded | None:
+        try:
+            return self._rows.get(message)
+        except CodecError as error:
+            self._report(
+                logging.ERROR,
+                f"tracklog {worker.label}: record {message.seq} of {self.queue.directory} "
+                f"is not a row tracklog wrote ({error}); skipped",
+            )
+            return None
+
+    def _skip(self, worker: _Worker, message: Message, error: Exception) -> None:
+        worker.failures += 1
+        if message.kind == "row":
+            try:
+                decoded = self._rows.get(message)
+                keys = list(decoded.row.values)
+                what = f"the row at step {decoded.row.step} (keys {', '.join(keys[:8])}"
+                what += ", …)" if len(keys) > 8 else ")"
+            except CodecError:
+                what = f"record {message.seq}"
+        else:
+            what = f"the {message.kind} message"
+        text = (
+            f"tracklog {worker.label}: {what} was skipped for this output: "
+            f"{type(error).__name__}: {error}"
+        )
+        if worker.failures == 1:
+            text += "\n" + "".join(traceback.format_exception(error))
+        self._report(logging.ERROR, text)
+
+    def _encode_media(self, decoded: Decoded | None) -> None:
+        """Write the JSONL/CSV media files a row named (aside, then renamed)."""
+        if decoded is None:
+            return
+        for key, (path, ext) in decoded.media.items():
+            value = decoded.row.values.get(key)
+            target = _media_path(self.run_dir, path)
+            if isinstance(value, Video) and ext == "mp4":
+                data = _encode.mp4(value)
+            elif isinstance(value, Image) and ext == "png":
+                data = _encode.png(value)
+            else:
+                raise CodecError(f"media job {path!r} does not match its value")
+            aside = target.with_name(target.name + ".part")
+            fd = open_nofollow(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(aside, target)
 
 
-def groups(messages: list[Message], *, batch_rows: bool) -> list[list[Message]]:
-    """Split ``messages`` into runs of consecutive rows (if batching) and single others."""
+def _media_path(run_dir: Path, path: str) -> Path:
+    relative = PurePosixPath(path)
+    if (
+        relative.is_absolute()
+        or relative.parts[:1] != ("media",)
+        or any(part in ("", ".", "..") for part in relative.parts)
+    ):
+        raise CodecError(f"media path {path!r} is not under media/")
+    return run_dir.joinpath(*relative.parts)
+
+
+def _groups(messages: list[Message]) -> list[list[Message]]:
+    """Runs of consecutive rows, and every other message on its own."""
     result: list[list[Message]] = []
     for message in messages:
-        if batch_rows and message.kind == "row" and result and result[-1][0].kind == "row":
+        if message.kind == "row" and result and result[-1][0].kind == "row":
             result[-1].append(message)
         else:
             result.append([message])
     return result
 
 
-def replay_command(directory: object) -> str:
-    return f"python -m tracklog replay {directory}"
-
-
-class _SwitchInterval:
-    """Lowers ``sys.setswitchinterval`` while delivery workers run; restores it after.
-
-    A thread that wants the GIL waits up to the switch interval (5 ms by default) for
-    the thread holding it. Inside ``dump()`` that happens whenever a file write
-    releases the GIL while a worker is runnable: the training thread then waits for
-    the worker's Python work. A 1 ms interval caps that wait at about 1 ms (measured in
-    ``bench/bench_delivery.py``: p99 of the blocked time per dump 1.0 ms, against
-    0.5 to 4.2 ms, max 9 to 26 ms, at 5 ms). Never raised above the interval in force,
-    and left alone if the program changed it meanwhile.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._saved = 0.0
-        self._set = 0.0
-
-    def hold(self, interval: float | None) -> bool:
-        if interval is None:
-            return False
-        with self._lock:
-            if self._users == 0:
-                self._saved = sys.getswitchinterval()
-                self._set = min(interval, self._saved)
-                sys.setswitchinterval(self._set)
-            self._users += 1
-        return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0 and sys.getswitchinterval() == self._set:
-                sys.setswitchinterval(self._saved)
-
-
-switch_interval = _SwitchInterval()
-
-
-class Channel:
-    """Delivers one output's messages on a worker thread; see the module docstring."""
-
-    def __init__(
-        self,
-        output: OutputFormat,
-        *,
-        settings: DeliverySettings,
-        spool: Spool | None,
-        isolation: Isolation,
-        label: str,
-    ) -> None:
-        self.output = output
-        self.settings = settings
-        self.spool = spool
-        self.label = label
-        self._isolation = isolation
-        self._cond = threading.Condition()
-        self._queue: deque[tuple[Message, int]] = deque()
-        self._bytes = 0
-        self._spilling = False
-        self._spill_failed_at = -_SPILL_RETRY
-        self._inflight: list[Message] = []
-        self._inflight_from_memory = False
-        self._closing = False
-        self._abandoned = False
-        self._done = False
-        self._outage_reported = False
-        self._first_queued = 0.0  # when the oldest message in the queue was put
-        self._drainers = 0  # threads in drain(): the worker does not linger for them
-        self._batch_rows = type(output).write_rows is not _base_write_rows()
-        #: The first failure, raised on the training thread when ``strict``.
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name=f"tracklog-{label}", daemon=True)
-        self._holds_interval = switch_interval.hold(settings.switch_interval)
-        self._thread.start()
-
-    # Training thread -------------------------------------------------------------------
-    def put(self, message: Message) -> None:
-        size = size_of(message)
-        with self._cond:
-            if self._closing:
-                raise RuntimeError(f"{self.label}: channel is closed")
-            over = self._bytes + size > self.settings.queue_bytes
-            if (self._spilling or over) and self._can_spill():
-                pending = [queued for queued, _ in self._queue] + [message]
-                if self._spill(pending):
-                    self._queue.clear()
-                    self._bytes = 0
-                    self._cond.notify_all()
-                    return
-            if over and not self._spilling:
-                self._warn_over_budget()
-            self._queue.append((message, size))
-            self._bytes += size
-            if len(self._queue) == 1:
-                self._first_queued = time.monotonic()
-            # A waiting worker starts its linger at the first message and wakes by
-            # itself when it ends; waking it at every dump would cost the GIL each time.
-            if len(self._queue) == 1 or not self._batch_rows or self._linger_over():
-                self._cond.notify_all()
-
-    def _linger_over(self) -> bool:
-        """Whether the queued rows should go now rather than wait for more."""
-        return (
-            self._closing
-            or self._drainers > 0
-            or len(self._queue) >= _MAX_GROUP
-            or 2 * self._bytes > self.settings.queue_bytes
-            or self._queue[0][0].kind != "row"
-        )
-
-    def _linger_left(self) -> float:
-        """Seconds the worker waits for more rows before it delivers (0: now)."""
-        # Only an output that sends rows together gains from waiting (MLflow: one
-        # request per batch); another would do the same work later, in a longer burst.
-        if not self._batch_rows or self.settings.linger == 0 or self._linger_over():
-            return 0.0
-        return self._first_queued + self.settings.linger - time.monotonic()
-
-    def _can_spill(self) -> bool:
-        return self.spool is not None and (time.monotonic() - self._spill_failed_at >= _SPILL_RETRY)
-
-    def _spill(self, messages: list[Message], *, front: bool = False) -> bool:
-        """Write ``messages`` to the spool (before its unread records if ``front``)."""
-        assert self.spool is not None
-        try:
-            records = [message.encode() for message in messages]
-            if front:
-                self.spool.prepend(records)
-            else:
-                self.spool.append(records)
-        except OSError as error:
-            self._spill_failed_at = time.monotonic()
-            _log.error(
-                "tracklog %s: cannot write the spool %s (%s); keeping %d message(s) in "
-                "memory and training goes on; free disk space or they are lost if the "
-                "process dies",
-                self.label,
-                self.spool.directory,
-                error,
-                len(messages),
-            )
-            return False
-        if not self._spilling:
-            self._spilling = True
-            _log.debug("tracklog %s: spilling to %s", self.label, self.spool.directory)
-        return True
-
-    _budget_warned = False
-
-    def _warn_over_budget(self) -> None:
-        if not self._budget_warned:
-            self._budget_warned = True
-            _log.warning(
-                "tracklog %s: more than queue_bytes=%d bytes wait for delivery and there "
-                "is no spool; keeping them in memory",
-                self.label,
-                self.settings.queue_bytes,
-            )
-
-    def close(self, deadline: float) -> bool:
-        """Queue the output's close, wait until ``deadline`` (monotonic); True if all done.
-
-        If the backend is still not done by then, what is undelivered stays in the spool
-        and the replay command is reported.
-        """
-        self.request_close()
-        return self.wait(deadline)
-
-    def request_close(self) -> None:
-        """Queue the output's ``close()`` after everything already queued."""
-        with self._cond:
-            if not self._closing:
-                self._closing = True
-                message = Message("close")
-                pending = [queued for queued, _ in self._queue] + [message]
-                if self._spilling and self._can_spill() and self._spill(pending):
-                    self._queue.clear()
-                    self._bytes = 0
-                else:
-                    self._queue.append((message, 0))
-                self._cond.notify_all()
-
-    def wait(self, deadline: float) -> bool:
-        """Wait for the worker to deliver the close, until ``deadline`` (monotonic)."""
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if not self._thread.is_alive() and self._done:
-            self._finish_spool()
-            return True
-        self._abandon()
-        return False
-
-    def _abandon(self) -> None:
-        with self._cond:
-            self._abandoned = True
-            self._cond.notify_all()
-            left = [message for message, _ in self._queue]
-            inflight = self._inflight if self._inflight_from_memory else []
-            saved = False
-            if self.spool is not None and (left or inflight):
-                # The in-flight messages may still arrive (the worker is blocked in the
-                # backend); replaying them again is harmless (see tracklog._spool).
-                saved = self._spill(inflight, front=True) if inflight else True
-                saved = saved and (not left or self._spill(left))
-            owed = (self.spool.written - self.spool.acked) if self.spool is not None else 0
-            self._queue.clear()
-        if self.spool is not None and (owed or saved):
-            _log.error(
-                "tracklog %s: the backend did not take everything within close_timeout=%gs; "
-                "%d message(s) are kept in %s. Deliver them later with:\n    %s",
-                self.label,
-                self.settings.close_timeout,
-                owed,
-                self.spool.directory,
-                replay_command(self.spool.directory),
-            )
-        else:
-            _log.error(
-                "tracklog %s: the backend did not take everything within close_timeout=%gs "
-                "and there is no spool: %d message(s) are lost",
-                self.label,
-                self.settings.close_timeout,
-                len(left) + len(inflight),
-            )
-        if self.spool is not None:
-            self.spool.close(remove=False)
-
-    def _finish_spool(self) -> None:
-        if self.spool is None:
-            return
-        with self._cond:
-            owed = self.spool.written - self.spool.acked if self.spool.claimed else 0
-        if owed:
-            _log.error(
-                "tracklog %s: %d message(s) could not be delivered and are kept in %s. "
-                "Deliver them later with:\n    %s",
-                self.label,
-                owed,
-                self.spool.directory,
-                replay_command(self.spool.directory),
-            )
-            self.spool.close(remove=False)
-        else:
-            self.spool.close(remove=True)
-
-    # Worker thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while True:
-                taken = self._take()
-                if taken is None:
-                    return
-                messages, from_spool = taken
-                self._deliver(messages, from_spool)
-                if self._done:
-                    return
-        except BaseException:
-            # A broken spool file, or a bug: say so loudly; close() then keeps what is
-            # left in the spool and reports the replay command.
-            _log.exception("tracklog %s: the delivery worker stopped", self.label)
-        finally:
-            with self._cond:
-                self._cond.notify_all()
-            if self._holds_interval:
-                switch_interval.release()
-
-    def _take(self) -> tuple[list[Message], bool] | None:
-        with self._cond:
-            while True:
-                if self._abandoned:
-                    return None
-                spool = self.spool
-                messages: list[Message]
-                if spool is not None and spool.claimed and spool.pending > 0:
-                    messages = [Message.decode(spool.read_next())]
-                    while (
-                        spool.pending > 0
-                        and len(messages) < _MAX_GROUP
-                        and messages[-1].kind == "row"
-                    ):
-                        messages.append(Message.decode(spool.read_next()))
-                    self._inflight, self._inflight_from_memory = messages, False
-                    return messages, True
-                if self._queue:
-                    wait = self._linger_left()
-                    if wait > 0:
-                        self._cond.wait(wait)
-                        continue
-                    messages = []
-                    while self._queue and (
-                        not messages or (len(messages) < _MAX_GROUP and messages[-1].kind == "row")
-                    ):
-                        message, size = self._queue.popleft()
-                        self._bytes -= size
-                        messages.append(message)
-                    self._inflight, self._inflight_from_memory = messages, True
-                    return messages, False
-                if self._spilling and spool is not None:
-                    # Drained: back to memory, and an empty log on disk.
-                    self._spilling = False
-                    try:
-                        spool.reset()
-                    except OSError as error:
-                        _log.error("tracklog %s: cannot empty the spool: %s", self.label, error)
-                    self._outage_reported = False
-                if self._closing and self._done:
-                    return None
-                self._cond.wait()
-
-    def _deliver(self, messages: list[Message], from_spool: bool) -> None:
-        delivered = 0
-        delay = self.settings.retry_initial
-        for group in groups(messages, batch_rows=self._batch_rows):
-            while True:
-                if self._abandoned:
-                    self._ack_partial(messages, delivered, from_spool)
-                    return
-                try:
-                    dispatch(self.output, group)
-                    break
-                except Exception as error:
-                    if not self.output.is_transient(error):
-                        self._isolation.report(self.output, error)
-                        self.error = self.error or error
-                        break
-                    self._report_outage(error)
-                    if not from_spool and self.spool is not None:
-                        with self._cond:
-                            if self._can_spill() and self._spill(messages[delivered:], front=True):
-                                # Continue from the spool: same order, now durable;
-                                # rows waiting in memory follow them there.
-                                self._inflight = []
-                                queued = [message for message, _ in self._queue]
-                                if queued and self._spill(queued):
-                                    self._queue.clear()
-                                    self._bytes = 0
-                                return
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._abandoned, timeout=delay)
-                    delay = min(delay * 2, self.settings.retry_max)
-            delivered += len(group)
-            if group[0].kind == "close":
-                self._done = True
-            if self._outage_reported:
-                self._outage_reported = False
-                _log.warning("tracklog %s: the backend is reachable again", self.label)
-        with self._cond:
-            self._inflight = []
-            if from_spool and self.spool is not None:
-                self._ack(self.spool.read_count)
-            self._cond.notify_all()
-
-    def drain(self, deadline: float) -> bool:
-        """Wait until everything put so far is delivered (or given up on)."""
-
-        def idle() -> bool:
-            spooled = self.spool is not None and self.spool.claimed and self.spool.pending > 0
-            return (
-                not (self._queue or self._inflight or spooled)
-                or self._abandoned
-                or not self._thread.is_alive()
-            )
-
-        with self._cond:
-            self._drainers += 1
-            self._cond.notify_all()  # a lingering worker delivers at once
-            try:
-                return self._cond.wait_for(idle, timeout=max(0.0, deadline - time.monotonic()))
-            finally:
-                self._drainers -= 1
-
-    def _ack(self, count: int) -> None:
-        """Record delivery; a failure (full disk) only means those may be sent again."""
-        assert self.spool is not None
-        try:
-            self.spool.ack(count)
-        except OSError as error:
-            self.spool.acked = count
-            _log.error(
-                "tracklog %s: cannot record delivery in %s (%s); a replay would send "
-                "those records again (MLflow ignores repeated metric points)",
-                self.label,
-                self.spool.directory,
-                error,
-            )
-
-    def _ack_partial(self, messages: list[Message], delivered: int, from_spool: bool) -> None:
-        if from_spool and self.spool is not None and delivered:
-            with self._cond:
-                self._ack(self.spool.read_count - (len(messages) - delivered))
-
-    def _report_outage(self, error: Exception) -> None:
-        if not self._outage_reported:
-            self._outage_reported = True
-            where = f"spooling to {self.spool.directory}" if self.spool else "keeping in memory"
-            _log.warning(
-                "tracklog %s: delivery failed (%s: %s); %s and retrying with backoff; "
-                "training goes on",
-                self.label,
-                type(error).__name__,
-                str(error).splitlines()[0][:300] if str(error) else "",
-                where,
-            )
-
-
-def _base_write_rows() -> Callable[..., Any]:
-    from tracklog.outputs._base import OutputFormat
-
-    return OutputFormat.write_rows
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0][:300] if text else ""

@@ -1,7 +1,10 @@
 """Closing loggers when the process ends, and telling them whether training failed.
 
-``atexit`` closes every logger still open (also one its owner dropped without
-closing: the registry holds it). If the interpreter is ending through an uncaught
+``atexit`` closes every logger still open. The registry holds loggers weakly: one its
+owner dropped without closing is finalised by the garbage collector, which queues the
+end of its runs for the delivery process without waiting. A forked child's copies of
+its parent's loggers are marked closed at fork: the child never writes to or closes
+its parent's runs. If the interpreter is ending through an uncaught
 exception (``sys.last_exc``, set before atexit runs even when another library replaced
 ``sys.excepthook``), those loggers close as failed: MLflow FAILED (KILLED for Ctrl-C),
 W&B exit code 1 (130). An uncaught ``SystemExit`` is not visible here: ``sys.exit(1)``
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import signal
 import sys
 import threading
+import weakref
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["critical", "register", "unregister"]
 
-_open: dict[int, Logger] = {}
+_open: weakref.WeakValueDictionary[int, Logger] = weakref.WeakValueDictionary()
 _installed = False
 _lock = threading.Lock()
 _depth = 0  # critical sections the main thread is in
@@ -104,6 +109,18 @@ _CRITICAL = _Critical()
 def critical() -> _Critical:
     """Hold SIGTERM's ``SystemExit`` until the block ends (main thread only)."""
     return _CRITICAL
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _depth, _held
+    _lock = threading.Lock()
+    _depth, _held = 0, None
+    for logger in list(_open.values()):
+        logger._forked()
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def unregister(logger: Logger) -> None:

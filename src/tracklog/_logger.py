@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
+import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -16,10 +19,10 @@ import numpy.typing as npt
 from stable_baselines3.common import logger as sb3
 
 from tracklog import _lifecycle
-from tracklog._delivery import Channel, Message, size_of_row
 from tracklog._isolation import Isolation
+from tracklog._media import MediaStore
+from tracklog._outbox import Outbox, RemoteOutput
 from tracklog._row import Row
-from tracklog._spool import Spool, SpoolBusyError, free_directory
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, LoggerSettings
@@ -34,6 +37,7 @@ __all__ = ["Logger", "MeanValue"]
 
 _log = logging.getLogger("tracklog")
 
+_MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1
 _new_scalar = object.__new__
 # The slot's descriptor: it sets the field without the frozen __setattr__.
 _set_scalar: Callable[[Scalar, float], None] = Scalar.__dict__["value"].__set__
@@ -82,6 +86,8 @@ class Logger(sb3.Logger):
         strict: bool = False,
         settings: LoggerSettings | None = None,
         delivery: DeliverySettings | None = None,
+        outbox: Outbox | None = None,
+        media: MediaStore | None = None,
     ) -> None:
         super().__init__(folder=folder, output_formats=list(output_formats))
         self.set_level(level)
@@ -94,9 +100,18 @@ class Logger(sb3.Logger):
         self._valid_keys: set[str] = set()  # keys check_key accepted
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
-        self._channels: dict[int, Channel] = {}
+        self._outbox = outbox
+        self._media = media
         self._failed_reason: str | None = None
         self._closed = False
+        self._pid = os.getpid()
+        # record() and dump()'s snapshot take _values_lock; a dump as a whole (and log,
+        # flush, close) takes _call_lock: rows from several threads are whole, none lost.
+        self._values_lock = threading.Lock()
+        self._call_lock = threading.RLock()
+        if outbox is not None:
+            # Dropped without close(): the delivery process still ends the runs.
+            self._finalizer = weakref.finalize(self, outbox.drop)
         _lifecycle.register(self, handle_sigterm=delivery.handle_sigterm)
 
     # Recording ---------------------------------------------------------------------
@@ -123,9 +138,10 @@ class Logger(sb3.Logger):
                 self._check_open()
             scalar = _new_scalar(Scalar)  # Scalar(value) at a third of the cost: the
             _set_scalar(scalar, value)  # frozen dataclass's __init__ is the slow part
-            self._values[key] = scalar
-            self.name_to_value[key] = value
-            self.name_to_excluded[key] = ()
+            with self._values_lock:
+                self._values[key] = scalar
+                self.name_to_value[key] = value
+                self.name_to_excluded[key] = ()
             return
         self._store(key, normalise(check_key(key), value), exclude)
         self._valid_keys.add(key)
@@ -144,15 +160,20 @@ class Logger(sb3.Logger):
         # name_to_value is typed dict[str, float] by SB3 but holds any recorded value.
         previous: object = self.name_to_value.get(key, 0.0)
         old = previous if isinstance(previous, int | float) else 0.0  # media before: restart
-        count = self.name_to_count[key]
-        # SB3's running-mean formula, kept verbatim so the result is bit-identical.
-        mean = old * count / (count + 1) + number.value / (count + 1)
-        self._store(key, Scalar(mean), exclude)
-        self.name_to_count[key] = count + 1
+        with self._values_lock:
+            count = self.name_to_count[key]
+            # SB3's running-mean formula, kept verbatim so the result is bit-identical.
+            mean = old * count / (count + 1) + number.value / (count + 1)
+            self._store_locked(key, Scalar(mean), _exclude_tuple(exclude))
+            self.name_to_count[key] = count + 1
 
     def _store(self, key: str, value: LogValue, exclude: Exclude) -> None:
-        self._check_open()
         excluded = _exclude_tuple(exclude)
+        with self._values_lock:
+            self._store_locked(key, value, excluded)
+
+    def _store_locked(self, key: str, value: LogValue, excluded: tuple[str, ...]) -> None:
+        self._check_open()
         self._values[key] = value
         # SB3 declares dict[str, float] but its record() stores any value there too.
         self.name_to_value[key] = cast(float, to_sb3(value))
@@ -163,44 +184,53 @@ class Logger(sb3.Logger):
         """Write everything recorded since the last dump to every output, at ``step``."""
         if isinstance(step, bool) or not isinstance(step, int | np.integer):
             raise TypeError(f"dump step must be an int, not {type(step).__name__}: {step!r}")
-        self._check_open()
-        values, excluded, legacy = self._values, self.name_to_excluded, self.name_to_value
-        self._values = {}
-        self.name_to_value = defaultdict(float)
-        self.name_to_count = defaultdict(int)
-        self.name_to_excluded = {}
-        if self.level == sb3.DISABLED or not values:
-            return
-        row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
-        with _lifecycle.critical():
-            self._isolation.run(self._row_calls(row, excluded, legacy))
-        self._raise_background_error()
+        if not _MIN_STEP <= step <= _MAX_STEP:
+            raise ValueError(f"dump step must fit in a signed 64-bit integer; got {step}")
+        with self._call_lock:
+            self._check_open()
+            with self._values_lock:
+                values, excluded, legacy = self._values, self.name_to_excluded, self.name_to_value
+                self._values = {}
+                self.name_to_value = defaultdict(float)
+                self.name_to_count = defaultdict(int)
+                self.name_to_excluded = {}
+            if self.level == sb3.DISABLED or not values:
+                return
+            row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
+            with _lifecycle.critical():
+                self._isolation.run(self._row_calls(row, excluded, legacy))
+            self._raise_background_error()
 
     def _row_calls(
         self, row: Row, excluded: dict[str, tuple[str, ...]], legacy: dict[str, Any]
     ) -> list[tuple[object, Callable[[], None]]]:
-        """One call per output handing it ``row`` (filtered by ``exclude``)."""
+        """One call per output handing it ``row`` (filtered by ``exclude``), then one
+        queue entry for everything the delivery process does with it."""
         any_excluded = any(excluded.values())
-        size = 0
         calls: list[tuple[object, Callable[[], None]]] = []
-        for index, output in enumerate(self.output_formats):
+        for output in self.output_formats:
+            if isinstance(output, RemoteOutput):
+                continue
             if isinstance(output, OutputFormat):
                 filtered = _for_output(row, excluded, output.name) if any_excluded else row
-                if output.background:
-                    if filtered is row:
-                        size = size or size_of_row(row)
-                        message = Message("row", row=row, size=size)
-                    else:
-                        message = Message("row", row=filtered)
-                    call = functools.partial(self._put_row, index, output, message)
-                    calls.append((output, call))
-                else:
-                    calls.append((output, functools.partial(output.write_row, filtered)))
+                calls.append((output, functools.partial(output.write_row, filtered)))
             elif isinstance(output, sb3.KVWriter):
                 sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
                 call = functools.partial(output.write, legacy, sb3_excluded, row.step)
                 calls.append((output, call))
+        if self._outbox is not None:
+            outbox = self._outbox
+            calls.append((outbox, functools.partial(self._queue_row, outbox, row, excluded)))
         return calls
+
+    def _queue_row(self, outbox: Outbox, row: Row, excluded: dict[str, tuple[str, ...]]) -> None:
+        media = self._media.take(row.seq) if self._media is not None else {}
+        if media or self._remote:
+            outbox.put_row(row, excluded, media)
+
+    @functools.cached_property
+    def _remote(self) -> bool:
+        return any(isinstance(output, RemoteOutput) for output in self.output_formats)
 
     def log(self, *args: object, level: int = sb3.INFO) -> None:
         """Write ``args`` joined by spaces to every text output, if ``level`` is enabled."""
@@ -210,16 +240,16 @@ class Logger(sb3.Logger):
         words = [str(arg) for arg in args]
         line = " ".join(words)
         calls: list[tuple[object, Callable[[], None]]] = []
-        for index, output in enumerate(self.output_formats):
+        for output in self.output_formats:
+            if isinstance(output, RemoteOutput):
+                continue
             if isinstance(output, OutputFormat):
-                if output.background:
-                    message = Message("line", text=line)
-                    calls.append((output, functools.partial(self._put, index, message)))
-                else:
-                    calls.append((output, functools.partial(output.write_line, line)))
+                calls.append((output, functools.partial(output.write_line, line)))
             elif isinstance(output, sb3.SeqWriter):
                 calls.append((output, functools.partial(output.write_sequence, words)))
-        with _lifecycle.critical():
+        if self._outbox is not None and self._remote:
+            calls.append((self._outbox, functools.partial(self._outbox.put_line, line)))
+        with self._call_lock, _lifecycle.critical():
             self._isolation.run(calls)
 
     def debug(self, *args: object) -> None:
@@ -251,7 +281,19 @@ class Logger(sb3.Logger):
     # Lifetime ----------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
+            if self._pid != os.getpid():
+                raise RuntimeError(
+                    f"this tracklog Logger belongs to process {self._pid}; a forked child "
+                    "does not write to its parent's outputs or runs: build a logger in the child"
+                )
             raise RuntimeError("this tracklog Logger is closed; build a new one to log again")
+
+    def _forked(self) -> None:
+        """In a forked child: this logger is its parent's; never write or close it."""
+        self._closed = True
+        if self._outbox is not None:
+            self._outbox.abandon()
+            self._finalizer.detach()
 
     def mark_failed(self, reason: str) -> None:
         """Tell the outputs that training is ending through ``reason`` (an exception name).
@@ -263,106 +305,65 @@ class Logger(sb3.Logger):
             return  # the first reason (SIGTERM before the SystemExit it causes) stands
         self._failed_reason = reason
         calls: list[tuple[object, Callable[[], None]]] = []
-        for index, output in enumerate(self.output_formats):
-            if isinstance(output, OutputFormat):
-                if output.background:
-                    message = Message("failed", text=reason)
-                    calls.append((output, functools.partial(self._put, index, message)))
-                else:
-                    calls.append((output, functools.partial(output.mark_failed, reason)))
+        for output in self.output_formats:
+            if isinstance(output, OutputFormat) and not isinstance(output, RemoteOutput):
+                calls.append((output, functools.partial(output.mark_failed, reason)))
+        if self._outbox is not None and self._remote:
+            calls.append((self._outbox, functools.partial(self._outbox.put_failed, reason)))
         with _lifecycle.critical():
             self._isolation.run(calls)
 
     def close(self) -> None:
         """Flush and close every output format once; later calls do nothing.
 
-        Outputs on a background worker get until ``delivery.close_timeout`` seconds
-        (all together) to deliver what they hold; whatever is still undelivered then
-        stays in their spool, and the command that delivers it later is reported.
+        The delivery process gets until ``delivery.close_timeout`` seconds to deliver
+        what is queued; whatever is still undelivered then, it delivers after this
+        process ends (within ``delivery.deadline``), or ``tracklog replay`` does later.
         """
         if self._closed:
             return
-        self._closed = True
-        with _lifecycle.critical():
+        with self._call_lock, _lifecycle.critical():
+            self._close_outputs()
+        self._raise_background_error()
+
+    def _close_outputs(self) -> None:
+        if not self._closed:  # another thread may have closed it while this one waited
+            self._closed = True
             deadline = time.monotonic() + self.delivery.close_timeout
-            channels = [
-                self._channel(index, output)
-                for index, output in enumerate(self.output_formats)
-                if isinstance(output, OutputFormat) and output.background
-            ]
-            for channel in channels:
-                channel.request_close()
             self._isolation.run(
                 [
                     (output, output.close)
                     for output in self.output_formats
-                    if not (isinstance(output, OutputFormat) and output.background)
+                    if not isinstance(output, RemoteOutput)
                 ]
             )
-            for channel in channels:
-                channel.wait(deadline)
+            if self._outbox is not None:
+                self._finalizer.detach()
+                self._outbox.close(deadline)
             _lifecycle.unregister(self)
             self._isolation.summary()
-        self._raise_background_error()
-
-    # Background delivery -------------------------------------------------------------
-    def _channel(self, index: int, output: OutputFormat) -> Channel:
-        channel = self._channels.get(id(output))
-        if channel is None:
-            spool = None
-            header = output.spool_header()
-            directory = output.spool_dir
-            if directory is None and header is not None and self.settings is not None:
-                root = self.settings.resolve(self.delivery.spool_dir)
-                directory = free_directory(root / f"{index}-{output.name or 'output'}")
-            if directory is not None:
-                spool = Spool(directory, header or {})
-                try:
-                    spool.claim()  # the header first: replay needs it even after a crash
-                except (OSError, SpoolBusyError) as error:
-                    _log.error("tracklog: cannot create the spool %s: %s", directory, error)
-                    spool = None
-            channel = self._channels[id(output)] = Channel(
-                output,
-                settings=self.delivery,
-                spool=spool,
-                isolation=self._isolation,
-                label=f"{type(output).__name__}({output.name})",
-            )
-        return channel
-
-    def _put_row(self, index: int, output: OutputFormat, message: Message) -> None:
-        assert message.row is not None
-        output.check_row(message.row)
-        self._channel(index, output).put(message)
-
-    def _put(self, index: int, message: Message) -> None:
-        output = self.output_formats[index]
-        assert isinstance(output, OutputFormat)
-        self._channel(index, output).put(message)
 
     def _raise_background_error(self) -> None:
-        if not self._isolation.strict:
-            return
-        for channel in self._channels.values():
-            error, channel.error = channel.error, None
-            if error is not None:
-                raise error
+        outbox = self._outbox
+        if outbox is not None and outbox.error is not None:
+            error, outbox.error = outbox.error, None
+            raise error
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every background output has delivered what was dumped so far.
+        """Wait until the delivery process has delivered everything dumped so far:
+        MLflow, W&B and TensorBoard have it, and JSONL/CSV media files are written.
 
         Returns False if ``timeout`` seconds (default ``delivery.close_timeout``) pass
-        first. Training never needs this; tests and notebooks that read a backend
-        right after ``dump()`` do.
+        first. Training never needs this; code that reads a backend right after
+        ``dump()`` (tests, notebooks, a callback reading TensorBoard) does.
         """
         limit = self.delivery.close_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        for output in self.output_formats:
-            media_flush = getattr(output, "flush", None)
-            if isinstance(output, OutputFormat) and not output.background and media_flush:
-                media_flush()  # JSONL/CSV media files encoded on their thread
-        return all(channel.drain(deadline) for channel in list(self._channels.values()))
+        with self._call_lock:
+            if self._outbox is None or self._closed:
+                return True
+            done = self._outbox.flush(time.monotonic() + limit)
+        self._raise_background_error()
+        return done
 
     def __enter__(self) -> Self:
         return self

@@ -1,12 +1,16 @@
-"""Media files next to JSONL/CSV rows: ``<run_dir>/media/<key>/step_<step>.<ext>``."""
+"""Media files next to JSONL/CSV rows: ``<run_dir>/media/<key>/step_<step>.<ext>``.
+
+A row names its media files when it is dumped. Videos and images, whose encoding is
+slow, are encoded by the delivery process when the logger has one (``defer``): the
+name is claimed at dump time (an empty file) and the row's queue entry carries the job;
+the file is complete (written aside, then renamed over the name) once ``flush()`` or
+``close()`` returns. A store without ``defer`` (a format built by hand) encodes at once.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -45,10 +49,11 @@ class MediaStore:
     distinct ones, and a file left by an earlier process is never overwritten.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, defer: bool = False) -> None:
         self.run_dir = run_dir
-        self._jobs: queue.Queue[tuple[Path, Callable[[], bytes]] | None] = queue.Queue()
-        self._encoder: threading.Thread | None = None
+        self.defer = defer
+        # seq -> key -> (path, extension): files the delivery process is to encode.
+        self._deferred: dict[int, dict[str, tuple[str, str]]] = {}
         # seq -> key -> path, for the most recent dumps only (formats of one dump
         # write close together; older entries are never asked for again).
         self._written: dict[int, dict[str, str]] = {}
@@ -95,10 +100,8 @@ class MediaStore:
     ) -> str:
         """Write ``encode()`` for dump ``seq`` once; return its path relative to ``run_dir``.
 
-        With ``background`` (videos, images), the name is claimed now and the bytes are
-        encoded and written on the store's encoder thread, so ``dump()`` does not wait
-        for an H.264 encode; the file appears complete (written aside, then renamed
-        over the claimed name) shortly after, and at the latest when ``flush()`` returns.
+        With ``background`` (videos, images) and ``defer``, the name is claimed now and
+        the job is kept for :meth:`take`, so ``dump()`` does not wait for an H.264 encode.
         """
         written = self._written.get(seq)
         if written is None:
@@ -109,7 +112,8 @@ class MediaStore:
         if done is not None:
             return done
         directory = self._dir_for(key)
-        data = b"" if background else encode()
+        later = background and self.defer
+        data = b"" if later else encode()
         n = 0
         while True:
             name = f"step_{step}.{ext}" if n == 0 else f"step_{step}-{n}.{ext}"
@@ -120,34 +124,12 @@ class MediaStore:
                 break
             except FileExistsError:
                 n += 1
-        if background:
-            self._submit(self.run_dir / relative, encode)
         path = relative.as_posix()
         written[key] = path
+        if later:
+            self._deferred.setdefault(seq, {})[key] = (path, ext)
         return path
 
-    def _submit(self, target: Path, encode: Callable[[], bytes]) -> None:
-        if self._encoder is None or not self._encoder.is_alive():
-            self._encoder = threading.Thread(
-                target=self._encode_loop, name="tracklog-media", daemon=True
-            )
-            self._encoder.start()
-        self._jobs.put((target, encode))
-
-    def _encode_loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            target, encode = job
-            try:
-                aside = target.with_name(target.name + ".part")
-                aside.write_bytes(encode())
-                os.replace(aside, target)
-            except Exception:
-                _log.exception("tracklog: could not write the media file %s", target)
-            finally:
-                self._jobs.task_done()
-        self._jobs.task_done()
-
-    def flush(self) -> None:
-        """Wait until every media file handed to the encoder thread is written."""
-        if self._encoder is not None:
-            self._jobs.join()
+    def take(self, seq: int) -> dict[str, tuple[str, str]]:
+        """The media jobs dump ``seq`` left for the delivery process (and forget them)."""
+        return self._deferred.pop(seq, {})

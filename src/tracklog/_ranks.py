@@ -105,7 +105,7 @@ def _check_own_run(settings: LoggerSettings) -> None:
             raise ValueError(
                 f"outputs.{index}.id: with all_ranks: true every rank would resume the same W&B run"
             )
-    if settings.delivery.spool_dir.is_absolute():
+    if settings.delivery.spool_dir is not None and settings.delivery.spool_dir.is_absolute():
         # The ranks start together: two of them could pick the same free spool
         # directory (0-mlflow, 0-mlflow~2…) before either has claimed it.
         raise ValueError(

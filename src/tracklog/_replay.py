@@ -1,30 +1,33 @@
-"""``tracklog replay SPOOL``: deliver what a logger left in its spool, exactly once.
+"""``tracklog replay QUEUE``: deliver what a logger's queue still holds, exactly once.
 
-A spool is left behind when a backend was still unreachable at ``close_timeout``, or
-when the process died (SIGKILL, OOM, node failure) before delivering it. Replay
-rebuilds the output from the spool's header (settings without secrets, run identity),
-resumes the same run, delivers the records not acked yet, in order, and ends the run:
-with the status the logger recorded, or KILLED if the process died without closing.
-The spool directory is then removed, so a second replay finds nothing to do; a replay
-cut off half-way continues where it stopped (acked records are not sent again).
+A queue is left behind when a backend was still down at the delivery deadline, when an
+output could not start (wrong settings), or when the delivery process itself was
+killed. Replay is the same delivery code (:class:`tracklog._delivery.Delivery`) run on
+a queue that has no trainer: each output continues from its own ack, in the same run
+(the MLflow run id and W&B id are in the queue), and the runs end with the status the
+trainer recorded, or KILLED if it died without closing. The queue is then removed, so
+a second replay finds nothing to do; one cut off half-way continues where it stopped.
+Two replays of one queue at once are safe: the second is refused while the first
+holds the queue's delivery lock. Secrets are never in the queue: they come from the
+environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``WANDB_API_KEY``).
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tracklog._delivery import Message, dispatch, groups
-from tracklog._spool import Spool, is_spool, read_header
-from tracklog.outputs._base import OutputFormat
+from tracklog._delivery import Delivery, targets
+from tracklog._queue import MEDIA, Queue, find_queues
 
-__all__ = ["ReplayResult", "find_spools", "replay"]
+__all__ = ["QueueBusyError", "ReplayResult", "find_queues", "replay"]
 
-_log = logging.getLogger("tracklog")
+
+class QueueBusyError(RuntimeError):
+    """The queue's trainer is alive, or another process is delivering it."""
 
 
 @dataclass(frozen=True)
@@ -38,97 +41,39 @@ class ReplayResult:
         return self.remaining == 0
 
 
-def find_spools(path: Path) -> list[Path]:
-    """The spool directories at ``path``: a spool, a folder of spools, or a run_dir."""
-    if is_spool(path):
-        return [path]
-    for folder in (path, path / "spool"):
-        if folder.is_dir():
-            found = sorted(child for child in folder.iterdir() if is_spool(child))
-            if found:
-                return found
-    return []
-
-
-def rebuild(header: dict[str, Any], directory: Path, tracking_uri: str | None) -> OutputFormat:
-    """The output a spool belongs to, reconnected to the same run."""
-    kind = header.get("output")
-    if kind == "mlflow":
-        from tracklog.outputs.mlflow import MLFlowOutputFormat
-        from tracklog.settings import MlflowOutput
-
-        fields = dict(header["settings"])
-        fields["run_id"] = header.get("run_id")
-        if tracking_uri is not None:
-            fields["tracking_uri"] = tracking_uri
-        return MLFlowOutputFormat(
-            MlflowOutput.model_validate(fields),
-            settings_json=header.get("settings_json"),
-            spool_dir=directory,
-            run_key=header.get("run_key"),
-            replaying=True,
-        )
-    if kind == "wandb":
-        from tracklog.outputs.wandb import WandBOutputFormat
-        from tracklog.settings import WandbOutput
-
-        fields = dict(header["settings"])
-        fields.update(id=header["id"], resume="allow")
-        return WandBOutputFormat(
-            WandbOutput.model_validate(fields), run_dir=Path(header["run_dir"]), spool_dir=None
-        )
-    raise ValueError(f"{directory}: a spool of output {kind!r} cannot be replayed")
-
-
-def _pending(spool: Spool) -> Iterator[Message]:
-    while spool.pending > 0:
-        yield Message.decode(spool.read_next())
-
-
 def replay(
     directory: Path, *, timeout: float = 600.0, tracking_uri: str | None = None
 ) -> ReplayResult:
-    """Deliver ``directory``'s undelivered records; retry a down backend until ``timeout``."""
-    header = read_header(directory)
-    spool = Spool(directory, header)
-    spool.claim()  # raises SpoolBusyError while the logger that owns it is alive
-    deadline = time.monotonic() + timeout
+    """Deliver ``directory``'s undelivered messages; retry a down backend until ``timeout``."""
+    queue = Queue(directory)
+    lock = queue.delivery_lock()
     try:
-        output = rebuild(header, directory, tracking_uri)
-    except BaseException:
-        spool.close(remove=False)
-        raise
-    messages = list(_pending(spool))
-    start = spool.acked
-    delivered = 0
-    closed = any(message.kind == "close" for message in messages)
-    if not closed:  # the process died: end the run once everything is in
-        if not any(message.kind == "failed" for message in messages):
-            messages.append(Message("failed", text="died"))  # MLflow KILLED
-        messages.append(Message("close"))
-    batch_rows = type(output).write_rows is not OutputFormat.write_rows
-    delay = 0.5
-    for group in groups(messages, batch_rows=batch_rows):
-        while True:
-            try:
-                dispatch(output, group)
-                break
-            except Exception as error:
-                if not output.is_transient(error) or time.monotonic() + delay > deadline:
-                    spool.ack(min(start + delivered, spool.written))
-                    spool.close(remove=False)
-                    _log.error(
-                        "tracklog replay %s: stopped after %d record(s): %s: %s",
-                        directory,
-                        delivered,
-                        type(error).__name__,
-                        error,
-                    )
-                    return ReplayResult(directory, delivered, len(messages) - delivered)
-                _log.warning("tracklog replay %s: %s; retrying in %gs", directory, error, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        delivered += len(group)
-        spool.ack(min(start + delivered, spool.written))
-    spool.close(remove=True)
-    return ReplayResult(directory, delivered, 0)
+        if queue.trainer_lock().held_elsewhere():
+            owner = json.loads(queue.meta("owner") or "{}")
+            raise QueueBusyError(
+                f"{directory}: its logger (process {owner.get('pid', '?')}) is still running; "
+                "its delivery process delivers it"
+            )
+        if not lock.acquire():
+            raise QueueBusyError(f"{directory}: another process is delivering it right now")
+        header = queue.header()
+        overrides: dict[str, dict[str, Any]] = {}
+        for target in targets(header, None):
+            if tracking_uri is not None and "tracking_uri" in type(target.settings).model_fields:
+                overrides[target.consumer] = {"tracking_uri": tracking_uri}
+        consumers = [entry["consumer"] for entry in header["outputs"]]
+        consumers += [MEDIA] if header.get("media") else []
+        before = queue.pending(consumers)
+        delivery = Delivery(
+            queue,
+            secrets=overrides,
+            trainer_gone=lambda: True,
+            deadline=time.monotonic() + timeout,
+        )
+        if delivery.run():
+            return ReplayResult(directory, before, 0)
+        remaining = queue.pending(consumers)
+        return ReplayResult(directory, max(0, before - remaining), remaining)
+    finally:
+        lock.release()
+        queue.close()

@@ -360,25 +360,24 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _replay(arguments: argparse.Namespace) -> int:
-    from tracklog._replay import find_spools, replay
-    from tracklog._spool import SpoolBusyError
+    from tracklog._replay import QueueBusyError, find_queues, replay
 
-    spools = find_spools(Path(arguments.spool))
-    if not spools:
-        print(f"nothing to replay at {arguments.spool}: no spool there (already delivered?)")
+    queues = find_queues(Path(arguments.spool))
+    if not queues:
+        print(f"nothing to replay at {arguments.spool}: no queue there (already delivered?)")
         return 0
     status = 0
-    for directory in spools:
+    for directory in queues:
         try:
             result = replay(
                 directory, timeout=arguments.timeout, tracking_uri=arguments.tracking_uri
             )
-        except SpoolBusyError as error:
+        except QueueBusyError as error:
             print(f"tracklog replay: {error}", file=sys.stderr)
             status = 1
             continue
         if result.complete:
-            print(f"{directory}: delivered {result.delivered} record(s); the spool is removed")
+            print(f"{directory}: delivered {result.delivered} record(s); the queue is removed")
         else:
             print(
                 f"{directory}: delivered {result.delivered}, {result.remaining} remain; "
@@ -546,13 +545,14 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     replay = _command(
         commands,
         "replay",
-        "deliver what a logger left in its spool",
-        "Deliver the records a logger could not deliver (backend down at close, or the\n"
-        "process died) to the same run, exactly once, then end the run. SPOOL is one\n"
-        "spool directory, a run_dir, or its spool/ folder. Credentials come from the\n"
+        "deliver what a logger left in its delivery queue",
+        "Deliver the records a logger's delivery process could not deliver (a backend\n"
+        "down past delivery.deadline, an output that could not start, or the delivery\n"
+        "process was killed) to the same run, exactly once, then end the run. SPOOL is\n"
+        "one queue directory, a run_dir, or its spool/ folder. Credentials come from the\n"
         "environment (MLFLOW_TRACKING_USERNAME/PASSWORD, WANDB_API_KEY); they are never\n"
-        "written to a spool. Running it again after it completed does nothing; exit 1\n"
-        "means records remain: run it again.",
+        "written to a queue. Nothing read from the queue can run code. Running it again\n"
+        "after it completed does nothing; exit 1 means records remain: run it again.",
     )
     replay.add_argument("spool", metavar="SPOOL")
     replay.add_argument(

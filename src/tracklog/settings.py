@@ -369,31 +369,40 @@ def _default_outputs() -> list[OutputSettings]:
 
 
 class DeliverySettings(BaseModel):
-    """How rows reach the outputs that run on a background worker (MLflow, W&B, TensorBoard).
+    """How rows reach the outputs that run in the delivery process (MLflow, W&B, TensorBoard).
 
-    The training thread only enqueues. Each such output has its own worker and an
-    in-memory queue of at most ``queue_bytes``; when the backend is unreachable or
-    slower than training, rows go to an append-only spool under ``spool_dir`` instead
-    (fsynced at every dump) and are delivered from there, in order, once it is back.
+    ``dump()`` appends the row to an on-disk queue (SQLite) under ``spool_dir`` and
+    returns; a separate delivery process drains it to each backend, retries a backend
+    that is down, and outlives a trainer that dies (see docs/delivery.md).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    queue_bytes: int = Field(
-        default=32 * 1024 * 1024,
-        ge=64 * 1024,
-        description="in-memory budget per background output, in bytes; beyond it rows "
-        "go to the on-disk spool",
-    )
     close_timeout: float = Field(
         default=30.0,
         ge=0,
         le=24 * 3600,
-        description="seconds close(), atexit and SIGTERM wait for the backends; what is "
-        "still undelivered then stays in the spool for `tracklog replay`",
+        description="seconds close(), atexit and SIGTERM wait for the backends; the delivery "
+        "process then finishes the rest on its own, within `deadline`",
     )
-    spool_dir: Path = Field(
-        default=Path("spool"), description="relative to run_dir unless absolute"
+    deadline: float = Field(
+        default=600.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="seconds the delivery process keeps retrying a backend that is down after "
+        "the trainer ended; what is left then stays in the queue for `tracklog replay`",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="where the delivery queue lives, relative to run_dir unless absolute; "
+        "default: run_dir/spool, or node-local disk ($SLURM_TMPDIR, $TMPDIR) when run_dir "
+        "is on a network filesystem (NFS, Lustre, ...), where SQLite's WAL mode is unsafe",
+    )
+    fsync: bool = Field(
+        default=False,
+        description="fsync every dump's queue entry, so rows also survive a power loss or "
+        "kernel crash (costs a disk flush per dump); by default a row survives the "
+        "training process being killed by any signal",
     )
     retry_initial: float = Field(
         default=0.5, gt=0, le=60, description="first wait, in seconds, after a failed delivery"
@@ -407,21 +416,12 @@ class DeliverySettings(BaseModel):
         "exit with status 143; only installed if SIGTERM still has its default handler",
     )
     linger: float = Field(
-        default=0.2,
+        default=0.0,
         ge=0,
         le=10,
-        description="seconds a worker waits after a dump for more rows before it delivers, "
-        "so a backend gets one request per batch of dumps rather than one per dump; "
-        "flush(), close() and a full batch (64 rows) do not wait; 0 delivers every dump "
-        "at once",
-    )
-    switch_interval: float | None = Field(
-        default=0.001,
-        gt=0,
-        le=0.1,
-        description="seconds; while background workers run, Python's GIL switch interval "
-        "is lowered to this (never raised), so the training thread waits at most about "
-        "this long for a worker inside dump(); null leaves sys.setswitchinterval alone",
+        description="seconds the delivery process waits after a dump for more rows before it "
+        "delivers to MLflow/W&B/TensorBoard, so a backend gets one request per batch of "
+        "dumps; flush() and close() do not wait; 0 (default) delivers at once",
     )
 
     @model_validator(mode="after")

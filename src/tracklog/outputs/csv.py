@@ -101,12 +101,5 @@ class CsvOutputFormat(OutputFormat):
         self._file = open_for_append(self.path, newline="")
         self._writer = csv.writer(self._file)
 
-    def flush(self) -> None:
-        """Wait until the media files of the rows written so far are complete."""
-        self._media.flush()
-
     def close(self) -> None:
-        try:
-            self._media.flush()
-        finally:
-            self._file.close()
+        self._file.close()

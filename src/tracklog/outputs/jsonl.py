@@ -45,12 +45,5 @@ class JsonlOutputFormat(OutputFormat):
         self._file.write(line + "\n")
         self._file.flush()
 
-    def flush(self) -> None:
-        """Wait until the media files of the rows written so far are complete."""
-        self._media.flush()
-
     def close(self) -> None:
-        try:
-            self._media.flush()
-        finally:
-            self._file.close()
+        self._file.close()

@@ -1,0 +1,350 @@
+"""The training side of delivery: one logger's queue, and what stands for remote outputs.
+
+:class:`Outbox` is all a logger holds of delivery: ``put_row`` encodes the dump and
+commits it to the queue (see :mod:`tracklog._queue`) before ``dump()`` returns;
+``flush`` and ``close`` append a marker and wait, within their deadline, until every
+output's ack passed it. Everything else (building MLflow, W&B and TensorBoard,
+encoding media, retrying) happens in the delivery process (:mod:`tracklog._service`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from tracklog._codec import encode_row
+from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, replay_command
+from tracklog._registry import backend, split_secrets
+from tracklog._row import Row
+from tracklog._service import service
+from tracklog.outputs._base import OutputFormat
+from tracklog.settings import LoggerSettings, OutputSettings
+
+__all__ = ["DeliveryError", "Outbox", "RemoteOutput", "RunDirBusyError", "queue_root"]
+
+_log = logging.getLogger("tracklog")
+
+_WAIT_STEP: Final = 0.005
+# Filesystems where SQLite's WAL mode (shared memory beside the database) is unsafe.
+_NETWORK_FS: Final = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "lustre",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "gpfs",
+        "beegfs",
+        "ceph",
+        "fuse.ceph",
+        "glusterfs",
+        "fuse.glusterfs",
+        "fuse.sshfs",
+        "9p",
+        "afs",
+        "panfs",
+        "wekafs",
+    }
+)
+
+
+class DeliveryError(RuntimeError):
+    """An output in the delivery process failed (raised at the next call when ``strict``)."""
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live logger writes to the same run_dir."""
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (``ext4``, ``nfs4``, …), or ''."""
+    import psutil
+
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for partition in psutil.disk_partitions(all=True):
+        mount = partition.mountpoint
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, partition.fstype
+    return kind
+
+
+def queue_root(settings: LoggerSettings) -> Path:
+    """Where this logger's queue goes (see ``DeliverySettings.spool_dir``)."""
+    if settings.delivery.spool_dir is not None:
+        return settings.resolve(settings.delivery.spool_dir)
+    run_dir = settings.run_dir.absolute()
+    if filesystem_type(run_dir) not in _NETWORK_FS:
+        return run_dir / "spool"
+    local = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:16]
+    root = Path(local) / "tracklog-spool" / digest
+    _log.info(
+        "tracklog: run_dir %s is on a network filesystem; the delivery queue is on local "
+        "disk at %s (set delivery.spool_dir to choose)",
+        run_dir,
+        root,
+    )
+    return root
+
+
+class RemoteOutput(OutputFormat):
+    """Stands in ``Logger.output_formats`` for an output the delivery process runs.
+
+    ``name`` is its ``exclude=`` name; ``settings`` its validated settings. What the
+    backend publishes once it started (``run_id`` for MLflow and W&B, ``run_dir`` for
+    W&B) is read from the queue, waiting up to ``timeout`` seconds for it.
+    """
+
+    background = True
+
+    def __init__(self, settings: OutputSettings, index: int, outbox: Outbox) -> None:
+        self.settings = settings
+        self.index = index
+        self.consumer = f"{index}-{settings.type}"
+        self.name = backend(settings).exclude
+        self._outbox = outbox
+
+    def published(self, key: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self._outbox.published(self.consumer).get(key)
+            if value is not None:
+                return value
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"outputs.{self.index} ({self.settings.type}): the backend has not "
+                    f"published {key!r} yet (is it reachable?)"
+                )
+            time.sleep(0.05)
+
+    @property
+    def run_id(self) -> str:
+        """The backend's run id, once the delivery process has started the run."""
+        return self.published("run_id")
+
+    @property
+    def run_dir(self) -> Path:
+        """The backend's own run folder (W&B's ``offline-run-*``)."""
+        return Path(self.published("run_dir"))
+
+    def write_row(self, row: Row) -> None:
+        raise TypeError(f"{self!r} is delivered through its logger's queue")
+
+    def __repr__(self) -> str:
+        return f"RemoteOutput(outputs.{self.index}: {self.settings.type})"
+
+
+class Outbox:
+    """One logger's queue, from the training side; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: LoggerSettings,
+        remote: list[tuple[int, OutputSettings]],
+        *,
+        media: bool,
+        strict: bool,
+    ) -> None:
+        self.strict = strict
+        self.error: DeliveryError | None = None
+        root = queue_root(settings)
+        run_dir = settings.run_dir.absolute()
+        _refuse_busy(root, run_dir)
+        outputs: list[dict[str, Any]] = []
+        secrets: dict[str, dict[str, Any]] = {}
+        identity: dict[str, dict[str, str]] = {}
+        for index, output in remote:
+            consumer = f"{index}-{output.type}"
+            public, private = split_secrets(output)
+            outputs.append({"consumer": consumer, "index": index, "settings": public})
+            secrets[consumer] = private
+            identity[consumer] = backend(output).identity(output)
+        self.consumers: list[str] = [str(entry["consumer"]) for entry in outputs]
+        self.consumers += [MEDIA] if media else []
+        header = {
+            "format": FORMAT,
+            "run_dir": str(run_dir),
+            "delivery": settings.delivery.model_dump(mode="json"),
+            "settings_json": settings.model_dump_json(),
+            "media": media,
+            "outputs": outputs,
+            "identity": identity,
+            "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        self.directory = _free(root)
+        self.queue = Queue.create(self.directory, header, fsync=settings.delivery.fsync)
+        self._lock: Lock = self.queue.trainer_lock()
+        if not self._lock.acquire():
+            raise RunDirBusyError(f"{self.directory} is locked by another process")
+        self.queue.set_meta("owner", json.dumps(header["trainer"]))
+        self._secrets = secrets
+        self._started = False
+        self._closed = False
+        if remote:
+            self._start()
+
+    # Training thread ---------------------------------------------------------------------
+    def put_row(
+        self,
+        row: Row,
+        excluded: Mapping[str, tuple[str, ...]],
+        media: Mapping[str, tuple[str, str]],
+    ) -> None:
+        if media and not self._started:
+            self._start()
+        body, blobs = encode_row(row, excluded, media, self.queue.blobs)
+        if blobs and self.queue.fsync:
+            _fsync_files(self.queue.blobs, blobs)
+        self.queue.append("row", body, " ".join(blobs))
+        self.poll()
+
+    def put_line(self, line: str) -> None:
+        self.queue.append("line", line)
+
+    def put_failed(self, reason: str) -> None:
+        self.queue.append("failed", reason)
+
+    def poll(self) -> None:
+        """Show what the delivery process reported; restart it if it died."""
+        if self._started:
+            service().poll()
+
+    def flush(self, deadline: float) -> bool:
+        """Wait until everything queued so far is delivered; False at ``deadline``."""
+        if not self._started:
+            return True
+        return self._wait(self.queue.append("flush"), deadline)
+
+    def close(self, deadline: float) -> bool:
+        """Queue the end of the runs and wait for it until ``deadline``; True if done."""
+        if self._closed:
+            return True
+        self._closed = True
+        if not self._started:
+            self._release()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return True
+        done = self._wait(self.queue.append("close"), deadline)
+        if not done:
+            left = self.queue.pending(self.consumers)
+            _log.warning(
+                "tracklog: %d message(s) are not delivered yet; the delivery process goes on "
+                "with them after this process ends (within delivery.deadline), and whatever "
+                "it cannot deliver stays in %s for:\n    %s",
+                left,
+                self.directory,
+                replay_command(self.directory),
+            )
+        self._release()
+        return done
+
+    def drop(self) -> None:
+        """Close without waiting (the logger was dropped without ``close()``)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self.queue.append("close")
+        self._release()
+        if not self._started:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's queue without touching it."""
+        self._closed = True
+        self._lock.abandon()
+        self.queue.abandon()
+
+    def published(self, consumer: str) -> dict[str, str]:
+        return self.queue.state(consumer)
+
+    # Inside ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._started = True
+        service().open(self.directory, self._secrets, self._on_report)
+
+    def _release(self) -> None:
+        self.poll()
+        if self._started:
+            service().forget(self.directory)
+        self._lock.release()
+        self.queue.close()
+
+    def _wait(self, seq: int, deadline: float) -> bool:
+        while True:
+            self.poll()
+            acks = self.queue.acks()
+            waiting = [name for name in self.consumers if acks.get(name, 0) < seq]
+            if all(self.queue.state(name).get("gave_up") for name in waiting):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_WAIT_STEP)
+
+    def _on_report(self, level: int, message: str, warning: bool) -> None:
+        if warning:
+            warnings.warn(message, UserWarning, stacklevel=2)
+            return
+        _log.log(level, "%s", message)
+        if self.strict and level >= logging.ERROR and self.error is None:
+            self.error = DeliveryError(message.splitlines()[0])
+
+
+def _fsync_files(folder: Path, names: list[str]) -> None:
+    for name in names:
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _free(root: Path) -> Path:
+    n = 0
+    while (root / f"queue-{n}").exists() or (root / f"queue-{n}").is_symlink():
+        n += 1
+    return root / f"queue-{n}"
+
+
+def _refuse_busy(root: Path, run_dir: Path) -> None:
+    """Refuse a run_dir another live logger writes to (its files would interleave)."""
+    for directory in find_queues(root):
+        try:
+            queue = Queue(directory)
+        except Exception:
+            continue
+        try:
+            header = queue.header()
+            if Path(header["run_dir"]) != run_dir:
+                continue
+            if not queue.trainer_lock().held_elsewhere():
+                continue
+            owner = json.loads(queue.meta("owner") or "{}")
+        except Exception:
+            continue
+        finally:
+            queue.close()
+        pid = owner.get("pid", "?")
+        mine = " (this process: close that logger first)" if pid == os.getpid() else ""
+        raise RunDirBusyError(
+            f"run_dir {run_dir} is in use by another tracklog logger in process {pid}"
+            f"{mine}; give each run its own run_dir"
+        )

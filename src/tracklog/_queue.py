@@ -1,0 +1,336 @@
+"""The delivery queue: one logger's rows on disk, in SQLite, data only.
+
+A queue is a directory (``<spool_dir>/queue-<N>/``, mode 0700) holding:
+
+- ``queue.db``: SQLite in WAL mode. ``messages(seq, kind, body, blobs)`` is appended
+  to by the training thread, one committed ``INSERT`` per ``dump()`` (so the row
+  survives the process being killed by any signal once ``dump()`` returns);
+  ``meta(key, value)`` holds the header (settings without secrets, run identities)
+  and the owner (the trainer's pid).
+- ``acks.db``: SQLite in WAL mode, written only by whoever delivers: ``acks(consumer,
+  seq)``, how far each output got, and ``state(consumer, key, value)``, what an output
+  publishes (an MLflow run id) so a restarted delivery continues the same run.
+- ``trainer.lock``, ``delivery.lock``: empty SQLite files held in an exclusive
+  transaction by the live trainer and by the one process delivering. The operating
+  system drops the lock when its holder dies, however it dies.
+- ``blobs/``: large arrays as ``.npy`` files, written once for every output.
+
+Kinds: ``row`` (a JSON document, see :mod:`tracklog._codec`), ``line`` (an ``info()``
+line), ``failed`` (the exception name training ends with), ``flush`` and ``close``.
+Every file is opened without following symlinks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from tracklog._codec import BLOBS, open_nofollow
+
+__all__ = [
+    "MEDIA",
+    "Lock",
+    "Message",
+    "Queue",
+    "find_queues",
+    "is_queue",
+    "replay_command",
+]
+
+Kind = Literal["row", "line", "failed", "flush", "close"]
+KINDS: Final = frozenset(("row", "line", "failed", "flush", "close"))
+FORMAT: Final = 2
+_QUEUE: Final = "queue.db"
+_ACKS: Final = "acks.db"
+#: The consumer that encodes the JSONL/CSV media files a row names.
+MEDIA: Final = "media"
+
+
+def replay_command(directory: object) -> str:
+    return f"python -m tracklog replay {directory}"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    seq: int
+    kind: str
+    body: str
+    blobs: str = ""
+
+
+def _refuse_links(path: Path) -> None:
+    """Refuse ``path`` (and SQLite's -wal/-shm/-journal beside it) if it is a symlink
+    or not a regular file; SQLite itself would follow one."""
+    for name in (path.name, path.name + "-wal", path.name + "-shm", path.name + "-journal"):
+        try:
+            mode = os.lstat(path.with_name(name)).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{path.with_name(name)} is not a regular file (a symlink?); refused")
+
+
+def _connect(path: Path, *, create: bool, timeout: float = 30.0) -> sqlite3.Connection:
+    if create and not path.exists():
+        with contextlib.suppress(FileExistsError):
+            os.close(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    _refuse_links(path)
+    connection = sqlite3.connect(
+        f"file:{path}?mode={'rwc' if create else 'rw'}",
+        uri=True,
+        timeout=timeout,
+        isolation_level=None,  # autocommit: one INSERT is one transaction
+        check_same_thread=False,  # the logger serialises its own calls
+    )
+    return connection
+
+
+def _wal(connection: sqlite3.Connection, *, fsync: bool) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL: a commit is in the WAL (the OS has it; a killed process loses nothing) but
+    # not fsynced; FULL also survives power loss, at an fsync per dump.
+    connection.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+
+
+class Lock:
+    """An exclusive lock held as an open SQLite write transaction on ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection: sqlite3.Connection | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False at once if another process holds it."""
+        connection = _connect(self.path, create=True, timeout=0)
+        try:
+            connection.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds it now (the check takes and drops it)."""
+        if self._connection is not None:
+            return False
+        if not self.path.exists():
+            return False
+        if self.acquire():
+            self.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.close()  # closing rolls the empty transaction back
+            self._connection = None
+
+    def abandon(self) -> None:
+        """Forget the lock without touching the connection (in a forked child)."""
+        self._connection = None
+
+
+class Queue:
+    """One logger's queue directory; see the module docstring."""
+
+    def __init__(self, directory: Path, *, fsync: bool = False) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.blobs = directory / BLOBS
+        self._db = _connect(directory / _QUEUE, create=False)
+        _wal(self._db, fsync=fsync)
+        self._acks: sqlite3.Connection | None = None
+
+    # Creating (training side) ----------------------------------------------------------
+    @classmethod
+    def create(cls, directory: Path, header: dict[str, Any], *, fsync: bool = False) -> Queue:
+        directory.mkdir(mode=0o700, parents=True)
+        (directory / BLOBS).mkdir(mode=0o700)
+        db = _connect(directory / _QUEUE, create=True)
+        _wal(db, fsync=fsync)
+        db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS messages (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                kind TEXT NOT NULL,
+                body TEXT NOT NULL,
+                blobs TEXT NOT NULL DEFAULT ''
+            );
+            """
+        )
+        db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('header', ?)",
+            (json.dumps(header, allow_nan=False),),
+        )
+        db.close()
+        acks = _connect(directory / _ACKS, create=True)
+        _wal(acks, fsync=fsync)
+        acks.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS acks (consumer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS state (
+                consumer TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                PRIMARY KEY (consumer, key)
+            );
+            """
+        )
+        acks.close()
+        queue = cls(directory, fsync=fsync)
+        # The trainer never checkpoints: that could take milliseconds inside dump().
+        # Whoever delivers does, after deleting what every output has.
+        queue._db.execute("PRAGMA wal_autocheckpoint=0")
+        return queue
+
+    def append(self, kind: Kind, body: str = "", blobs: str = "") -> int:
+        """Append one message, committed before this returns; its sequence number."""
+        cursor = self._db.execute(
+            "INSERT INTO messages (kind, body, blobs) VALUES (?, ?, ?)", (kind, body, blobs)
+        )
+        seq = cursor.lastrowid
+        assert seq is not None
+        return seq
+
+    # Reading (delivery side) -----------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
+        if row is None:
+            raise ValueError(f"{self.directory}: the queue has no header")
+        header = json.loads(row[0])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ValueError(f"{self.directory}: not a tracklog queue of format {FORMAT}")
+        return header
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def read(self, after: int, limit: int) -> list[Message]:
+        rows = self._db.execute(
+            "SELECT seq, kind, body, blobs FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [
+            Message(int(seq), str(kind), str(body), str(blobs)) for seq, kind, body, blobs in rows
+        ]
+
+    def last_seq(self) -> int:
+        row = self._db.execute("SELECT max(seq) FROM messages").fetchone()
+        return int(row[0]) if row and row[0] is not None else self._deleted_up_to()
+
+    def _deleted_up_to(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row else 0
+
+    def has_kind(self, kind: Kind) -> bool:
+        row = self._db.execute("SELECT 1 FROM messages WHERE kind = ? LIMIT 1", (kind,)).fetchone()
+        return row is not None
+
+    def pending(self, consumers: list[str]) -> int:
+        """Messages some consumer has not acked yet."""
+        low = min((self.acked(name) for name in consumers), default=self.last_seq())
+        row = self._db.execute("SELECT count(*) FROM messages WHERE seq > ?", (low,)).fetchone()
+        return int(row[0])
+
+    def forget(self, up_to: int) -> None:
+        """Delete messages up to ``up_to`` (every consumer has them) and their blobs."""
+        names = self._db.execute(
+            "SELECT blobs FROM messages WHERE seq <= ? AND blobs != ''", (up_to,)
+        ).fetchall()
+        self._db.execute("DELETE FROM messages WHERE seq <= ?", (up_to,))
+        for (listed,) in names:
+            for name in str(listed).split():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.blobs / name).unlink()
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    # Acks and state --------------------------------------------------------------------
+    @property
+    def _ack_db(self) -> sqlite3.Connection:
+        if self._acks is None:
+            self._acks = _connect(self.directory / _ACKS, create=False)
+            _wal(self._acks, fsync=self.fsync)
+        return self._acks
+
+    def acked(self, consumer: str) -> int:
+        row = self._ack_db.execute(
+            "SELECT seq FROM acks WHERE consumer = ?", (consumer,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def acks(self) -> dict[str, int]:
+        return {str(name): int(seq) for name, seq in self._ack_db.execute("SELECT * FROM acks")}
+
+    def ack(self, consumer: str, seq: int) -> None:
+        self._ack_db.execute("INSERT OR REPLACE INTO acks VALUES (?, ?)", (consumer, seq))
+
+    def state(self, consumer: str) -> dict[str, str]:
+        rows = self._ack_db.execute(
+            "SELECT key, value FROM state WHERE consumer = ?", (consumer,)
+        ).fetchall()
+        return {str(key): str(value) for key, value in rows}
+
+    def set_state(self, consumer: str, values: dict[str, str]) -> None:
+        with self._ack_db:
+            for key, value in values.items():
+                self._ack_db.execute(
+                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (consumer, key, value)
+                )
+
+    # Locks -----------------------------------------------------------------------------
+    def trainer_lock(self) -> Lock:
+        return Lock(self.directory / "trainer.lock")
+
+    def delivery_lock(self) -> Lock:
+        return Lock(self.directory / "delivery.lock")
+
+    def close(self) -> None:
+        self._db.close()
+        if self._acks is not None:
+            self._acks.close()
+            self._acks = None
+
+    def abandon(self) -> None:
+        """Drop the connections without closing them (a forked child must not)."""
+        _abandoned.append((self._db, self._acks))
+
+
+# A forked child keeps its parent's connections alive and unused: SQLite must not
+# release (or touch) locks and shared memory the parent still uses.
+_abandoned: list[object] = []
+
+
+def is_queue(path: Path) -> bool:
+    return (path / _QUEUE).is_file() and not (path / _QUEUE).is_symlink()
+
+
+def find_queues(path: Path) -> list[Path]:
+    """The queues at ``path``: a queue, a folder of queues, or a run_dir (``spool/``)."""
+    if is_queue(path):
+        return [path]
+    for folder in (path, path / "spool"):
+        if folder.is_dir() and not folder.is_symlink():
+            found = sorted(child for child in folder.iterdir() if is_queue(child))
+            if found:
+                return found
+    return []
+
+
+def iter_messages(queue: Queue, after: int, batch: int = 256) -> Iterator[Message]:
+    while True:
+        messages = queue.read(after, batch)
+        if not messages:
+            return
+        yield from messages
+        after = messages[-1].seq

@@ -1,0 +1,235 @@
+"""Every output type, found through one entry each: the one place that names a backend.
+
+An entry says how to build the output from its settings, whether it runs in the
+delivery process (``remote``: MLflow, W&B, TensorBoard) or in the training process
+(console, ``train.log``, JSONL, CSV), what ``exclude=`` calls it, and, for a remote
+one, which of its settings are secrets (left out of the queue's header) and what it
+publishes once built (an MLflow run id), so a restarted delivery continues that run.
+The logger, build, the delivery process and replay only ever look entries up here.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from pydantic import SecretStr, TypeAdapter
+
+from tracklog.settings import OutputSettings, mask_uri
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.logger import KVWriter
+
+    from tracklog._media import MediaStore
+    from tracklog.outputs._base import OutputFormat
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LocalContext",
+    "RemoteContext",
+    "backend",
+    "parse_output",
+    "split_secrets",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContext:
+    """What a training-side output needs besides its own settings."""
+
+    run_dir: Path
+    media: MediaStore
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteContext:
+    """What an output built in the delivery process (or by replay) needs."""
+
+    run_dir: Path
+    #: The logger's settings as JSON, secrets masked (MLflow keeps it with the run).
+    settings_json: str
+    #: A folder of this output's own in the queue (MLflow stages text files there).
+    state_dir: Path
+    #: Chosen by the trainer and kept in the queue's header (MLflow's run_key tag).
+    identity: dict[str, str]
+    #: What an earlier build of this output published (``Backend.publish``).
+    published: dict[str, str]
+    #: Whether an earlier delivery of this queue may have created the run already.
+    again: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    type: str
+    exclude: str
+    remote: bool
+    #: Writes files into run_dir (two live loggers must not share it).
+    files: bool = False
+    #: Names media files (videos, images) that the delivery process encodes.
+    media: bool = False
+    build_local: Callable[[Any, LocalContext], KVWriter] | None = None
+    build_remote: Callable[[Any, RemoteContext], OutputFormat] | None = None
+    #: Setting names that never reach disk (replay takes them from the environment).
+    secrets: frozenset[str] = frozenset()
+    #: Settings that are secret only sometimes: (name, masking function).
+    masked: tuple[tuple[str, Callable[[str], str]], ...] = ()
+    #: Chosen once by the trainer, so every delivery of the queue reaches one run.
+    identity: Callable[[Any], dict[str, str]] = field(default=lambda settings: {})
+    #: What a built output tells later builds and the trainer (run id, run folder).
+    publish: Callable[[Any], dict[str, str]] = field(default=lambda output: {})
+    #: Whether an error raised while building it means "try again later".
+    transient: Callable[[Exception], bool] = field(
+        default=lambda error: isinstance(error, ConnectionError | TimeoutError)
+    )
+
+
+# Training side -----------------------------------------------------------------------
+def _console(settings: Any, context: LocalContext) -> KVWriter:
+    from tracklog.outputs.human import FixedHumanOutputFormat
+
+    return FixedHumanOutputFormat(None, max_length=settings.max_length)
+
+
+def _file(settings: Any, context: LocalContext) -> KVWriter:
+    from tracklog.outputs.human import FixedHumanOutputFormat
+
+    return FixedHumanOutputFormat(context.run_dir / settings.path, max_length=settings.max_length)
+
+
+def _jsonl(settings: Any, context: LocalContext) -> KVWriter:
+    from tracklog.outputs.jsonl import JsonlOutputFormat
+
+    return JsonlOutputFormat(context.run_dir / settings.path, media=context.media)
+
+
+def _csv(settings: Any, context: LocalContext) -> KVWriter:
+    from tracklog.outputs.csv import CsvOutputFormat
+
+    return CsvOutputFormat(context.run_dir / settings.path, media=context.media)
+
+
+# Delivery side -----------------------------------------------------------------------
+def _tensorboard(settings: Any, context: RemoteContext) -> OutputFormat:
+    from tracklog.outputs.tensorboard import TensorBoardOutputFormat
+
+    return TensorBoardOutputFormat(context.run_dir / settings.path)
+
+
+def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
+    from tracklog.outputs.mlflow import MLFlowOutputFormat
+
+    run_id = context.published.get("run_id")
+    if run_id is not None:
+        settings = settings.model_copy(update={"run_id": run_id})
+    return MLFlowOutputFormat(
+        settings,
+        settings_json=context.settings_json,
+        spool_dir=context.state_dir,
+        run_key=context.identity.get("run_key"),
+        replaying=context.again,
+    )
+
+
+def _mlflow_identity(settings: Any) -> dict[str, str]:
+    return {"run_key": secrets.token_hex(16)}
+
+
+def _mlflow_publish(output: Any) -> dict[str, str]:
+    return {"run_id": output.run_id}
+
+
+def _mlflow_transient(error: Exception) -> bool:
+    from tracklog.outputs.mlflow import is_transient
+
+    return is_transient(error)
+
+
+def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
+    from tracklog.outputs.wandb import WandBOutputFormat
+
+    update: dict[str, object] = {"id": settings.id or context.identity["id"]}
+    if context.again:
+        update["resume"] = "allow"  # an earlier delivery of this queue may have begun it
+    return WandBOutputFormat(settings.model_copy(update=update), run_dir=context.run_dir)
+
+
+_ID_LETTERS: Final = string.ascii_lowercase + string.digits
+
+
+def _wandb_identity(settings: Any) -> dict[str, str]:
+    # W&B's own ids: 8 lowercase letters and digits (wandb.sdk.lib.runid).
+    return {"id": "".join(secrets.choice(_ID_LETTERS) for _ in range(8))}
+
+
+def _wandb_publish(output: Any) -> dict[str, str]:
+    return {"run_id": str(output.run.id), "run_dir": str(output.run_dir)}
+
+
+BACKENDS: Final[dict[str, Backend]] = {
+    entry.type: entry
+    for entry in (
+        Backend("console", "stdout", remote=False, build_local=_console),
+        Backend("file", "log", remote=False, files=True, build_local=_file),
+        Backend("jsonl", "json", remote=False, files=True, media=True, build_local=_jsonl),
+        Backend("csv", "csv", remote=False, files=True, media=True, build_local=_csv),
+        Backend("tensorboard", "tensorboard", remote=True, files=True, build_remote=_tensorboard),
+        Backend(
+            "mlflow",
+            "mlflow",
+            remote=True,
+            build_remote=_mlflow,
+            secrets=frozenset({"username", "password"}),
+            masked=(("tracking_uri", mask_uri),),
+            identity=_mlflow_identity,
+            publish=_mlflow_publish,
+            transient=_mlflow_transient,
+        ),
+        Backend(
+            "wandb",
+            "wandb",
+            remote=True,
+            build_remote=_wandb,
+            secrets=frozenset({"api_key"}),
+            identity=_wandb_identity,
+            publish=_wandb_publish,
+        ),
+    )
+}
+
+
+def split_secrets(settings: OutputSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``settings`` as JSON data without its secrets (for disk), and the secrets alone
+    (for the delivery process's stdin)."""
+    entry = backend(settings)
+    public = settings.model_dump(mode="json", exclude=set(entry.secrets))
+    private: dict[str, Any] = {}
+    for name in entry.secrets:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is not None:
+            private[name] = value
+    for name, mask in entry.masked:
+        value = getattr(settings, name)
+        if isinstance(value, str) and mask(value) != value:
+            public[name] = mask(value)
+            private[name] = value
+    return public, private
+
+
+def backend(settings: OutputSettings | str) -> Backend:
+    kind = settings if isinstance(settings, str) else settings.type
+    return BACKENDS[kind]
+
+
+_OUTPUT: TypeAdapter[OutputSettings] = TypeAdapter(OutputSettings)
+
+
+def parse_output(data: object) -> OutputSettings:
+    """One output's settings from JSON data (the queue header or the delivery pipe)."""
+    return _OUTPUT.validate_python(data)

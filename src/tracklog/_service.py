@@ -1,0 +1,321 @@
+"""The delivery process: one per training process, a fresh interpreter, low priority.
+
+The trainer starts it with ``sys.executable -m tracklog._service`` (never by fork) on
+the first logger that needs it, and keeps two pipes to it:
+
+- its stdin, where the trainer writes one JSON line per logger (``open``: the queue's
+  directory and the outputs' secrets, which so never touch disk or the environment).
+  When the trainer dies, however it dies, the pipe closes: the delivery process then
+  delivers what is queued, ends the runs as killed, and exits.
+- its stdout, where it writes one JSON line per warning or error for a queue; the
+  trainer reads them without blocking at each ``dump()``, ``flush()`` and ``close()``
+  and shows them there (``warnings.warn`` or the ``tracklog`` logger).
+
+If the delivery process dies, the next ``dump()`` reports it and starts a new one,
+which continues every open queue from its acks. A forked child of the trainer does
+not inherit it: the child's copies of the pipes are closed at fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Final
+
+__all__ = ["Service", "service"]
+
+_log = logging.getLogger("tracklog")
+
+_NICE: Final = 10
+_current = threading.local()  # the reporter of the queue a delivery thread works on
+
+Listener = Callable[[int, str, bool], None]
+
+
+class Service:
+    """The trainer's handle to its delivery process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._opens: dict[str, bytes] = {}  # queue -> its open line, sent again on restart
+        self._listeners: dict[str, Listener] = {}
+        self._partial = b""
+        self._pid = os.getpid()
+
+    def open(self, queue: Path, secrets: dict[str, dict[str, Any]], listener: Listener) -> None:
+        """Have the delivery process deliver ``queue`` (starting the process if needed)."""
+        line = json.dumps({"op": "open", "queue": str(queue), "secrets": secrets}).encode()
+        with self._lock:
+            self._opens[str(queue)] = line + b"\n"
+            self._listeners[str(queue)] = listener
+            if self._process is None or self._process.poll() is not None:
+                self._start()
+            else:
+                self._send(line + b"\n")
+
+    def forget(self, queue: Path) -> None:
+        """The logger of ``queue`` is closed: nothing more to resend or hear."""
+        with self._lock:
+            self._opens.pop(str(queue), None)
+            self._listeners.pop(str(queue), None)
+
+    def poll(self) -> None:
+        """Show what the delivery process reported; restart it if it died."""
+        process = self._process
+        if process is None:
+            return
+        self._read(process)
+        if process.returncode is None and process.poll() is None:
+            return
+        with self._lock:
+            if self._process is not process or not self._opens:
+                return
+            for listener in list(self._listeners.values()):
+                listener(
+                    logging.ERROR,
+                    f"tracklog: the delivery process (pid {process.pid}) exited with status "
+                    f"{process.returncode}; starting a new one, which continues from the queue",
+                    False,
+                )
+            self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # Inside ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tracklog._service"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the trainer's stderr: what W&B or MLflow print themselves
+            start_new_session=True,  # Ctrl-C in the terminal is the trainer's to handle
+            close_fds=True,
+        )
+        assert self._process.stdout is not None
+        os.set_blocking(self._process.stdout.fileno(), False)
+        self._partial = b""
+        for line in self._opens.values():
+            self._send(line)
+
+    def _send(self, line: bytes) -> None:
+        process = self._process
+        assert process is not None
+        assert process.stdin is not None
+        try:
+            process.stdin.write(line)
+            process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died: the next poll() restarts it and sends every open line again
+
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        try:
+            chunk = os.read(process.stdout.fileno(), 1 << 16)
+        except (BlockingIOError, OSError):
+            return
+        if not chunk:
+            return
+        data = self._partial + chunk
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            try:
+                report = json.loads(line)
+                listener = self._listeners.get(report["queue"])
+                if listener is not None:
+                    listener(int(report["level"]), str(report["message"]), bool(report["warning"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        if lines and len(chunk) == 1 << 16:
+            self._read(process)
+
+    def _after_fork_in_child(self) -> None:
+        # The child must not hold the parent's pipes: the delivery process learns of the
+        # trainer's death from its stdin closing. dup2 over them, so the file objects'
+        # own close later closes /dev/null rather than a descriptor reused since.
+        process = self._process
+        self._process = None
+        self._opens.clear()
+        self._listeners.clear()
+        self._lock = threading.Lock()
+        if process is not None:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        os.dup2(devnull, pipe.fileno())
+            os.close(devnull)
+            _orphans.append(process)
+
+
+_orphans: list[object] = []  # kept alive so their __del__ never runs in the child
+_service: Service | None = None
+_service_lock = threading.Lock()
+
+
+def service() -> Service:
+    """This process's delivery process handle (created on first use)."""
+    global _service
+    with _service_lock:
+        if _service is None or _service._pid != os.getpid():
+            _service = Service()
+        return _service
+
+
+def _forked() -> None:
+    global _service, _service_lock
+    _service_lock = threading.Lock()
+    if _service is not None:
+        _service._after_fork_in_child()
+        _service = None
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+# The delivery process ------------------------------------------------------------------
+class _Reports:
+    """Report lines to the trainer, from a thread of its own (a full pipe blocks only it)."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self._pipe: IO[bytes] | None = pipe
+        self._cond = threading.Condition()
+        self._lines: list[bytes] = []
+        threading.Thread(target=self._run, name="tracklog-reports", daemon=True).start()
+
+    def send(self, queue: str, level: int, message: str, warning: bool) -> None:
+        if self._pipe is None:  # the trainer is gone: its terminal still shows stderr
+            print(f"tracklog delivery: {message}", file=sys.stderr, flush=True)
+            return
+        line = json.dumps({"queue": queue, "level": level, "message": message, "warning": warning})
+        with self._cond:
+            self._lines.append(line.encode() + b"\n")
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines:
+                    self._cond.wait()
+                lines, self._lines = self._lines, []
+            try:
+                assert self._pipe is not None
+                self._pipe.write(b"".join(lines))
+                self._pipe.flush()
+            except (BrokenPipeError, OSError, AssertionError):
+                self._pipe = None
+                for line in lines:
+                    print(f"tracklog delivery: {json.loads(line)['message']}", file=sys.stderr)
+
+
+class _ToReporter(logging.Handler):
+    """The ``tracklog`` logger inside the delivery process: to the queue's trainer."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        report = getattr(_current, "report", None)
+        message = self.format(record)
+        if report is None:
+            print(f"tracklog delivery: {message}", file=sys.stderr, flush=True)
+        else:
+            report(record.levelno, message)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    report = getattr(_current, "report", None)
+    if report is None:
+        print(f"tracklog delivery: {category.__name__}: {message}", file=sys.stderr, flush=True)
+    else:
+        report(logging.WARNING, str(message), warning=True)
+
+
+def _deliver(
+    queue_dir: Path,
+    secrets: dict[str, dict[str, Any]],
+    reports: _Reports,
+    trainer_gone: threading.Event,
+) -> None:
+    from tracklog._delivery import Delivery
+    from tracklog._queue import Queue
+
+    def report(level: int, message: str, *, warning: bool = False) -> None:
+        reports.send(str(queue_dir), level, message, warning)
+
+    _current.report = report
+    lock = None
+    try:
+        queue = Queue(queue_dir)
+        lock = queue.delivery_lock()
+        if not lock.acquire():
+            report(logging.ERROR, f"tracklog: {queue_dir} is being delivered by another process")
+            return
+        Delivery(queue, secrets=secrets, trainer_gone=trainer_gone.is_set, report=report).run()
+    except Exception as error:
+        report(
+            logging.ERROR, f"tracklog: cannot deliver {queue_dir}: {type(error).__name__}: {error}"
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def main() -> int:
+    """The delivery process: deliver the queues the trainer opens until it is gone."""
+    with contextlib.suppress(OSError):
+        os.nice(_NICE)  # training keeps the cores it fills; delivery takes idle time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SLURM signals every process of the job: keep delivering through the grace period;
+    # the trainer's exit (the pipe closing) is what ends this process.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Reports get the real stdout; whatever a backend prints goes to stderr instead.
+    report_pipe = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    reports = _Reports(report_pipe)
+    handler = _ToReporter()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("tracklog")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    warnings.showwarning = _show_warning
+    trainer_gone = threading.Event()
+    threads: list[threading.Thread] = []
+    for raw in sys.stdin.buffer:
+        try:
+            command = json.loads(raw)
+            queue = Path(command["queue"])
+            secrets = dict(command.get("secrets") or {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        thread = threading.Thread(
+            target=_deliver,
+            args=(queue, secrets, reports, trainer_gone),
+            name=f"tracklog-queue-{queue.name}",
+        )
+        thread.start()
+        threads = [alive for alive in threads if alive.is_alive()] + [thread]
+    trainer_gone.set()
+    for thread in threads:
+        thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
