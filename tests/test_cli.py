@@ -230,7 +230,7 @@ outputs:
   - type: mlflow
     password: 12345
 delivery:
-  queue_bytes: 10
+  deadline: -1
 """
 
 BROKEN_PATHS = [
@@ -241,7 +241,7 @@ BROKEN_PATHS = [
     "outputs.2.wandb.api_kee",
     "outputs.3",
     "outputs.4.mlflow.password",
-    "delivery.queue_bytes",
+    "delivery.deadline",
     "colour",
 ]
 
@@ -418,7 +418,7 @@ def test_schema_is_a_json_schema_that_accepts_the_demo_settings() -> None:
         "outputs.1",
         "outputs.2",
         "outputs.3",
-        "delivery.queue_bytes",
+        "delivery.deadline",
     ):
         assert path in flagged
     assert "" in flagged  # colour: additionalProperties is false at the top level
@@ -475,7 +475,9 @@ def any_settings(draw: st.DrawFn) -> dict[str, object]:
             optional={
                 "level": level,
                 "strict": st.booleans(),
-                "delivery": st.fixed_dictionaries({"queue_bytes": st.integers(0, 10**8)}),
+                "delivery": st.fixed_dictionaries(
+                    {"deadline": st.floats(-10, 10**6, allow_nan=False)}
+                ),
             },
         )
     )

@@ -131,6 +131,7 @@ def dump_sequences(
     dumps = []
     for _ in range(draw(st.integers(min_value=1, max_value=5))):
         step = draw(st.one_of(st.just(step), steps, st.integers(step - 3, step + 3)))
+        step = min(max(step, -(2**63)), 2**63 - 1)  # dump() refuses steps beyond int64
         chosen = draw(st.lists(st.sampled_from(pool), min_size=1, unique=True))
         dumps.append((step, {key: draw(values) for key in chosen}))
     return dumps

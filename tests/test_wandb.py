@@ -752,6 +752,7 @@ def test_close_finishes_the_run(run_dir: Path) -> None:
     logger = wandb_logger(run_dir)
     logger.record("a", 1)
     logger.dump(0)
+    logger.flush()  # the run starts in the delivery process
     assert read_wandb_offline(run_dir).exit_code is None  # still running
     logger.close()
     run = read_finished(run_dir)

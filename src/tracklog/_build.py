@@ -49,7 +49,7 @@ def build_logger(
     outbox = None
     if remote or files:
         media = any(backend(output).media for _, output in local)
-        outbox = Outbox(resolved, remote, media=media, strict=resolved.strict)
+        outbox = Outbox(resolved, remote, media=media, files=files, strict=resolved.strict)
     store = MediaStore(resolved.run_dir, defer=outbox is not None)
     context = LocalContext(run_dir=resolved.run_dir, media=store)
     outputs: dict[int, KVWriter] = {}

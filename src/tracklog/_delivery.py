@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 import traceback
@@ -36,17 +35,20 @@ from typing import Any, Final, Protocol
 
 from tracklog import _encode
 from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
-from tracklog._queue import MEDIA, Message, Queue, replay_command
+from tracklog._queue import MEDIA, Message, Queue, remove, replay_command
 from tracklog._registry import RemoteContext, backend, parse_output
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, OutputSettings
 from tracklog.values import Image, Video
 
-__all__ = ["Delivery", "Reporter", "Target", "targets"]
+__all__ = ["Delivery", "Reporter", "Target", "current", "targets"]
 
 _log = logging.getLogger("tracklog")
 
 _BATCH: Final = 64  # rows handed over in one write_rows call
+#: The reporter of the queue the current thread delivers (the delivery process routes
+#: the warnings and log records of a backend's own code there).
+current = threading.local()
 _POLL: Final = 0.02  # seconds between looks at the queue when there is nothing to do
 _FORGET_EVERY: Final = 2.0  # seconds between deletions of what every output has
 
@@ -203,23 +205,26 @@ class Delivery:
         while lock.held_elsewhere() and time.monotonic() < limit:
             time.sleep(0.05)
         self.queue.close()
-        shutil.rmtree(self.queue.directory, ignore_errors=True)
+        remove(self.queue.directory)
 
     def _past_deadline(self) -> bool:
+        """Whether to stop retrying: ``deadline`` seconds after the logger closed or
+        its trainer died; never while it is still logging (the rows wait on disk)."""
         if self._deadline is None:
-            if not self._trainer_gone():
+            if not (self._trainer_gone() or self.queue.meta("closed")):
                 return False
             self._deadline = time.monotonic() + self.settings.deadline
         return time.monotonic() >= self._deadline
 
     # One output ------------------------------------------------------------------------
     def _work(self, worker: _Worker) -> None:
+        current.report = self._report
         try:
             if worker.target is not None and not self._build(worker):
                 return
             self._loop(worker)
         except BaseException as error:  # a bug: say so; the queue keeps what is left
-            worker.gave_up = True
+            self._give_up(worker)
             self._report(
                 logging.ERROR,
                 f"tracklog {worker.label}: the delivery worker stopped: "
@@ -251,7 +256,7 @@ class Delivery:
                 break
             except Exception as error:
                 if not entry.transient(error) or self._past_deadline():
-                    worker.gave_up = True
+                    self._give_up(worker)
                     self._report(
                         logging.ERROR,
                         f"tracklog {target.label}: cannot start: {type(error).__name__}: "
@@ -265,6 +270,12 @@ class Delivery:
         worker.output = output
         self._publish(worker)
         return True
+
+    def _give_up(self, worker: _Worker) -> None:
+        """Stop this output; what it has not acked stays in the queue for replay, and
+        the trainer's flush() and close() no longer wait for it."""
+        worker.gave_up = True
+        self.queue.set_state(worker.consumer, {"gave_up": "1"})
 
     def _publish(self, worker: _Worker) -> None:
         assert worker.target is not None
@@ -288,7 +299,7 @@ class Delivery:
             messages = self._linger(worker, messages)
             for group in _groups(messages):
                 if not self._deliver(worker, group):
-                    worker.gave_up = True
+                    self._give_up(worker)
                     return
                 worker.cursor = group[-1].seq
                 self.queue.ack(worker.consumer, worker.cursor)
@@ -301,7 +312,7 @@ class Delivery:
         if self._deliver(worker, [Message(0, "close", "")]):
             worker.cursor = self.queue.last_seq()
         else:
-            worker.gave_up = True
+            self._give_up(worker)
 
     def _linger(self, worker: _Worker, messages: list[Message]) -> list[Message]:
         """Wait up to ``linger`` for more rows, so a backend gets one request for many."""

@@ -209,11 +209,10 @@ class Logger(sb3.Logger):
         any_excluded = any(excluded.values())
         calls: list[tuple[object, Callable[[], None]]] = []
         for output in self.output_formats:
-            if isinstance(output, RemoteOutput):
-                continue
             if isinstance(output, OutputFormat):
                 filtered = _for_output(row, excluded, output.name) if any_excluded else row
-                calls.append((output, functools.partial(output.write_row, filtered)))
+                write = output.check_row if isinstance(output, RemoteOutput) else output.write_row
+                calls.append((output, functools.partial(write, filtered)))
             elif isinstance(output, sb3.KVWriter):
                 sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
                 call = functools.partial(output.write, legacy, sb3_excluded, row.step)

@@ -6,7 +6,15 @@ import hashlib
 import warnings
 from collections.abc import Callable
 
-__all__ = ["NameMap"]
+__all__ = ["KeyWarning", "NameMap"]
+
+
+class KeyWarning(UserWarning):
+    """A key a backend does not accept is logged under another name there.
+
+    Raised at the ``dump()`` that first records the key (the training side names keys
+    as the delivery process will); the delivery process does not repeat it.
+    """
 
 
 class NameMap:
@@ -51,6 +59,7 @@ class NameMap:
             name = self._renamed(wanted, owner)
             warnings.warn(
                 f"{self.backend} does not accept the key {wanted!r}; logging it as {name!r}",
+                KeyWarning,
                 stacklevel=3,
             )
         if name in self._owners:  # e.g. a recorded "w/mean" and histogram "w"'s mean
@@ -59,6 +68,7 @@ class NameMap:
             warnings.warn(
                 f"{self.backend}: {wanted!r} is already logged for {taken_by!r}; "
                 f"logging it as {name!r}",
+                KeyWarning,
                 stacklevel=3,
             )
         self._names[owner] = name

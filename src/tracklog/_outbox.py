@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 import warnings
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tracklog._codec import encode_row
-from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, replay_command
+from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, remove, replay_command
 from tracklog._registry import backend, split_secrets
 from tracklog._row import Row
 from tracklog._service import service
@@ -113,8 +112,14 @@ class RemoteOutput(OutputFormat):
         self.settings = settings
         self.index = index
         self.consumer = f"{index}-{settings.type}"
-        self.name = backend(settings).exclude
+        entry = backend(settings)
+        self.name = entry.exclude
         self._outbox = outbox
+        self._check = entry.check(settings) if entry.check is not None else None
+
+    def check_row(self, row: Row) -> None:
+        if self._check is not None:
+            self._check(row)
 
     def published(self, key: str, timeout: float = 120.0) -> str:
         deadline = time.monotonic() + timeout
@@ -155,13 +160,15 @@ class Outbox:
         remote: list[tuple[int, OutputSettings]],
         *,
         media: bool,
+        files: bool,
         strict: bool,
     ) -> None:
         self.strict = strict
         self.error: DeliveryError | None = None
         root = queue_root(settings)
         run_dir = settings.run_dir.absolute()
-        _refuse_busy(root, run_dir)
+        if files:
+            _refuse_busy(root, run_dir)
         outputs: list[dict[str, Any]] = []
         secrets: dict[str, dict[str, Any]] = {}
         identity: dict[str, dict[str, str]] = {}
@@ -179,6 +186,7 @@ class Outbox:
             "delivery": settings.delivery.model_dump(mode="json"),
             "settings_json": settings.model_dump_json(),
             "media": media,
+            "files": files,
             "outputs": outputs,
             "identity": identity,
             "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
@@ -193,6 +201,7 @@ class Outbox:
         self._secrets = secrets
         self._started = False
         self._closed = False
+        self._raised = False
         if remote:
             self._start()
 
@@ -235,8 +244,9 @@ class Outbox:
         self._closed = True
         if not self._started:
             self._release()
-            shutil.rmtree(self.directory, ignore_errors=True)
+            remove(self.directory)
             return True
+        self.queue.set_meta("closed", str(time.time()))  # the delivery deadline starts
         done = self._wait(self.queue.append("close"), deadline)
         if not done:
             left = self.queue.pending(self.consumers)
@@ -249,6 +259,10 @@ class Outbox:
                 replay_command(self.directory),
             )
         self._release()
+        # Once delivered, the delivery process removes the queue: wait for that too, so
+        # the run_dir is left alone by the time close() returns.
+        while done and self.directory.exists() and time.monotonic() < deadline:
+            time.sleep(_WAIT_STEP)
         return done
 
     def drop(self) -> None:
@@ -257,10 +271,11 @@ class Outbox:
             return
         self._closed = True
         if self._started:
+            self.queue.set_meta("closed", str(time.time()))
             self.queue.append("close")
         self._release()
         if not self._started:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            remove(self.directory)
 
     def abandon(self) -> None:
         """In a forked child: forget the parent's queue without touching it."""
@@ -299,7 +314,10 @@ class Outbox:
             warnings.warn(message, UserWarning, stacklevel=2)
             return
         _log.log(level, "%s", message)
-        if self.strict and level >= logging.ERROR and self.error is None:
+        if self.strict and level >= logging.ERROR and not self._raised:
+            # The first failure is raised; what follows from it (rows left for replay)
+            # is only logged.
+            self._raised = True
             self.error = DeliveryError(message.splitlines()[0])
 
 
@@ -333,7 +351,7 @@ def _refuse_busy(root: Path, run_dir: Path) -> None:
             continue
         try:
             header = queue.header()
-            if Path(header["run_dir"]) != run_dir:
+            if Path(header["run_dir"]) != run_dir or not header.get("files"):
                 continue
             if not queue.trainer_lock().held_elsewhere():
                 continue

@@ -23,8 +23,10 @@ Every file is opened without following symlinks.
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ __all__ = [
     "Queue",
     "find_queues",
     "is_queue",
+    "remove",
     "replay_command",
 ]
 
@@ -309,6 +312,13 @@ class Queue:
 # A forked child keeps its parent's connections alive and unused: SQLite must not
 # release (or touch) locks and shared memory the parent still uses.
 _abandoned: list[object] = []
+
+
+def remove(directory: Path) -> None:
+    """Remove a delivered queue, and the folder holding it once it holds no other."""
+    shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        directory.parent.rmdir()  # only if empty
 
 
 def is_queue(path: Path) -> bool:

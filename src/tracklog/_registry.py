@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.logger import KVWriter
 
     from tracklog._media import MediaStore
+    from tracklog._row import Row
     from tracklog.outputs._base import OutputFormat
 
 __all__ = [
@@ -82,6 +83,9 @@ class Backend:
     identity: Callable[[Any], dict[str, str]] = field(default=lambda settings: {})
     #: What a built output tells later builds and the trainer (run id, run folder).
     publish: Callable[[Any], dict[str, str]] = field(default=lambda output: {})
+    #: A training-side check of each row (names keys as the backend will, so a
+    #: rename warning belongs to the dump that caused it); None: no check.
+    check: Callable[[Any], Callable[[Row], None]] | None = None
     #: Whether an error raised while building it means "try again later".
     transient: Callable[[Exception], bool] = field(
         default=lambda error: isinstance(error, ConnectionError | TimeoutError)
@@ -149,6 +153,18 @@ def _mlflow_transient(error: Exception) -> bool:
     return is_transient(error)
 
 
+def _mlflow_check(settings: Any) -> Callable[[Row], None]:
+    from tracklog.convert.mlflow import MlflowKeyCheck
+
+    return MlflowKeyCheck()
+
+
+def _wandb_check(settings: Any) -> Callable[[Row], None]:
+    from tracklog.convert.wandb import WandbKeyCheck
+
+    return WandbKeyCheck()
+
+
 def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
     from tracklog.outputs.wandb import WandBOutputFormat
 
@@ -187,6 +203,7 @@ BACKENDS: Final[dict[str, Backend]] = {
             masked=(("tracking_uri", mask_uri),),
             identity=_mlflow_identity,
             publish=_mlflow_publish,
+            check=_mlflow_check,
             transient=_mlflow_transient,
         ),
         Backend(
@@ -197,6 +214,7 @@ BACKENDS: Final[dict[str, Backend]] = {
             secrets=frozenset({"api_key"}),
             identity=_wandb_identity,
             publish=_wandb_publish,
+            check=_wandb_check,
         ),
     )
 }

@@ -31,12 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Final
 
+from tracklog._names import KeyWarning
+
 __all__ = ["Service", "service"]
 
 _log = logging.getLogger("tracklog")
 
 _NICE: Final = 10
-_current = threading.local()  # the reporter of the queue a delivery thread works on
 
 Listener = Callable[[int, str, bool], None]
 
@@ -68,6 +69,9 @@ class Service:
         with self._lock:
             self._opens.pop(str(queue), None)
             self._listeners.pop(str(queue), None)
+            if self._process is not None and self._process.poll() is None:
+                # What it reports of this queue from now on goes to stderr.
+                self._send(json.dumps({"op": "closed", "queue": str(queue)}).encode() + b"\n")
 
     def poll(self) -> None:
         """Show what the delivery process reported; restart it if it died."""
@@ -190,12 +194,14 @@ class _Reports:
 
     def __init__(self, pipe: IO[bytes]) -> None:
         self._pipe: IO[bytes] | None = pipe
+        self.detached: set[str] = set()  # queues whose logger is closed
         self._cond = threading.Condition()
         self._lines: list[bytes] = []
         threading.Thread(target=self._run, name="tracklog-reports", daemon=True).start()
 
     def send(self, queue: str, level: int, message: str, warning: bool) -> None:
-        if self._pipe is None:  # the trainer is gone: its terminal still shows stderr
+        if self._pipe is None or queue in self.detached:
+            # The trainer is gone, or its logger closed: its terminal still shows stderr.
             print(f"tracklog delivery: {message}", file=sys.stderr, flush=True)
             return
         line = json.dumps({"queue": queue, "level": level, "message": message, "warning": warning})
@@ -223,7 +229,9 @@ class _ToReporter(logging.Handler):
     """The ``tracklog`` logger inside the delivery process: to the queue's trainer."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        report = getattr(_current, "report", None)
+        from tracklog._delivery import current
+
+        report = getattr(current, "report", None)
         message = self.format(record)
         if report is None:
             print(f"tracklog delivery: {message}", file=sys.stderr, flush=True)
@@ -239,7 +247,9 @@ def _show_warning(
     file: object = None,
     line: str | None = None,
 ) -> None:
-    report = getattr(_current, "report", None)
+    from tracklog._delivery import current
+
+    report = getattr(current, "report", None)
     if report is None:
         print(f"tracklog delivery: {category.__name__}: {message}", file=sys.stderr, flush=True)
     else:
@@ -258,7 +268,6 @@ def _deliver(
     def report(level: int, message: str, *, warning: bool = False) -> None:
         reports.send(str(queue_dir), level, message, warning)
 
-    _current.report = report
     lock = None
     try:
         queue = Queue(queue_dir)
@@ -295,6 +304,8 @@ def main() -> int:
     logger.setLevel(logging.INFO)
     logger.propagate = False
     warnings.showwarning = _show_warning
+    # The trainer showed these at the dump that caused them (RemoteOutput.check_row).
+    warnings.filterwarnings("ignore", category=KeyWarning)
     trainer_gone = threading.Event()
     threads: list[threading.Thread] = []
     for raw in sys.stdin.buffer:
@@ -304,6 +315,10 @@ def main() -> int:
             secrets = dict(command.get("secrets") or {})
         except (ValueError, KeyError, TypeError):
             continue
+        if command.get("op") == "closed":
+            reports.detached.add(str(queue))
+            continue
+        reports.detached.discard(str(queue))  # a new queue where a delivered one was
         thread = threading.Thread(
             target=_deliver,
             args=(queue, secrets, reports, trainer_gone),

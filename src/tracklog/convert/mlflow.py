@@ -27,6 +27,7 @@ __all__ = [
     "ArtifactFile",
     "MetricPoint",
     "MlflowItem",
+    "MlflowKeyCheck",
     "MlflowNames",
     "ParamValue",
     "StepImage",
@@ -144,6 +145,32 @@ class MlflowNames:
         self.param = NameMap("MLflow param", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
         self.image = NameMap("MLflow image", _is_image_name, _image_name, MAX_IMAGE_NAME_LENGTH)
         self.folder = NameMap("MLflow artifact", _is_artifact_dir, _artifact_dir, MAX_NAME_LENGTH)
+
+
+class MlflowKeyCheck:
+    """Names each new key of a row as the MLflow output will, on the training side, so
+    a :class:`~tracklog._names.KeyWarning` points at the ``dump()`` that caused it."""
+
+    def __init__(self) -> None:
+        self._names = MlflowNames()
+        self._checked: set[tuple[str, type]] = set()
+        self._scalar_keys: set[str] = set()
+
+    def __call__(self, row: Row) -> None:
+        # The set difference skips a row of known scalars without a Python loop; new
+        # keys are named in the row's order, which decides who keeps a contested name.
+        new = row.values.keys() - self._scalar_keys
+        if not new:
+            return
+        for key, value in row.values.items():
+            if key not in new:
+                continue
+            kind = (key, type(value))
+            if kind not in self._checked:
+                to_mlflow(key, value, row, self._names)
+                self._checked.add(kind)
+            if isinstance(value, Scalar):
+                self._scalar_keys.add(key)
 
 
 def _param_text(name: str, value: bool | int | float | str | None) -> str:

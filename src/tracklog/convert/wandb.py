@@ -13,6 +13,7 @@ import numpy as np
 
 from tracklog import _encode
 from tracklog._names import NameMap
+from tracklog._row import Row
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "HistoryValue",
     "SummaryUpdate",
     "WandbItem",
+    "WandbKeyCheck",
     "to_wandb",
     "wandb_names",
 ]
@@ -86,6 +88,24 @@ def wandb_names() -> NameMap:
     bytes in all.
     """
     return NameMap("W&B", _usable, _shortened, 250)
+
+
+class WandbKeyCheck:
+    """Names each new key as the W&B output will, on the training side (see
+    :class:`tracklog.convert.mlflow.MlflowKeyCheck`)."""
+
+    def __init__(self) -> None:
+        self._names = wandb_names()
+        self._named: set[str] = set()
+
+    def __call__(self, row: Row) -> None:
+        new = row.values.keys() - self._named
+        if not new:
+            return
+        for key, value in row.values.items():
+            if key in new and not isinstance(value, HParam):
+                self._names(key)
+                self._named.add(key)
 
 
 def _histogram(key: str, values: np.ndarray) -> list[WandbItem]:
