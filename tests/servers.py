@@ -52,6 +52,14 @@ class MlflowServer:
         return self.root / "artifacts"
 
     def start(self, timeout: float = 120.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it: ``wait_ready()`` does.
+
+        Two servers (or a test that needs none) can then use the seconds they take.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -74,6 +82,11 @@ class MlflowServer:
             },
         )
         log.close()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the launched server answers ``/health``."""
+        if self.process is None:
+            raise RuntimeError("mlflow server is not launched")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -86,6 +99,16 @@ class MlflowServer:
                 time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"mlflow server did not answer /health within {timeout} s")
+
+    def pause(self) -> None:
+        """SIGSTOP the server's processes: connections are accepted, nothing answers."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT what ``pause()`` stopped."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None:

@@ -47,6 +47,7 @@ from tests.servers import MlflowServer
 from tests.strategies import Number, dump_sequences
 from tracklog._outbox import DeliveryError
 from tracklog._queue import Queue, find_queues
+from tracklog._row import Row
 from tracklog.readers import read_jsonl
 from tracklog.settings import MlflowOutput
 
@@ -1074,16 +1075,21 @@ def test_a_resumed_session_does_not_overwrite_earlier_media(
     assert lengths == [3, 2]
 
 
-def test_credentials_are_put_back_at_close(
+def test_credentials_never_reach_the_environment_or_the_queue(
     sqlite: Store, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone-else")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    before = dict(os.environ)
     logger = mlflow_logger(run_dir, sqlite, username="me", password=PASSWORD)
-    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD  # where MLflow reads it
+    logger.record("a", 1.0)
+    logger.dump(0)
+    assert logger.flush()
+    (queue_dir,) = find_queues(run_dir)
+    on_disk = b"".join(path.read_bytes() for path in queue_dir.rglob("*") if path.is_file())
+    assert PASSWORD.encode() not in on_disk  # it went to the delivery process by pipe
     logger.close()
-    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "someone-else"
-    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+    assert dict(os.environ) == before
 
 
 LIFECYCLE_SCRIPT = """
@@ -1193,15 +1199,20 @@ class _FailOnce:
 def test_params_of_a_failed_batch_are_sent_again(
     sqlite: Store, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    logger = mlflow_logger(run_dir, sqlite)
-    (output,) = [o for o in logger.output_formats if o.name == "mlflow"]
+    # The output as the delivery process holds it: a transient failure is retried with
+    # the same rows, and what the failed request carried is sent again.
+    settings = MlflowOutput(tracking_uri=sqlite.uri, experiment=EXPERIMENT)
+    output = tracklog.MLFlowOutputFormat(settings)
     monkeypatch.setattr(output.client, "log_batch", _FailOnce(output.client))
     hparams = tracklog.HParam({"lr": 0.1, "gamma": 0.99})
-    logger.record("hparams", hparams)
-    logger.dump(0)  # fails: reported on the tracklog logger, training goes on
-    logger.record("hparams", hparams)
-    logger.dump(1)
-    logger.close()
+    rows = [
+        Row(step=step, timestamp=time.time(), seq=step, values={"h": hparams}) for step in (0, 1)
+    ]
+    with pytest.raises(ConnectionError):
+        output.write_rows(rows)
+    assert output.is_transient(ConnectionError("server blip"))
+    output.write_rows(rows)  # the retry
+    output.close()
     assert sqlite.client.get_run(output.run_id).data.params == {"lr": "0.1", "gamma": "0.99"}
 
 

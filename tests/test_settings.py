@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
 import tracklog
@@ -19,6 +21,7 @@ from tracklog.settings import (
     LoggerSettings,
     MlflowOutput,
     WandbOutput,
+    mask_uri,
 )
 
 
@@ -366,3 +369,31 @@ def test_secrets_are_never_shown(output: MlflowOutput | WandbOutput, secret: str
     hidden = output.password if isinstance(output, MlflowOutput) else output.api_key
     assert hidden is not None
     assert hidden.get_secret_value() == secret
+
+
+@pytest.mark.parametrize(
+    ("uri", "masked"),
+    [
+        ("postgresql://u:pa/ss@h/db", "postgresql://u:***@h/db"),
+        ("http://me:s3#c?r/et@host:5000/x", "http://me:***@host:5000/x"),
+        ("postgresql://u@h/db?password=sec&x=1", "postgresql://u@h/db?password=***&x=1"),
+        (
+            "mssql+pyodbc:///?odbc_connect=DRIVER%3Dx%3BPWD%3Dsec%3BUID%3Du",
+            "mssql+pyodbc:///?odbc_connect=DRIVER%3Dx%3BPWD%3D***%3BUID%3Du",
+        ),
+        ("sqlite:///a.db", "sqlite:///a.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ],
+)
+def test_every_password_in_a_tracking_uri_is_masked(uri: str, masked: str) -> None:
+    assert mask_uri(uri) == masked
+
+
+@given(
+    password=st.text(
+        st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="@"), min_size=6
+    )
+)
+def test_a_userinfo_password_of_any_characters_is_masked(password: str) -> None:
+    assert password not in mask_uri(f"postgresql://user:{password}@db.example:5432/mlflow")
+    assert password not in mask_uri(f"http://user:{password}@127.0.0.1:5000")

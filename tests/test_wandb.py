@@ -39,9 +39,10 @@ from tests.readback import decode_mp4
 from tests.rundirs import fresh_run_dir
 from tests.samples import NESTED_HPARAMS, grey_clip, random_pixels
 from tests.strategies import Number, dump_sequences
+from tracklog._row import Row
 from tracklog.readers import WandbRun, read_jsonl, read_wandb_offline, wandb_records
 from tracklog.settings import WandbOutput
-from tracklog.values import check_key
+from tracklog.values import Scalar, check_key
 
 # Also for the subprocesses and W&B's service process: no banners in the test output.
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -809,9 +810,10 @@ def test_uncaught_exception_ends_the_process_run_as_failed(tmp_path: Path) -> No
 def test_a_finish_that_hangs_is_abandoned_after_the_timeout(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    logger = wandb_logger(run_dir, finish_timeout=0.5)
-    (output,) = logger.output_formats
-    assert isinstance(output, tracklog.WandBOutputFormat)
+    # The output as the delivery process holds it (its run.finish is what hangs).
+    output = tracklog.WandBOutputFormat(
+        WandbOutput(project="tests", finish_timeout=0.5), run_dir=run_dir
+    )
     real_finish = output.run.finish
     finished = threading.Event()
     errors: list[BaseException] = []
@@ -826,11 +828,10 @@ def test_a_finish_that_hangs_is_abandoned_after_the_timeout(
             finished.set()
 
     monkeypatch.setattr(output.run, "finish", slow_finish)
-    logger.record("a", 1)
-    logger.dump(0)
+    output.write_row(Row(step=0, timestamp=time.time(), seq=0, values={"a": Scalar(1)}))
     started = time.monotonic()
     with pytest.warns(UserWarning, match="did not finish the run within 0.5 s") as caught:
-        logger.close()
+        output.close()
     assert time.monotonic() - started < 0.5 + 1.5
     (message,) = [str(w.message) for w in caught if "W&B" in str(w.message)]
     offline_dir = wandb_file(run_dir).parent
@@ -1005,13 +1006,19 @@ HUNG_SERVICE_SCRIPT = """
 import os, signal, time, warnings
 os.environ["WANDB_SILENT"] = "true"
 import tracklog
-from wandb.sdk import wandb_setup
 
 logger = tracklog.build_logger({{"run_dir": {run_dir!r}, "outputs": [
     {{"type": "wandb", "project": "tests", "finish_timeout": 2}}]}})
 logger.record("x", 1.0)
 logger.dump(0)
-service = wandb_setup.singleton()._connection._proc._process
+logger.flush()
+# W&B's service runs under tracklog's delivery process, which hosts the W&B run.
+import psutil
+from tracklog._service import service as delivery
+service = next(
+    child for child in psutil.Process(delivery().pid).children(recursive=True)
+    if "wandb" in " ".join(child.cmdline())
+)
 os.kill(service.pid, signal.SIGSTOP)  # the fault: W&B's service stops answering
 print(service.pid, flush=True)
 start = time.monotonic()

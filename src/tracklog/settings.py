@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -123,13 +124,21 @@ class CsvOutput(_FileBacked):
     )
 
 
+# userinfo as SQLAlchemy and MLflow read it: the password runs to the next "@", so it
+# may hold "/", "#" or "?" (a plain urlsplit would end it at the first of those).
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://)(?P<user>[^:/@?#]*):(?P<password>[^@]*)@")
+# ?password=..., &pwd=..., and the same percent-encoded inside another parameter
+# (mssql's odbc_connect=...PWD%3D...%3B).
+_SECRET_PARAMETER = re.compile(
+    r"(?i)((?:password|passwd|pwd|token|secret|api_?key)(?:=|%3D))(.*?)(?=$|[&;#]|%26|%3B)"
+)
+
+
 def mask_uri(uri: str) -> str:
-    """``uri`` with the password of ``scheme://user:password@host`` replaced by ``***``."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """``uri`` with every password in it replaced by ``***``: the one of
+    ``scheme://user:password@host`` and ``password=``/``pwd=``/``token=`` parameters."""
+    masked = _USERINFO.sub(lambda match: f"{match['head']}{match['user']}:***@", uri, count=1)
+    return _SECRET_PARAMETER.sub(lambda match: f"{match[1]}***", masked)
 
 
 _MLFLOW_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, assert_never
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tracklog._row import Row
 from tracklog.convert.mlflow import (
@@ -24,12 +28,14 @@ from tracklog.convert.mlflow import (
     to_mlflow,
 )
 from tracklog.outputs._base import OutputFormat
-from tracklog.settings import MlflowOutput, mask_uri
+from tracklog.settings import MlflowOutput
 from tracklog.values import Scalar
 
 if TYPE_CHECKING:
+    import requests
     from mlflow import MlflowClient
     from mlflow.entities import Metric
+    from mlflow.utils.rest_utils import MlflowHostCreds
 
 __all__ = ["MLFlowOutputFormat"]
 
@@ -45,56 +51,321 @@ def _tracklog_version() -> str:
         return "unknown"
 
 
-_USER_SET = frozenset(
-    name
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    if name in os.environ
-)
+def _allow_file_store(settings: MlflowOutput) -> None:
+    """MLflow 3.17's own opt-in to its old file store, which it reads from its environment.
 
-
-def _bound_requests(settings: MlflowOutput) -> None:
-    """Keep one request to a server that is down from blocking for minutes.
-
-    MLflow's defaults (7 retries with exponential backoff, 120 s timeout) hold a
-    ``dump()`` for about 4 minutes when the server is down. MLflow reads these from
-    its environment variables, for the whole process; values the user set are kept.
+    ``FileStore.__init__`` checks ``$MLFLOW_ALLOW_FILE_STORE`` each time MLflow builds the
+    store, and MLflow builds it where tracklog cannot hand it one (its store registry, its
+    model registry), so this stays a process-wide variable; a value the user set is kept.
     """
-    for name, value in (
-        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", settings.request_retries),
-        ("MLFLOW_HTTP_REQUEST_TIMEOUT", int(settings.request_timeout)),
-    ):
-        if name not in _USER_SET:
-            os.environ[name] = str(value)
     if settings.allow_file_store:
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.17's own opt-in
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
-_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+def _shown_uri(uri: str) -> str:
+    """``uri`` for a message: without its user info, query and fragment, where secrets live.
 
-
-def _export_credentials(settings: MlflowOutput) -> dict[str, str | None]:
-    """Put the settings' credentials where MLflow reads them; return what was there.
-
-    MLflow reads basic-auth credentials only from its environment variables (or
-    ~/.mlflow/credentials), for every request and artifact upload it makes. They stay
-    set while the output is open (one set of credentials per process) and are put back
-    as they were at ``close()``.
+    The user info ends at the last ``@`` (as SQLAlchemy reads it), so a password with an
+    unescaped ``/``, ``?`` or ``#`` goes too; an ``@`` in a query hides the host as well.
     """
-    if settings.username is None:
-        return {}
-    previous = {name: os.environ.get(name) for name in _CREDENTIALS}
-    os.environ["MLFLOW_TRACKING_USERNAME"] = settings.username
-    if settings.password is not None:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.password.get_secret_value()
-    return previous
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri  # "databricks", or a path
+    rest = re.split(r"[?#]", rest.rsplit("@", 1)[-1], maxsplit=1)[0]
+    if "=" in rest or "&" in rest:
+        rest = "..."
+    return f"{scheme}://{rest}"
 
 
-def _restore_credentials(previous: dict[str, str | None]) -> None:
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.rsplit("@", 1)[-1].lower()
+
+
+@dataclass(frozen=True)
+class _Connection:
+    """One output's way to its http(s) tracking server: address, credentials, limits.
+
+    ``address`` is the tracking URI without user info, query and fragment: MLflow appends
+    its API paths to it, puts it in error messages and prints it ("View run at"). The
+    credentials are the settings' ``username``/``password``, else the URI's user info,
+    else MLflow's own (``$MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ~/.mlflow/credentials).
+    ``retries``/``timeout`` are None where the user set MLflow's variables for them.
+    """
+
+    address: str
+    username: str | None
+    password: str | None = field(repr=False)
+    retries: int | None
+    timeout: float | None
+
+    @classmethod
+    def of(cls, settings: MlflowOutput) -> _Connection:
+        uri = settings.tracking_uri
+        parts = urlsplit(uri)
+        try:
+            parts.port  # noqa: B018  # raises ValueError on a port that is not a number
+        except ValueError:
+            valid = False
         else:
-            os.environ[name] = value
+            valid = bool(parts.hostname)
+        if not valid or "@" in urlunsplit(("", "", parts.path, parts.query, parts.fragment)):
+            # Also what a password with an unescaped "/", "?" or "#" looks like.
+            raise ValueError(
+                f"invalid MLflow tracking_uri {_shown_uri(uri)}: characters of a user name "
+                "or password in it must be percent-encoded"
+            )
+        username, password = settings.username, None
+        if settings.password is not None:
+            password = settings.password.get_secret_value()
+        if username is None and parts.username is not None:
+            username = unquote(parts.username)
+            password = unquote(parts.password) if parts.password is not None else None
+        return cls(
+            # No query or fragment: MLflow would append its API paths after them.
+            address=urlunsplit(
+                (parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/"), "", "")
+            ),
+            username=username,
+            password=password,
+            retries=None
+            if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ
+            else settings.request_retries,
+            timeout=None
+            if "MLFLOW_HTTP_REQUEST_TIMEOUT" in os.environ
+            else settings.request_timeout,
+        )
+
+    def host_creds(self, host: str) -> MlflowHostCreds:
+        """MLflow's credentials for ``host`` (TLS options, token) with this output's user."""
+        from mlflow.utils.credentials import get_default_host_creds
+
+        default_creds: Callable[[str], MlflowHostCreds] = get_default_host_creds  # untyped
+        creds = default_creds(host)
+        if self.username is not None:
+            creds.username = self.username
+            if self.password is not None:
+                creds.password = self.password
+        return creds
+
+    def request(self, host: str, endpoint: str, method: str, **kwargs: Any) -> requests.Response:
+        from mlflow.utils.rest_utils import http_request
+
+        send: Callable[..., requests.Response] = http_request  # untyped in MLflow
+        return send(
+            self.host_creds(host),
+            endpoint,
+            method,
+            max_retries=self.retries,
+            timeout=self.timeout,
+            **kwargs,
+        )
+
+
+def _client(settings: MlflowOutput) -> MlflowClient:
+    """A client of ``settings.tracking_uri`` that writes no environment variable.
+
+    For an http(s) server, its requests carry this output's credentials, retries and
+    timeout (MLflow would read them from process-wide environment variables).
+    """
+    from mlflow import MlflowClient
+
+    _allow_file_store(settings)
+    if urlsplit(settings.tracking_uri).scheme.lower() not in ("http", "https"):
+        return MlflowClient(tracking_uri=settings.tracking_uri)
+    connection = _Connection.of(settings)
+    client = MlflowClient(tracking_uri=connection.address)
+    # MlflowClient takes no store; its tracking service client is where MLflow keeps one.
+    client._tracking_client = _tracking_client_class()(connection)
+    return client
+
+
+@functools.cache
+def _tracking_client_class() -> Callable[[_Connection], Any]:
+    """MLflow's tracking service client, REST store and artifact repository, for one
+    connection each.
+
+    Defined on first use: importing MLflow takes seconds, ``import tracklog`` must not.
+    """
+    import json
+    import posixpath
+
+    from mlflow.entities import FileInfo
+    from mlflow.store.artifact import artifact_repo, artifact_repository_registry
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+    from mlflow.utils import mime_type_utils, proto_json_utils, request_utils, rest_utils, uri
+
+    # MLflow's helpers used here are untyped; typed once.
+    verify_response: Callable[[Any, str], Any] = rest_utils.verify_rest_response
+    parse_dict: Callable[..., None] = proto_json_utils.parse_dict
+    raise_for_status: Callable[[Any], None] = request_utils.augmented_raise_for_status
+    safe_path: Callable[[str], str] = uri.validate_path_is_safe
+    mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type
+    check_path: Callable[[str | None], None] = artifact_repo.verify_artifact_path
+    resolve: Callable[[str, str], str] = MlflowArtifactsRepository.resolve_uri
+    default_repo: Callable[..., Any] = artifact_repository_registry.get_artifact_repository
+
+    class Store(RestStore):
+        """MLflow's REST store with the connection's credentials, retries and timeout.
+
+        ``get_host_creds`` is RestStore's own seam for credentials. Retries and timeout
+        have none: ``RestStore._call_endpoint`` calls ``rest_utils.call_endpoint``, which
+        calls ``http_request`` without ``max_retries``/``timeout`` (so MLflow reads its
+        environment variables). This ``_call_endpoint`` is MLflow 3.17's, with the two
+        passed and ``call_endpoint`` inlined.
+        """
+
+        def __init__(self, connection: _Connection) -> None:
+            super().__init__(lambda: connection.host_creds(connection.address))  # type: ignore[no-untyped-call]
+            self.connection = connection
+
+        def _call_endpoint(
+            self,
+            api: Any,
+            json_body: str | None = None,
+            endpoint: str | None = None,
+            retry_timeout_seconds: float | None = None,
+            response_proto: Any = None,
+        ) -> Any:
+            # retry_timeout_seconds: only for Databricks' SDK, which this store never uses.
+            infos = self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO
+            self._validate_workspace_support_if_specified()
+            path, method = infos[api]
+            path = endpoint or path
+            body = None if json_body is None else json.loads(json_body)
+            response = self.connection.request(
+                self.connection.address,
+                path,
+                method,
+                **({"params": body} if method == "GET" else {"json": body}),
+            )
+            response = verify_response(response, path)
+            proto = response_proto or api.Response()
+            if response.status_code != 204:
+                parse_dict(js_dict=json.loads(response.text), message=proto)
+            return proto
+
+    class Artifacts(HttpArtifactRepository):
+        """MLflow's HTTP artifact repository with the connection's credentials and limits.
+
+        MLflow's methods build credentials from the environment (``get_default_host_creds``)
+        and call ``http_request`` without retries or timeout; these three are MLflow
+        3.17's with the connection's request. Multipart uploads (presigned, which build
+        credentials the same way in four more methods) are off: tracklog's files are small.
+        """
+
+        def __init__(self, url: str, connection: _Connection) -> None:
+            super().__init__(url, tracking_uri=connection.address)  # type: ignore[no-untyped-call]
+            self.connection = connection
+
+        @property
+        def _host_creds(self) -> MlflowHostCreds:
+            return self.connection.host_creds(self.artifact_uri)
+
+        def _is_multipart_upload_enabled(self) -> bool:
+            return False
+
+        def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
+            check_path(artifact_path)
+            name = os.path.basename(local_file)
+            endpoint = posixpath.join("/", *((artifact_path, name) if artifact_path else (name,)))
+            with open(local_file, "rb") as data:
+                response = self.connection.request(
+                    self.artifact_uri,
+                    endpoint,
+                    "PUT",
+                    data=data,
+                    extra_headers={"Content-Type": mime_type(name)},
+                )
+            raise_for_status(response)
+
+        def list_artifacts(self, path: str | None = None) -> list[FileInfo]:
+            endpoint = "/mlflow-artifacts/artifacts"
+            url, tail = self.artifact_uri.split(endpoint, maxsplit=1)
+            root = tail.lstrip("/")
+            params = {"path": posixpath.join(root, path) if path else root}
+            response = self.connection.request(url, endpoint, "GET", params=params)
+            raise_for_status(response)
+            infos = []
+            for entry in response.json().get("files", []):
+                found = safe_path(entry["path"])
+                size = int(entry["file_size"]) if "file_size" in entry else None
+                infos.append(
+                    FileInfo(posixpath.join(path, found) if path else found, entry["is_dir"], size)
+                )
+            if (  # MLflow's rule: listing a single file lists nothing
+                len(infos) == 1
+                and not infos[0].is_dir
+                and path is not None
+                and infos[0].path == posixpath.join(path, os.path.basename(path))
+            ):
+                return []
+            return sorted(infos, key=lambda info: str(info.path))
+
+        def _download_file(self, remote_file_path: str, local_path: str) -> None:
+            endpoint = posixpath.join("/", remote_file_path)
+            response = self.connection.request(self.artifact_uri, endpoint, "GET", stream=True)
+            raise_for_status(response)
+            with open(local_path, "wb") as file:
+                for chunk in response.iter_content(chunk_size=1024 * 1024):
+                    file.write(chunk)
+
+    class Tracking(TrackingServiceClient):
+        """MLflow's tracking service client with its own store and artifact repositories.
+
+        ``store`` is a property MLflow resolves from the URI (a RestStore reading the
+        environment). Artifact repositories are cached here, not in MLflow's process-wide
+        cache keyed by run id alone, and get the connection only for this server: an
+        artifact location on another server or in a cloud store gets MLflow's own.
+        """
+
+        def __init__(self, connection: _Connection) -> None:
+            self._own_store = Store(connection)
+            self._connection = connection
+            self._repos: dict[tuple[str, str], ArtifactRepository] = {}
+            super().__init__(connection.address)  # type: ignore[no-untyped-call]
+
+        @property
+        def store(self) -> Store:
+            return self._own_store
+
+        def _get_artifact_repo(self, resource_id: str, *, resource: str = "run") -> Any:
+            repo = self._repos.get((resource, resource_id))
+            if repo is None:
+                if resource == "run":
+                    run = self.store.get_run(resource_id)  # type: ignore[no-untyped-call]
+                    location = str(run.info.artifact_uri)
+                else:
+                    location = str(self.get_logged_model(resource_id).artifact_location)
+                repo = self._repos[resource, resource_id] = self._repo(location)
+            return repo
+
+        def _repo(self, location: str) -> Any:
+            url = location
+            scheme = urlsplit(location).scheme.lower()
+            if scheme == "mlflow-artifacts":
+                url = resolve(location, self._connection.address)
+            if scheme in ("mlflow-artifacts", "http", "https") and _origin(url) == _origin(
+                self._connection.address
+            ):
+                return Artifacts(url, self._connection)
+            # Another server, or a cloud store: not this output's credentials.
+            return default_repo(location, tracking_uri=self._connection.address)
+
+        # MLflow's two below go through mlflow.artifacts, which builds a client of its own.
+        def list_artifacts(self, run_id: str, path: str | None = None) -> list[FileInfo]:
+            return list(self._get_artifact_repo(run_id).list_artifacts(path))
+
+        def download_artifacts(self, run_id: str, path: str, dst_path: str | None = None) -> str:
+            if dst_path is not None:
+                Path(dst_path).mkdir(parents=True, exist_ok=True)
+            return str(self._get_artifact_repo(run_id).download_artifacts(path, dst_path))
+
+    return Tracking
 
 
 # MLflow error codes (their names) that mean "the server is down, overloaded or slow".
@@ -189,12 +460,8 @@ class MLFlowOutputFormat(OutputFormat):
         run_key: str | None = None,
         replaying: bool = False,
     ) -> None:
-        from mlflow import MlflowClient
-
-        _bound_requests(settings)
-        self._previous_credentials = _export_credentials(settings)
         self.settings = settings
-        self.client: MlflowClient = MlflowClient(tracking_uri=settings.tracking_uri)
+        self.client: MlflowClient = _client(settings)
         self._names = MlflowNames()
         self._params: dict[str, str] = {}
         self._status = "FINISHED"
@@ -234,7 +501,7 @@ class MLFlowOutputFormat(OutputFormat):
             # Training must not wait for (or fail on) the server: the run is created by
             # the background worker as soon as the server answers.
             warnings.warn(
-                f"MLflow at {mask_uri(settings.tracking_uri)} is unreachable "
+                f"MLflow at {_shown_uri(settings.tracking_uri)} is unreachable "
                 f"({type(error).__name__}); tracklog keeps training and logging, and "
                 "creates the run when the server answers",
                 stacklevel=3,
@@ -259,7 +526,7 @@ class MLFlowOutputFormat(OutputFormat):
         return {
             "format": 1,
             "output": "mlflow",
-            # Credentials stay out: replay reads them from the environment.
+            # Credentials stay out: replay reads them from the environment (MLflow's).
             "settings": self.settings.model_dump(
                 mode="json", exclude={"username", "password", "run_id"}
             ),
@@ -270,7 +537,6 @@ class MLFlowOutputFormat(OutputFormat):
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
-        _restore_credentials(self._previous_credentials)
 
     # Run lifecycle -------------------------------------------------------------------
     def _experiment_id(self) -> str:
@@ -367,18 +633,14 @@ class MLFlowOutputFormat(OutputFormat):
         A replay keeps the local copies instead: they were appended to after the last
         upload, so they hold at least what the server has.
         """
-        from mlflow.artifacts import download_artifacts
-
         if self._adopt_local_text():
             return
         for entry in self.client.list_artifacts(run_id):
             if entry.path in (_TRAIN_LOG, "text"):
-                download_artifacts(
-                    run_id=run_id,
-                    artifact_path=entry.path,
-                    dst_path=str(self._staging / "text-root"),
-                    tracking_uri=self.settings.tracking_uri,
-                )
+                destination = self._staging / "text-root"
+                destination.mkdir(parents=True, exist_ok=True)
+                # Through this output's client: its credentials, retries and timeout.
+                self.client.download_artifacts(run_id, entry.path, str(destination))
 
     def _adopt_local_text(self) -> bool:
         """On replay: mark text files a dead process left in staging for upload."""
