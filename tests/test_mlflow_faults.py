@@ -96,7 +96,7 @@ def rows(steps: Sequence[int], **extra: object) -> list[Row]:
 
 def output(uri: str, tmp_path: Path, **fields: Any) -> MLFlowOutputFormat:
     settings = MlflowOutput(tracking_uri=uri, experiment=f"faults-{uuid.uuid4().hex}", **fields)
-    return MLFlowOutputFormat(settings, spool_dir=tmp_path / f"spool-{uuid.uuid4().hex}")
+    return MLFlowOutputFormat(settings, state_dir=tmp_path / f"spool-{uuid.uuid4().hex}")
 
 
 def losses(uri: str, run_id: str) -> list[tuple[int, float]]:

@@ -277,9 +277,9 @@ def check_sweep(client: MlflowClient, sweep: Sweep, downloads: Path) -> None:
 
 
 def spooled(sweep: Sweep) -> int:
-    """How many jobs reported the outage: rows spooled to disk, then the server back."""
+    """How many jobs reported the outage: rows waiting in the queue, then the server back."""
     return sum(
-        "spooling to" in sweep.log(job) and "reachable again" in sweep.log(job)
+        "the rows wait in the queue" in sweep.log(job) and "reachable again" in sweep.log(job)
         for job in range(JOBS)
     )
 

@@ -106,8 +106,6 @@ class RemoteOutput(OutputFormat):
     W&B) is read from the queue, waiting up to ``timeout`` seconds for it.
     """
 
-    background = True
-
     def __init__(self, settings: OutputSettings, index: int, outbox: Outbox) -> None:
         self.settings = settings
         self.index = index

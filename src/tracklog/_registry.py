@@ -133,7 +133,7 @@ def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
     return MLFlowOutputFormat(
         settings,
         settings_json=context.settings_json,
-        spool_dir=context.state_dir,
+        state_dir=context.state_dir,
         run_key=context.identity.get("run_key"),
         replaying=context.again,
     )

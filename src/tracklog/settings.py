@@ -21,7 +21,6 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -204,8 +203,7 @@ class MlflowOutput(_Output):
     username: str | None = Field(
         default=None,
         description="basic-auth user name for a tracking server, or "
-        "$MLFLOW_TRACKING_USERNAME; tracklog sets MLflow's variables for the process while "
-        "the output is open (MLflow reads credentials only from there)",
+        "$MLFLOW_TRACKING_USERNAME; sent only to this output's server",
     )
     password: SecretStr | None = Field(
         default=None,

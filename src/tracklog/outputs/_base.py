@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.logger import KVWriter, SeqWriter
@@ -33,7 +32,7 @@ class OutputFormat(KVWriter, SeqWriter):
     def write_rows(self, rows: list[Row]) -> None:
         """Write several consecutive dumps; formats that can send them together override it.
 
-        A background worker hands over a backlog this way. It may be called again with
+        The delivery process hands over a backlog this way. It may be called again with
         the same rows after it raised an error :meth:`is_transient` accepts, so an
         override must not send anything twice.
         """
@@ -52,30 +51,16 @@ class OutputFormat(KVWriter, SeqWriter):
         Formats that hold a run record the failure (MLflow status FAILED); others ignore it.
         """
 
-    #: Run on a background worker (network I/O, media encoding). ``dump()`` then only
-    #: enqueues; ``close()`` waits for the worker within ``delivery.close_timeout``.
-    background: bool = False
-    #: Where a background output's spool (and any state it keeps on disk) lives; set by
-    #: ``build_logger``, else chosen under the logger's ``run_dir`` at the first dump.
-    spool_dir: Path | None = None
-
     def check_row(self, row: Row) -> None:
-        """Runs on the training thread before a background output's row is queued.
-
-        For cheap checks whose warnings belong at the ``dump()`` that caused them (a
-        key the backend renames); the real work happens in :meth:`write_row` later.
-        """
+        """A cheap check on the training thread, for an output whose writing happens
+        elsewhere (in the delivery process), so its warnings belong to the ``dump()``
+        that caused them (a key the backend renames)."""
 
     def is_transient(self, error: Exception) -> bool:
         """Whether ``error`` (raised by a write) means "try again later": the backend is
-        down, overloaded or slow. The worker then spools and retries the same call.
-        Other errors are reported and that message is skipped for this output."""
+        down, overloaded or slow. The delivery process then retries the same call with
+        backoff. Other errors are reported and that row is skipped for this output."""
         return False
-
-    def spool_header(self) -> dict[str, Any] | None:
-        """What ``tracklog replay`` needs to rebuild this output in another process
-        (settings without secrets, run identity), or None if it cannot be rebuilt."""
-        return None
 
     # SB3 interface ---------------------------------------------------------------
     _sb3_seq: int = 0

@@ -29,7 +29,6 @@ from tracklog.convert.mlflow import (
 )
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import MlflowOutput
-from tracklog.values import Scalar
 
 if TYPE_CHECKING:
     import requests
@@ -449,14 +448,13 @@ class MLFlowOutputFormat(OutputFormat):
     """
 
     name = "mlflow"
-    background = True
 
     def __init__(
         self,
         settings: MlflowOutput,
         *,
         settings_json: str | None = None,
-        spool_dir: Path | None = None,
+        state_dir: Path | None = None,
         run_key: str | None = None,
         replaying: bool = False,
     ) -> None:
@@ -465,11 +463,11 @@ class MLFlowOutputFormat(OutputFormat):
         self._names = MlflowNames()
         self._params: dict[str, str] = {}
         self._status = "FINISHED"
-        self.spool_dir = spool_dir
-        # Text appended since the last upload lives here; under the spool directory it
-        # survives a crash, and `tracklog replay` uploads it.
-        if spool_dir is not None:
-            self._staging = spool_dir / "staging"
+        # Text appended since the last upload lives here; in the delivery queue's folder
+        # (state_dir) it survives a crash, and a later delivery or `tracklog replay`
+        # uploads it.
+        if state_dir is not None:
+            self._staging = state_dir / "staging"
             self._staging.mkdir(parents=True, exist_ok=True)
         else:
             self._staging = Path(tempfile.mkdtemp(prefix="tracklog-mlflow-"))
@@ -481,8 +479,6 @@ class MLFlowOutputFormat(OutputFormat):
         if replaying and (self._staging / _TEXT_SEQS).is_file():
             text = (self._staging / _TEXT_SEQS).read_text(encoding="utf-8")
             self._texts_applied = {int(seq) for seq in text.split()}
-        self._checked: set[tuple[str, type]] = set()
-        self._scalar_keys: set[str] = set()  # keys checked as Scalar
         self._last_upload = time.monotonic()
         self._closed = False
         self._settings_json = settings_json
@@ -521,19 +517,6 @@ class MLFlowOutputFormat(OutputFormat):
 
     def is_transient(self, error: Exception) -> bool:
         return is_transient(error)
-
-    def spool_header(self) -> dict[str, Any] | None:
-        return {
-            "format": 1,
-            "output": "mlflow",
-            # Credentials stay out: replay reads them from the environment (MLflow's).
-            "settings": self.settings.model_dump(
-                mode="json", exclude={"username", "password", "run_id"}
-            ),
-            "run_id": self._run_id or self.settings.run_id,
-            "run_key": self.run_key,
-            "settings_json": self._settings_json,
-        }
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
@@ -675,23 +658,6 @@ class MLFlowOutputFormat(OutputFormat):
         self._cleanup()
 
     # Writing -------------------------------------------------------------------------
-    def check_row(self, row: Row) -> None:
-        # Name each new (key, kind) now, so a rename warning points at this dump. The
-        # set difference skips a row of known scalars without a Python loop; new keys
-        # are named in the row's order, which decides who keeps a contested name.
-        new = row.values.keys() - self._scalar_keys
-        if not new:
-            return
-        for key, value in row.values.items():
-            if key not in new:
-                continue
-            kind = (key, type(value))
-            if kind not in self._checked:
-                to_mlflow(key, value, row, self._names)
-                self._checked.add(kind)
-            if isinstance(value, Scalar):
-                self._scalar_keys.add(key)
-
     def write_row(self, row: Row) -> None:
         self.write_rows([row])
 

@@ -1,22 +1,25 @@
-"""``TensorBoardOutputFormat``: TensorBoard event files, written on a background worker."""
+"""``TensorBoardOutputFormat``: TensorBoard event files, written on a background worker.
+
+The events are TensorBoard's own: its protobufs (``tensorboard.compat.proto``), its
+summary builders (the text plugin's metadata, ``tensor_util``, the hparams plugin's
+``summary_v2.hparams_pb`` and ``metadata``) and its ``RecordWriter`` (TFRecord framing
+and checksums), called synchronously so that a row is in the file when its write
+returns (``EventFileWriter`` would add a thread and a timed flush).
+"""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import itertools
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Protocol, assert_never
-
-import numpy as np
-import numpy.typing as npt
 
 from tracklog._row import Row
 from tracklog.convert.tensorboard import (
@@ -33,42 +36,61 @@ from tracklog.values import HParam
 __all__ = ["TensorBoardOutputFormat"]
 
 _FlatParams = dict[str, bool | int | float | str | None]  # HParam.flat()
+_HParams = dict[str, bool | float | str]  # HParamsSummary.hparams
+
+
+# TensorBoard carries no type information (and stubs/tensorboard covers only its
+# reader), so these Protocols describe the few things this output calls.
 
 
 class _Message(Protocol):
-    """A TensorBoard protobuf message (the generated classes carry no type information)."""
+    """A TensorBoard protobuf message."""
 
     def SerializeToString(self) -> bytes: ...
+
+
+class _Summary(_Message, Protocol):
+    value: Sequence[_Message]
 
 
 # Keyword arguments are the message's fields, as protobuf's generated classes take them.
 _Build = Callable[..., _Message]
 
 
-@dataclass(frozen=True, slots=True)
-class _Protos:
-    """The TensorBoard protobuf classes and constants this output builds events from."""
+class _RecordWriter(Protocol):
+    """``tensorboard.summary.writer.record_writer.RecordWriter``."""
 
+    def write(self, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _TensorBoard:
+    """The parts of TensorBoard this output writes with."""
+
+    record_writer: Callable[[IO[bytes]], _RecordWriter]
     event: _Build
+    source_metadata: _Build
     summary: _Build
     value: _Build
     image: _Build
     histogram: _Build
-    metadata: _Build
-    plugin_data: _Build
-    tensor: _Build
-    tensor_shape: _Build
-    dim: _Build
+    make_tensor_proto: _Build  # tensor_util.make_tensor_proto(values, dtype=...)
+    dt_string: int
+    text_metadata: Callable[[str, str], _Message]  # (display_name, description)
+    # The hparams plugin: the session start summary, plugin data and its metadata.
+    hparams_pb: Callable[..., _Summary]
+    hparams_metadata: Callable[[_Message], _Message]
     hparams_data: _Build
     experiment: _Build
     hparam_info: _Build
     metric_info: _Build
     metric_name: _Build
-    session_start: _Build
     session_end: _Build
-    hparam_value: _Build
     null_tensor: _Message
-    dt_string: int
+    experiment_tag: str
+    session_end_tag: str
     data_types: dict[type, int]
     status_success: int
     status_failure: int
@@ -84,37 +106,39 @@ def _import(name: str) -> ModuleType:
         ) from error
 
 
-def _protos() -> _Protos:
-    summary = _import("tensorboard.compat.proto.summary_pb2")
+def _tensorboard() -> _TensorBoard:
+    record_writer = _import("tensorboard.summary.writer.record_writer")
     event = _import("tensorboard.compat.proto.event_pb2")
-    tensor = _import("tensorboard.compat.proto.tensor_pb2")
-    shape = _import("tensorboard.compat.proto.tensor_shape_pb2")
+    summary = _import("tensorboard.compat.proto.summary_pb2")
     types = _import("tensorboard.compat.proto.types_pb2")
-    api = _import("tensorboard.plugins.hparams.api_pb2")
-    plugin = _import("tensorboard.plugins.hparams.plugin_data_pb2")
+    tensor_util = _import("tensorboard.util.tensor_util")
+    text_metadata = _import("tensorboard.plugins.text.metadata")
+    hparams_summary = _import("tensorboard.plugins.hparams.summary_v2")
     hparams_metadata = _import("tensorboard.plugins.hparams.metadata")
-    struct = _import("google.protobuf.struct_pb2")
-    return _Protos(
+    plugin_data = _import("tensorboard.plugins.hparams.plugin_data_pb2")
+    api = _import("tensorboard.plugins.hparams.api_pb2")
+    return _TensorBoard(
+        record_writer=record_writer.RecordWriter,
         event=event.Event,
+        source_metadata=event.SourceMetadata,
         summary=summary.Summary,
         value=summary.Summary.Value,
         image=summary.Summary.Image,
         histogram=summary.HistogramProto,
-        metadata=summary.SummaryMetadata,
-        plugin_data=summary.SummaryMetadata.PluginData,
-        tensor=tensor.TensorProto,
-        tensor_shape=shape.TensorShapeProto,
-        dim=shape.TensorShapeProto.Dim,
-        hparams_data=plugin.HParamsPluginData,
+        make_tensor_proto=tensor_util.make_tensor_proto,
+        dt_string=types.DT_STRING,
+        text_metadata=text_metadata.create_summary_metadata,
+        hparams_pb=hparams_summary.hparams_pb,
+        hparams_metadata=hparams_metadata.create_summary_metadata,
+        hparams_data=plugin_data.HParamsPluginData,
         experiment=api.Experiment,
         hparam_info=api.HParamInfo,
         metric_info=api.MetricInfo,
         metric_name=api.MetricName,
-        session_start=plugin.SessionStartInfo,
-        session_end=plugin.SessionEndInfo,
-        hparam_value=struct.Value,
+        session_end=plugin_data.SessionEndInfo,
         null_tensor=hparams_metadata.NULL_TENSOR,
-        dt_string=types.DT_STRING,
+        experiment_tag=hparams_metadata.EXPERIMENT_TAG,
+        session_end_tag=hparams_metadata.SESSION_END_INFO_TAG,
         data_types={
             bool: api.DATA_TYPE_BOOL,
             float: api.DATA_TYPE_FLOAT64,
@@ -125,70 +149,21 @@ def _protos() -> _Protos:
     )
 
 
-_HPARAMS_PLUGIN = "hparams"  # tensorboard.plugins.hparams.metadata.PLUGIN_NAME
-_HPARAMS_VERSION = 0  # ... .PLUGIN_DATA_VERSION
-_EXPERIMENT_TAG = "_hparams_/experiment"
-_SESSION_START_TAG = "_hparams_/session_start_info"
-_SESSION_END_TAG = "_hparams_/session_end_info"
-_TEXT_PLUGIN = "text"
-
 _file_numbers = itertools.count()
 
-# CRC-32C, which every TFRecord frame carries. TensorBoard's own implementation is pure
-# Python: 0.1 s per MB, holding the GIL (so slowing the training thread) for a GIF
-# video. This one runs 1 KiB blocks side by side with NumPy and joins their CRCs.
-_CRC32C_POLY = 0x82F63B78  # Castagnoli, bit-reflected
-_BLOCK = 1024
-_VECTOR_FROM = 64 * 1024  # smaller data: the byte loop is faster
 
-
-@functools.cache
-def _crc_tables() -> tuple[list[int], list[list[int]], npt.NDArray[np.uint32]]:
-    """The byte table (as a list and an array), and 4 tables that advance a CRC
-    register over ``_BLOCK`` zero bytes, one per byte of the register (CRCs are linear)."""
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(_CRC32C_POLY), table >> 1)
-    table = table.astype(np.uint32)
-    shifts = np.arange(4, dtype=np.uint32)[:, None] * np.uint32(8)
-    states = (np.arange(256, dtype=np.uint32)[None, :] << shifts).reshape(-1)
-    for _ in range(_BLOCK):
-        states = table[states & 0xFF] ^ (states >> 8)
-    return table.tolist(), states.reshape(4, 256).tolist(), table
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C of ``data`` (as ``google-crc32c`` or TensorFlow compute it)."""
-    table, (z0, z1, z2, z3), vector_table = _crc_tables()
-    head = len(data) % _BLOCK if len(data) >= _VECTOR_FROM else len(data)
-    crc = 0xFFFFFFFF
-    for byte in data[:head]:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    if head < len(data):
-        # Each block's register, from 0, all blocks at once: one column a step.
-        blocks = np.frombuffer(data, np.uint8, offset=head).reshape(-1, _BLOCK)
-        registers = np.zeros(blocks.shape[0], np.uint32)
-        for column in np.ascontiguousarray(blocks.T):
-            registers = vector_table[(registers ^ column) & 0xFF] ^ (registers >> 8)
-        for register in registers.tolist():  # crc after a block = shifted crc ^ block's
-            shifted = z0[crc & 0xFF] ^ z1[(crc >> 8) & 0xFF] ^ z2[(crc >> 16) & 0xFF]
-            crc = shifted ^ z3[crc >> 24] ^ register
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC-32C of TFRecord frames (TensorFlow's ``crc32c::Mask``)."""
-    crc = crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _event_file_name() -> str:
-    # TensorFlow's own naming, which TensorBoard looks for; the counter keeps two
-    # writers of one process (in one second) apart.
-    return (
-        f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-        f"{os.getpid()}.{next(_file_numbers)}"
-    )
+def _create_event_file(folder: Path) -> tuple[Path, IO[bytes]]:
+    """A new event file, named as ``EventFileWriter`` names them (TensorBoard looks for
+    ``tfevents``); the counter keeps two writers of one process, in one second, apart."""
+    while True:
+        path = folder / (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(_file_numbers)}"
+        )
+        try:
+            return path, open(path, "xb")  # noqa: SIM115  # held until close()
+        except FileExistsError:  # another writer's (TensorBoard's own counts from 0 too)
+            continue
 
 
 class TensorBoardOutputFormat(OutputFormat):

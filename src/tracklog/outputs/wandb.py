@@ -23,7 +23,6 @@ from tracklog.convert.wandb import (
 from tracklog.outputs._base import OutputFormat
 from tracklog.readers import wandb_records
 from tracklog.settings import WandbOutput
-from tracklog.values import HParam
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
@@ -44,19 +43,14 @@ class WandBOutputFormat(OutputFormat):
     """
 
     name = "wandb"
-    background = True
 
-    def __init__(
-        self, settings: WandbOutput, *, run_dir: Path, spool_dir: Path | None = None
-    ) -> None:
+    def __init__(self, settings: WandbOutput, *, run_dir: Path) -> None:
         import wandb
         from wandb.sdk.lib import runid
 
         self.settings = settings
-        self.spool_dir = spool_dir
         self._run_dir_setting = run_dir.absolute()
         self._names = wandb_names()
-        self._named: set[str] = set()  # keys check_row named
         self._exit_code = 0
         self._closed = False
         # Like the file outputs' paths: relative to run_dir unless absolute.
@@ -91,26 +85,6 @@ class WandBOutputFormat(OutputFormat):
     def run_dir(self) -> Path:
         """The run's folder: ``<dir>/wandb/offline-run-*`` when offline."""
         return Path(self.run.dir).parent
-
-    def spool_header(self) -> dict[str, Any] | None:
-        return {
-            "format": 1,
-            "output": "wandb",
-            "settings": self.settings.model_dump(mode="json", exclude={"api_key"}),
-            "id": self.run.id,
-            "run_dir": str(self._run_dir_setting),
-        }
-
-    def check_row(self, row: Row) -> None:
-        # A rename warning points at this dump; the set difference skips a row of known
-        # keys, and new keys are named in the row's order (first come keeps a name).
-        new = row.values.keys() - self._named
-        if not new:
-            return
-        for key, value in row.values.items():
-            if key in new and not isinstance(value, HParam):
-                self._names(key)
-                self._named.add(key)
 
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
