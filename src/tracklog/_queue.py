@@ -23,7 +23,6 @@ Every file is opened without following symlinks.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import os
 import shutil
