@@ -8,7 +8,6 @@ plugin for what its HPARAMS tab would show; nothing is read from tracklog's memo
 
 from __future__ import annotations
 
-import importlib
 import io
 import math
 import os
@@ -17,6 +16,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,9 +46,11 @@ from tests.tensorboard_readback import (
     read_events,
     scalars,
 )
-from tracklog.outputs.tensorboard import crc32c, masked_crc32c
+from tracklog._row import Row
+from tracklog.outputs.tensorboard import TensorBoardOutputFormat
 from tracklog.readers import read_jsonl, read_wandb_offline
 from tracklog.settings import TensorboardOutput
+from tracklog.values import normalise
 
 os.environ.setdefault("WANDB_SILENT", "true")  # W&B's service process too
 
@@ -978,27 +980,70 @@ def test_a_missing_tensorboard_package_names_the_extra(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
-# The event file's checksums ---------------------------------------------------------
+# The output on its own (as the delivery process runs it) -----------------------------
 
 
-@settings(max_examples=40)
-@given(
-    data=st.binary(max_size=3000)
-    | st.integers(64 * 1024 - 2, 200_000).flatmap(
-        lambda size: st.builds(lambda seed: random_pixels((size,), seed).tobytes(), st.integers(0))
+def row(step: int, **values: object) -> Row:
+    return Row(
+        step=step,
+        timestamp=1_700_000_000.0 + step,
+        seq=step,
+        values={key: normalise(key, value) for key, value in values.items()},
     )
-)
-@example(data=b"")
-@example(data=b"123456789")
-@example(data=bytes(64 * 1024))
-@example(data=bytes(range(256)) * 1024)
-def test_masked_crc32c_is_tensorboards(data: bytes) -> None:
-    # The reader (EventAccumulator) also checks every frame; this compares directly,
-    # over sizes on both sides of where the NumPy path takes over.
-    reference = importlib.import_module("tensorboard.compat.tensorflow_stub.pywrap_tensorflow")
-    assert masked_crc32c(data) == reference.masked_crc32c(data)
-    if data == b"123456789":
-        assert crc32c(data) == 0xE3069283  # CRC-32C's published check value
+
+
+def test_each_write_is_in_the_file_when_it_returns(tmp_path: Path) -> None:
+    threads = threading.active_count()
+    output = TensorBoardOutputFormat(tmp_path / "tb")
+    try:
+        output.write_row(row(0, a=1.0))
+        assert scalars(read_events(tmp_path / "tb"), "a") == [(0, 1.0)]
+        clip = tracklog.Video(random_pixels((3, 3, 8, 8)), fps=5)
+        output.write_rows([row(1, a=2.0, clip=clip), row(2, a=3.0, notes="done")])
+        events = read_events(tmp_path / "tb")
+        assert scalars(events, "a") == [(0, 1.0), (1, 2.0), (2, 3.0)]
+        assert [event.step for event in events.Images("clip")] == [1]
+        assert [event.step for event in events.Tensors("notes")] == [2]
+        assert threading.active_count() == threads  # no writer thread of its own
+    finally:
+        output.close()
+    output.close()  # a second close does nothing
+    (event_file,) = (tmp_path / "tb").iterdir()
+    assert output.path == event_file
+
+
+def test_a_failing_row_does_not_take_the_batch_with_it(tmp_path: Path) -> None:
+    output = TensorBoardOutputFormat(tmp_path / "tb")
+    try:
+        bad = Row(step=1, timestamp=1.0, seq=1, values={"bad": object()})  # type: ignore[dict-item]
+        with pytest.raises(AssertionError):  # assert_never: not a LogValue
+            output.write_rows([row(0, a=1.0), bad, row(2, a=3.0)])
+        # Flushed even though the call raised.
+        assert scalars(read_events(tmp_path / "tb"), "a") == [(0, 1.0), (2, 3.0)]
+    finally:
+        output.close()
+
+
+def test_hparams_are_in_the_runs_own_event_file(tmp_path: Path) -> None:
+    output = TensorBoardOutputFormat(tmp_path / "tb")
+    hparam = tracklog.HParam({"lr": 0.1, "algo": "PPO"}, {"eval/return": 0.0})
+    output.write_rows([row(0, hparams=hparam, loss=0.5), row(1, **{"eval/return": 4.0})])
+    output.close()
+    (event_file,) = (tmp_path / "tb").iterdir()  # one file, no hparams subfolder
+    assert event_file.is_file()
+    events = read_events(event_file)
+    assert scalars(events, "loss") == [(0, 0.5)]
+    assert set(hparams_plugin_data(events)) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    start = hparams_plugin_data(events)["_hparams_/session_start_info"]["sessionStartInfo"]
+    assert start["hparams"] == {"lr": 0.1, "algo": "PPO"}
+    assert start["startTimeSecs"] == 1_700_000_000.0  # the first HParam's dump
+    (group,) = hparams_tab(tmp_path)[1]["sessionGroups"]
+    assert group["name"] == "tb"  # the run, not a hash of its hyperparameters
+    assert tab_metrics(group) == {"eval/return": (1, 4.0)}
 
 
 # Side by side with MLflow and W&B ----------------------------------------------------

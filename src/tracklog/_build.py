@@ -11,7 +11,7 @@ from tracklog._logger import Logger
 from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput
 from tracklog._ranks import detect
-from tracklog._registry import LocalContext, backend
+from tracklog._registry import LocalContext, backend, require
 from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
 __all__ = ["build_logger"]
@@ -40,6 +40,8 @@ def build_logger(
             folder=None, level=resolved.level_number, strict=resolved.strict, settings=resolved
         )
     resolved = placement.apply(resolved)
+    for output in resolved.outputs:
+        require(output)
     resolved.run_dir.mkdir(parents=True, exist_ok=True)
     remote: list[tuple[int, OutputSettings]] = []
     local: list[tuple[int, OutputSettings]] = []

@@ -98,6 +98,17 @@ def queue_root(settings: LoggerSettings) -> Path:
     return root
 
 
+def _being_removed(directory: Path) -> bool:
+    """Whether the delivery process is still removing ``directory`` (then its folder,
+    once that is empty)."""
+    if directory.exists():
+        return True
+    try:
+        return not any(directory.parent.iterdir())
+    except OSError:  # gone already
+        return False
+
+
 class RemoteOutput(OutputFormat):
     """Stands in ``Logger.output_formats`` for an output the delivery process runs.
 
@@ -259,7 +270,7 @@ class Outbox:
         self._release()
         # Once delivered, the delivery process removes the queue: wait for that too, so
         # the run_dir is left alone by the time close() returns.
-        while done and self.directory.exists() and time.monotonic() < deadline:
+        while done and _being_removed(self.directory) and time.monotonic() < deadline:
             time.sleep(_WAIT_STEP)
         return done
 

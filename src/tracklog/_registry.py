@@ -10,6 +10,7 @@ The logger, build, the delivery process and replay only ever look entries up her
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
 import string
 from collections.abc import Callable
@@ -35,6 +36,7 @@ __all__ = [
     "RemoteContext",
     "backend",
     "parse_output",
+    "require",
     "split_secrets",
 ]
 
@@ -86,6 +88,10 @@ class Backend:
     #: A training-side check of each row (names keys as the backend will, so a
     #: rename warning belongs to the dump that caused it); None: no check.
     check: Callable[[Any], Callable[[Row], None]] | None = None
+    #: The package it imports and the extra that installs it (checked at build, so a
+    #: missing one fails in the trainer, not later in the delivery process).
+    package: str | None = None
+    extra: str | None = None
     #: Whether an error raised while building it means "try again later".
     transient: Callable[[Exception], bool] = field(
         default=lambda error: isinstance(error, ConnectionError | TimeoutError)
@@ -159,6 +165,12 @@ def _mlflow_check(settings: Any) -> Callable[[Row], None]:
     return MlflowKeyCheck()
 
 
+def _tensorboard_check(settings: Any) -> Callable[[Row], None]:
+    from tracklog.convert.tensorboard import TensorBoardHParamsCheck
+
+    return TensorBoardHParamsCheck()
+
+
 def _wandb_check(settings: Any) -> Callable[[Row], None]:
     from tracklog.convert.wandb import WandbKeyCheck
 
@@ -193,7 +205,16 @@ BACKENDS: Final[dict[str, Backend]] = {
         Backend("file", "log", remote=False, files=True, build_local=_file),
         Backend("jsonl", "json", remote=False, files=True, media=True, build_local=_jsonl),
         Backend("csv", "csv", remote=False, files=True, media=True, build_local=_csv),
-        Backend("tensorboard", "tensorboard", remote=True, files=True, build_remote=_tensorboard),
+        Backend(
+            "tensorboard",
+            "tensorboard",
+            remote=True,
+            files=True,
+            build_remote=_tensorboard,
+            check=_tensorboard_check,
+            package="tensorboard",
+            extra="tensorboard",
+        ),
         Backend(
             "mlflow",
             "mlflow",
@@ -238,6 +259,23 @@ def split_secrets(settings: OutputSettings) -> tuple[dict[str, Any], dict[str, A
             public[name] = mask(value)
             private[name] = value
     return public, private
+
+
+def require(settings: OutputSettings) -> None:
+    """Raise ImportError, naming the extra to install, if the output's package is missing."""
+    entry = backend(settings)
+    if entry.package is None:
+        return
+    try:
+        found = importlib.util.find_spec(entry.package) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it
+        found = False
+    if not found:
+        install = f"pip install 'tracklog[{entry.extra}]'" if entry.extra else ""
+        raise ImportError(
+            f"the {entry.type} output (type: {entry.type}) needs the {entry.package!r} "
+            f"package; install it with: {install or 'pip install ' + entry.package}"
+        )
 
 
 def backend(settings: OutputSettings | str) -> Backend:

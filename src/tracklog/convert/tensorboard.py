@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tracklog import _encode
+from tracklog._row import Row
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "HistogramSummary",
     "ImageSummary",
     "ScalarSummary",
+    "TensorBoardHParamsCheck",
     "TensorboardItem",
     "TextSummary",
     "gif",
@@ -246,7 +248,7 @@ def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
     """What TensorBoard receives for ``value`` recorded under ``key`` (the tag, unchanged).
 
     Media are encoded here (PNG, GIF, histogram buckets); the TensorBoard output calls
-    this on its background worker, never on the training thread.
+    this in the delivery process, never on the training thread.
     """
     match value:
         case Scalar(value=number):
@@ -265,3 +267,43 @@ def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
             return [_hparams(value)]
         case _:
             assert_never(value)
+
+
+class TensorBoardHParamsCheck:
+    """Warns, on the training side, when an ``HParam`` asks for what the HPARAMS tab
+    cannot show: a second set of hyperparameters, or metrics beyond the first ones
+    declared. The warning then points at the ``dump()`` that caused it."""
+
+    def __init__(self) -> None:
+        self._first_hparams: dict[str, bool | int | float | str | None] | None = None
+        self._declared_metrics: tuple[str, ...] | None = None
+
+    def __call__(self, row: Row) -> None:
+        for key, value in row.values.items():
+            if isinstance(value, HParam):
+                self._check(key, value)
+
+    def _check(self, key: str, value: HParam) -> None:
+        flat = value.flat()
+        if self._first_hparams is None:
+            self._first_hparams = flat
+        elif flat != self._first_hparams:
+            warnings.warn(
+                f"TensorBoard shows one set of hparams per run: the HPARAMS tab keeps the "
+                f"first HParam's hyperparameters, not {key!r}'s",
+                stacklevel=2,
+            )
+        names = tuple(value.metric_dict)
+        if not names:
+            return
+        if self._declared_metrics is None:
+            self._declared_metrics = names
+            return
+        added = [name for name in names if name not in self._declared_metrics]
+        if added:
+            warnings.warn(
+                f"TensorBoard's HPARAMS tab keeps the metrics of the first HParam naming "
+                f"any, {list(self._declared_metrics)}; {key!r} also names {added}, which "
+                "the tab cannot add",
+                stacklevel=2,
+            )

@@ -1,4 +1,4 @@
-"""``TensorBoardOutputFormat``: TensorBoard event files, written on a background worker.
+"""``TensorBoardOutputFormat``: TensorBoard event files, written in the delivery process.
 
 The events are TensorBoard's own: its protobufs (``tensorboard.compat.proto``), its
 summary builders (the text plugin's metadata, ``tensor_util``, the hparams plugin's
@@ -14,7 +14,6 @@ import itertools
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,9 @@ from tracklog.convert.tensorboard import (
     to_tensorboard,
 )
 from tracklog.outputs._base import OutputFormat
-from tracklog.values import HParam
 
 __all__ = ["TensorBoardOutputFormat"]
 
-_FlatParams = dict[str, bool | int | float | str | None]  # HParam.flat()
 _HParams = dict[str, bool | float | str]  # HParamsSummary.hparams
 
 
@@ -161,7 +158,7 @@ def _create_event_file(folder: Path) -> tuple[Path, IO[bytes]]:
             f"{os.getpid()}.{next(_file_numbers)}"
         )
         try:
-            return path, open(path, "xb")  # noqa: SIM115  # held until close()
+            return path, open(path, "xb")  # held until close()
         except FileExistsError:  # another writer's (TensorBoard's own counts from 0 too)
             continue
 
@@ -171,9 +168,10 @@ class TensorBoardOutputFormat(OutputFormat):
 
     Numbers become scalars (float32, as TensorBoard keeps them), arrays histograms,
     images and figures PNG images, videos animated GIFs in the Images tab (encoded
-    with Pillow, no moviepy), text the Text tab, and ``HParam`` the HPARAMS tab. Keys
-    are tags as they are. Encoding happens on a background worker; the event file is
-    flushed after each batch of rows, so ``logger.flush()`` makes a dump readable.
+    with Pillow, no moviepy), text the Text tab, and ``HParam`` the HPARAMS tab, all
+    in the one event file. Keys are tags as they are. The delivery process runs it;
+    each ``write_row``/``write_rows`` call flushes the file before it returns, so a row
+    is readable as soon as it is written (``logger.flush()`` waits for that).
 
     HPARAMS tab: the first ``HParam`` starts the run's session with its
     hyperparameters; the first one whose ``metric_dict`` names metrics declares the
@@ -184,79 +182,52 @@ class TensorBoardOutputFormat(OutputFormat):
     a scalar by this logger gets them as its points, at their dumps' steps, when the
     logger closes.
 
-    A local file has no outage to wait out, so this output keeps no spool: a row still
-    queued when the process is killed is lost (``close()``, ``atexit`` and SIGTERM
-    deliver everything first).
+    The rows come from the logger's queue, so a killed trainer loses none of them; a
+    killed delivery process starts a new event file, which TensorBoard reads as one run
+    with the folder's other files.
     """
 
     name = "tensorboard"
-    background = True
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self._protos = _protos()
+        self._tb = _tensorboard()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / _event_file_name()
-        self._file: IO[bytes] = open(self.path, "xb")  # noqa: SIM115  # held until close()
+        self.path, file = _create_event_file(self.folder)
+        self._writer = self._tb.record_writer(file)
         # Worker side: the session's hyperparameters and when it started, whether the
         # experiment (the metric columns) is written, the tags recorded as scalars, and
         # metric_dict points waiting for close() to see whether their tag ever was.
-        self._session: tuple[dict[str, bool | float | str], float] | None = None
+        self._session: tuple[_HParams, float] | None = None
         self._experiment_written = False
         self._recorded: set[str] = set()
         self._hparam_points: list[tuple[int, float, str, float]] = []
-        # Training-thread side, for the warnings.
-        self._first_hparams: _FlatParams | None = None
-        self._declared_metrics: tuple[str, ...] | None = None
         self._last_step = 0
-        self._status = self._protos.status_success
+        self._status = self._tb.status_success
         self._closed = False
-        self._write_record(self._protos.event(wall_time=time.time(), file_version="brain.Event:2"))
-        self._file.flush()
-
-    def check_row(self, row: Row) -> None:
-        for key, value in row.values.items():
-            if isinstance(value, HParam):
-                self._check_hparam(key, value)
-
-    def _check_hparam(self, key: str, value: HParam) -> None:
-        # On the training thread, so the warning belongs to the dump that caused it.
-        flat = value.flat()
-        if self._first_hparams is None:
-            self._first_hparams = flat
-        elif flat != self._first_hparams:
-            warnings.warn(
-                f"TensorBoard shows one set of hparams per run: the HPARAMS tab keeps the "
-                f"first HParam's hyperparameters, not {key!r}'s",
-                stacklevel=4,
+        self._write_event(
+            self._tb.event(
+                wall_time=time.time(),
+                file_version="brain.Event:2",
+                source_metadata=self._tb.source_metadata(writer="tracklog"),
             )
-        names = tuple(value.metric_dict)
-        if not names:
-            return
-        if self._declared_metrics is None:
-            self._declared_metrics = names
-            return
-        added = [name for name in names if name not in self._declared_metrics]
-        if added:
-            warnings.warn(
-                f"TensorBoard's HPARAMS tab keeps the metrics of the first HParam naming "
-                f"any, {list(self._declared_metrics)}; {key!r} also names {added}, which "
-                "the tab cannot add",
-                stacklevel=4,
-            )
+        )
+        self._writer.flush()
 
     def write_row(self, row: Row) -> None:
         self.write_rows([row])
 
     def write_rows(self, rows: list[Row]) -> None:
-        """Write each row as one event, then flush the file (once per batch)."""
+        """Write each row as one event, then flush the file (once per call)."""
         failed: Exception | None = None
-        for row in rows:
-            try:
-                self._write_row(row)
-            except Exception as error:  # one bad row must not take the batch with it
-                failed = failed or error
-        self._file.flush()
+        try:
+            for row in rows:
+                try:
+                    self._write_row(row)
+                except Exception as error:  # one bad row must not take the batch with it
+                    failed = failed or error
+        finally:
+            self._writer.flush()
         if failed is not None:
             raise failed
 
@@ -268,7 +239,7 @@ class TensorBoardOutputFormat(OutputFormat):
         for item in items:
             match item:
                 case ScalarSummary():
-                    values.append(self._protos.value(tag=item.tag, simple_value=item.value))
+                    values.append(self._tb.value(tag=item.tag, simple_value=item.value))
                 case HistogramSummary():
                     values.append(self._histogram(item))
                 case ImageSummary():
@@ -281,14 +252,15 @@ class TensorBoardOutputFormat(OutputFormat):
                     assert_never(item)
         self._last_step = row.step
         if values:
-            summary = self._protos.summary(value=values)
-            self._write_record(
-                self._protos.event(wall_time=row.timestamp, step=row.step, summary=summary)
+            self._write_event(
+                self._tb.event(
+                    wall_time=row.timestamp, step=row.step, summary=self._tb.summary(value=values)
+                )
             )
 
     # Summaries -------------------------------------------------------------------------
     def _histogram(self, item: HistogramSummary) -> _Message:
-        histogram = self._protos.histogram(
+        histogram = self._tb.histogram(
             min=item.min,
             max=item.max,
             num=item.num,
@@ -297,34 +269,27 @@ class TensorBoardOutputFormat(OutputFormat):
             bucket_limit=item.bucket_limit,
             bucket=item.bucket,
         )
-        return self._protos.value(tag=item.tag, histo=histogram)
+        return self._tb.value(tag=item.tag, histo=histogram)
 
     def _image(self, item: ImageSummary) -> _Message:
-        image = self._protos.image(
+        image = self._tb.image(
             height=item.height,
             width=item.width,
             colorspace=item.colorspace,
             encoded_image_string=item.encoded,
         )
-        return self._protos.value(tag=item.tag, image=image)
+        return self._tb.value(tag=item.tag, image=image)
 
     def _text(self, item: TextSummary) -> _Message:
-        p = self._protos
-        tensor = p.tensor(
-            dtype=p.dt_string,
-            tensor_shape=p.tensor_shape(dim=[p.dim(size=1)]),
-            string_val=[item.text.encode("utf-8")],
-        )
-        metadata = p.metadata(plugin_data=p.plugin_data(plugin_name=_TEXT_PLUGIN))
-        return p.value(tag=item.tag, metadata=metadata, tensor=tensor)
+        # A list, not an array: NumPy's bytes arrays would drop trailing NULs.
+        tensor = self._tb.make_tensor_proto([item.text.encode("utf-8")], dtype=self._tb.dt_string)
+        metadata = self._tb.text_metadata(item.tag, "")
+        return self._tb.value(tag=item.tag, metadata=metadata, tensor=tensor)
 
     def _plugin_value(self, tag: str, **data: _Message) -> _Message:
-        p = self._protos
-        content = p.hparams_data(version=_HPARAMS_VERSION, **data).SerializeToString()
-        metadata = p.metadata(
-            plugin_data=p.plugin_data(plugin_name=_HPARAMS_PLUGIN, content=content)
-        )
-        return p.value(tag=tag, metadata=metadata, tensor=p.null_tensor)
+        """An hparams plugin summary value, as ``summary_v2`` builds them."""
+        metadata = self._tb.hparams_metadata(self._tb.hparams_data(**data))
+        return self._tb.value(tag=tag, metadata=metadata, tensor=self._tb.null_tensor)
 
     def _hparams(self, item: HParamsSummary, row: Row) -> list[_Message]:
         """The session start (first HParam) and the experiment (first naming metrics).
@@ -335,7 +300,10 @@ class TensorBoardOutputFormat(OutputFormat):
         values: list[_Message] = []
         if self._session is None:
             self._session = (item.hparams, row.timestamp)
-            values.append(self._session_start(item.hparams, row.timestamp))
+            # trial_id "": no session group name, so the tab names the row after the run
+            # (summary_v2 would group runs by a hash of their hyperparameters).
+            start = self._tb.hparams_pb(item.hparams, trial_id="", start_time_secs=row.timestamp)
+            values.extend(start.value)
         if item.metrics and not self._experiment_written:
             self._experiment_written = True
             hparams, started = self._session
@@ -347,60 +315,38 @@ class TensorBoardOutputFormat(OutputFormat):
         )
         return values
 
-    def _experiment(
-        self, hparams: dict[str, bool | float | str], metrics: tuple[str, ...], created: float
-    ) -> _Message:
-        p = self._protos
-        experiment = p.experiment(
+    def _experiment(self, hparams: _HParams, metrics: tuple[str, ...], created: float) -> _Message:
+        # Built from api_pb2 rather than summary_v2.hparams_config_pb, whose HParam sets a
+        # type only through a Domain (which would also narrow the tab's filter to a value).
+        tb = self._tb
+        experiment = tb.experiment(
             time_created_secs=created,
             hparam_infos=[
-                p.hparam_info(name=name, type=p.data_types[type(value)])
+                tb.hparam_info(name=name, type=tb.data_types[type(value)])
                 for name, value in hparams.items()
             ],
             metric_infos=[
-                p.metric_info(name=p.metric_name(group="", tag=metric)) for metric in metrics
+                tb.metric_info(name=tb.metric_name(group="", tag=metric)) for metric in metrics
             ],
         )
-        return self._plugin_value(_EXPERIMENT_TAG, experiment=experiment)
-
-    def _session_start(self, hparams: dict[str, bool | float | str], started: float) -> _Message:
-        p = self._protos
-        start = p.session_start(
-            start_time_secs=started,
-            hparams={name: self._hparam_value(value) for name, value in hparams.items()},
-        )
-        return self._plugin_value(_SESSION_START_TAG, session_start_info=start)
+        return self._plugin_value(tb.experiment_tag, experiment=experiment)
 
     def _write_hparam_points(self) -> None:
         """The metric_dict values of metrics never recorded as scalars, at their dumps."""
         points = [point for point in self._hparam_points if point[2] not in self._recorded]
         self._hparam_points.clear()
         for (step, wall_time), dump in itertools.groupby(points, key=lambda p: (p[0], p[1])):
-            summary = self._protos.summary(
-                value=[self._protos.value(tag=tag, simple_value=v) for _, _, tag, v in dump]
+            summary = self._tb.summary(
+                value=[self._tb.value(tag=tag, simple_value=v) for _, _, tag, v in dump]
             )
-            self._write_record(self._protos.event(wall_time=wall_time, step=step, summary=summary))
-
-    def _hparam_value(self, value: bool | float | str) -> _Message:
-        build = self._protos.hparam_value
-        if isinstance(value, bool):
-            return build(bool_value=value)
-        if isinstance(value, str):
-            return build(string_value=value)
-        return build(number_value=value)
+            self._write_event(self._tb.event(wall_time=wall_time, step=step, summary=summary))
 
     # The file --------------------------------------------------------------------------
-    def _write_record(self, event: _Message) -> None:
-        # TFRecord framing: length, masked CRC-32C of the length, data, masked CRC of it.
-        data = event.SerializeToString()
-        crc = masked_crc32c
-        header = len(data).to_bytes(8, "little")
-        self._file.write(
-            header + crc(header).to_bytes(4, "little") + data + crc(data).to_bytes(4, "little")
-        )
+    def _write_event(self, event: _Message) -> None:
+        self._writer.write(event.SerializeToString())
 
     def mark_failed(self, reason: str) -> None:
-        self._status = self._protos.status_failure
+        self._status = self._tb.status_failure
 
     def close(self) -> None:
         """Write the pending metric values, end the hparams session, close the file."""
@@ -410,15 +356,14 @@ class TensorBoardOutputFormat(OutputFormat):
         try:
             self._write_hparam_points()
             if self._session is not None:
-                p = self._protos
-                end = p.session_end(status=self._status, end_time_secs=time.time())
-                value = self._plugin_value(_SESSION_END_TAG, session_end_info=end)
-                self._write_record(
-                    p.event(
+                end = self._tb.session_end(status=self._status, end_time_secs=time.time())
+                value = self._plugin_value(self._tb.session_end_tag, session_end_info=end)
+                self._write_event(
+                    self._tb.event(
                         wall_time=time.time(),
                         step=self._last_step,
-                        summary=p.summary(value=[value]),
+                        summary=self._tb.summary(value=[value]),
                     )
                 )
         finally:
-            self._file.close()
+            self._writer.close()  # flushes first
