@@ -78,6 +78,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._seen: list[Seen] = []
         self._faults: list[_Fault] = []
+        self._rejected: list[tuple[bytes, int]] = []  # (marker, status)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -125,10 +126,17 @@ class FaultProxy:
         with self._lock:
             self._faults.append(_Fault(status, count, forward))
 
+    def reject(self, marker: bytes, status: int = 400) -> None:
+        """Answer ``status`` to every request whose body contains ``marker``, without
+        forwarding it: a server that refuses one particular value, every time."""
+        with self._lock:
+            self._rejected.append((marker, status))
+
     def clear(self) -> None:
         """No more faults, and forget the requests seen so far."""
         with self._lock:
             self._faults.clear()
+            self._rejected.clear()
             self._seen.clear()
 
     @property
@@ -147,8 +155,11 @@ class FaultProxy:
                 self._faults.clear()
 
     # Serving -------------------------------------------------------------------------
-    def _next_fault(self) -> _Fault | None:
+    def _next_fault(self, body: bytes) -> _Fault | None:
         with self._lock:
+            for marker, status in self._rejected:
+                if marker in body:
+                    return _Fault(status, 1, forward=False)
             if not self._faults:
                 return None
             fault = self._faults[0]
@@ -210,7 +221,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(body)
                 headers = [
                     (name, value)
                     for name, value in self.headers.items()

@@ -1,11 +1,11 @@
-"""Background delivery under faults: a killed or hung server, SIGTERM, SIGKILL, full disks.
+"""The delivery process under faults: a killed or hung server, SIGTERM, SIGKILL, bad rows.
 
 The backends are real: this module's own ``mlflow server`` (SIGKILLed and started again
 on the same port and store, or stopped with SIGSTOP), JSONL files, ``/dev/full``, and
-``python -m tracklog replay`` in a fresh process. A fake stands in only for a fault
-nothing real produces on demand (a full disk under the spool, see
-``tests.test_spool.FullDisk``), or as a deliberately flaky custom output. What arrived is
-always read back with the backend's own reader: ``MlflowClient`` and ``read_jsonl``.
+``python -m tracklog replay`` in fresh processes. A fault proxy (``tests/faultproxy.py``)
+stands in only to make the server refuse one particular row, which a real server does
+not do on demand. What arrived is always read back with the backend's own reader:
+``MlflowClient`` and ``read_jsonl``.
 
 Scenarios that cost a server start (7-10 s) or a subprocess (3-5 s, mostly importing
 MLflow) run once in a module fixture; several tests then check what they left behind.
@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import logging
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -34,20 +34,17 @@ from typing import IO, Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 import tracklog
-import tracklog._delivery
+import tracklog._service
+from tests.faultproxy import FaultProxy
 from tests.samples import random_pixels
 from tests.servers import MlflowServer
-from tests.test_spool import FullDisk
 from tracklog import cli
-from tracklog._spool import owed
+from tracklog._queue import Queue, find_queues
 from tracklog.readers import read_jsonl
-from tracklog.values import Text
 
 # Fast retries: a test waits for the backend, never for the backoff.
 FAST: dict[str, object] = {"retry_initial": 0.05, "retry_max": 0.3}
@@ -131,13 +128,6 @@ def tracklog_records() -> Iterator[Records]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-@pytest.fixture(autouse=True)
-def _mlflow_request_settings_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The MLflow output sets these for the whole process; put them back after each test.
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def child_env() -> dict[str, str]:
@@ -274,28 +264,15 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
-# The training script of the replay scenario: MLflow is down from the start, so every
-# row is spooled; it prints once it has dumped them, then dies (SIGKILL by the test) or
-# closes with a short close_timeout.
+# The training script of the replay scenario: MLflow is down from the start. It prints
+# its delivery process's pid, dumps, then dies (SIGKILL by the test) or closes with a
+# one-second close_timeout; its delivery process gives up one second later (deadline)
+# and leaves the queue for `tracklog replay`.
 DOWN_SCRIPT = """
-import logging, sys, threading, time
-import tracklog
+import sys, time
+import tracklog, tracklog._service
 
 run_dir, uri, experiment, ending, count = sys.argv[1:6]
-logging.basicConfig(format="%(message)s")  # tracklog's reports on stderr
-logging.getLogger().handlers[0].setLevel(logging.WARNING)
-spilling = threading.Event()
-
-
-class Watch(logging.Handler):
-    def emit(self, record):
-        if "spilling to" in record.getMessage():  # the channel now writes to its spool
-            spilling.set()
-
-
-logging.getLogger("tracklog").addHandler(Watch())
-logging.getLogger("tracklog").setLevel(logging.DEBUG)
-import tracklog.outputs.mlflow, mlflow  # imported while the test still sets up
 assert sys.stdin.readline().strip() == "go"
 logger = tracklog.build_logger({
     "run_dir": run_dir,
@@ -304,15 +281,14 @@ logger = tracklog.build_logger({
         {"type": "mlflow", "tracking_uri": uri, "experiment": experiment,
          "request_retries": 0, "request_timeout": 1, "artifact_upload_interval": 0},
     ],
-    "delivery": {"retry_initial": 0.05, "retry_max": 0.2, "close_timeout": 1},
+    "delivery": {"retry_initial": 0.05, "retry_max": 0.2, "close_timeout": 1, "deadline": 1},
 })
+print("delivery", tracklog._service.service().pid, flush=True)
 logger.info("training starts")
 for step in range(int(count)):
     logger.record("loss", step / 4)
     logger.record("note", f"note {step}")
     logger.dump(step)
-    if step == 0 and not spilling.wait(60):
-        sys.exit("the channel never began to spill")
 print("dumped", count, flush=True)
 if ending == "died":
     time.sleep(600)  # SIGKILLed by the test
@@ -322,9 +298,17 @@ print("closed", flush=True)
 DOWN_ROWS = 30
 
 
+def wait_gone(pid: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid`` (not a child of this one) has exited."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).wait(timeout)
+
+
 @dataclass
 class Replayed:
-    """One training process of the replay scenario and the replays of its spool."""
+    """One training process of the replay scenario and the replays of its queue."""
 
     ending: str  # "died" (SIGKILL) or "closed" (close_timeout ran out)
     experiment: str
@@ -332,16 +316,15 @@ class Replayed:
     training_code: int
     training_stderr: str
     header: dict[str, Any]
+    published: dict[str, str]  # what its delivery process published before giving up
     busy: tuple[int, str, str] | None  # a replay tried while the process lived
-    replay_code: int
-    replay_stdout: str
-    replay_stderr: str
+    replays: list[tuple[int, str, str]]  # two replays started at once: (code, out, err)
     after_first_replay: list[tuple[int, float]]
     second: tuple[int, str, str]
 
     @property
-    def spool(self) -> Path:
-        return self.run_dir / "spool" / "1-mlflow"  # outputs: [jsonl, mlflow]
+    def queue(self) -> Path:
+        return self.run_dir / "spool" / "queue-0"
 
 
 @dataclass
@@ -364,7 +347,7 @@ def _loss(step: int) -> float:
 
 
 def _start_down_processes(root: Path, url: str) -> dict[str, Child]:
-    """Item 4: two training processes that log to ``url`` once told to go."""
+    """Two training processes that log to ``url`` once told to go."""
     return {
         ending: Child.script(
             DOWN_SCRIPT,
@@ -380,22 +363,30 @@ def _start_down_processes(root: Path, url: str) -> dict[str, Child]:
 
 
 def _run_down_processes(root: Path, children: dict[str, Child]) -> dict[str, Replayed]:
-    """Item 4, first half: the two training processes run while the server is down."""
+    """The two training processes run while the server is down; their delivery
+    processes give up at the deadline and leave their queues behind."""
     for child in children.values():
         child.send("go")
     busy: tuple[int, str, str] | None = None
+    delivery: dict[str, int] = {}
     for ending, child in children.items():
+        delivery[ending] = int(child.wait_for_line("delivery").split()[1])
         child.wait_for_line("dumped")
         if ending == "died":
-            busy = replay_in_process(root / ending / "spool" / "1-mlflow")  # it still lives
+            busy = replay_in_process(root / ending / "spool" / "queue-0")  # it still lives
             child.process.send_signal(signal.SIGKILL)
     results: dict[str, Replayed] = {}
     for ending, child in children.items():
+        wait_gone(delivery[ending])
         code = child.finish()
         args = child.process.args
         assert isinstance(args, list)
-        spool = root / ending / "spool" / "1-mlflow"
-        header = json.loads((spool / "header.json").read_text("utf-8"))
+        queue = Queue(root / ending / "spool" / "queue-0")
+        try:
+            header = queue.header()
+            published = queue.state("1-mlflow")
+        finally:
+            queue.close()
         results[ending] = Replayed(
             ending=ending,
             experiment=str(args[4]),
@@ -403,37 +394,36 @@ def _run_down_processes(root: Path, children: dict[str, Child]) -> dict[str, Rep
             training_code=code,
             training_stderr=child.stderr,
             header=header,
+            published=published,
             busy=busy if ending == "died" else None,
-            replay_code=-1,
-            replay_stdout="",
-            replay_stderr="",
+            replays=[],
             after_first_replay=[],
             second=(-1, "", ""),
         )
     return results
 
 
-def _start_replays(root: Path, replayed: dict[str, Replayed]) -> dict[str, Child]:
-    """Item 4, second half: ``python -m tracklog replay`` in fresh processes."""
+def _start_replays(root: Path, replayed: dict[str, Replayed]) -> dict[str, list[Child]]:
+    """``python -m tracklog replay`` in fresh processes, two at once per queue."""
     command = [sys.executable, "-m", "tracklog", "replay"]
     return {
-        ending: Child([*command, str(item.spool), "--timeout", "60"], cwd=root)
+        ending: [Child([*command, str(item.queue), "--timeout", "60"], cwd=root) for _ in range(2)]
         for ending, item in replayed.items()
     }
 
 
 def _finish_replays(
-    client: MlflowClient, children: dict[str, Child], replayed: dict[str, Replayed]
+    client: MlflowClient, children: dict[str, list[Child]], replayed: dict[str, Replayed]
 ) -> None:
-    """Wait for the replays, note what they delivered, then replay each spool again."""
-    for ending, child in children.items():
+    """Wait for the replays, note what they delivered, then replay each queue again."""
+    for ending, pair in children.items():
         item = replayed[ending]
-        item.replay_code = child.finish()
-        item.replay_stdout = "\n".join(child.stdout_lines)
-        item.replay_stderr = child.stderr
+        for child in pair:
+            code = child.finish()
+            item.replays.append((code, "\n".join(child.stdout_lines), child.stderr))
         run = only_run(client, item.experiment)
         item.after_first_replay = points(client, run.info.run_id, "loss")
-        item.second = replay_in_process(item.spool)
+        item.second = replay_in_process(item.queue)
 
 
 @pytest.fixture(scope="module")
@@ -467,9 +457,7 @@ def _outage(server: MlflowServer, root: Path, run_dir: Path, children: dict[str,
     steps: list[int] = []
     hist_steps: list[int] = []
     image_steps: list[int] = []
-    with pytest.MonkeyPatch.context() as patch, tracklog_records() as seen:
-        for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-            patch.delenv(name, raising=False)
+    with tracklog_records() as seen:
         logger = tracklog.build_logger(
             {
                 "run_dir": str(run_dir),
@@ -499,6 +487,7 @@ def _outage(server: MlflowServer, root: Path, run_dir: Path, children: dict[str,
         for step in range(1, 10):
             dump(step)
         assert logger.flush(30)  # nothing in flight when the server dies
+        run_id = mlflow_run_id(logger)
 
         server.stop(signal.SIGKILL)
         logger.info("during the outage")
@@ -530,14 +519,13 @@ def _outage(server: MlflowServer, root: Path, run_dir: Path, children: dict[str,
         dump(step, hparams=tracklog.HParam({"batch": 64}))
         for last in range(step + 1, step + 5):
             dump(last)
-        (output,) = [o for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)]
         logger.close()
         records = list(seen.records)
     client = MlflowClient(server.url)
     _finish_replays(client, replays, replayed)
     return Outage(
         client=client,
-        run_id=output.run_id,
+        run_id=run_id,
         steps=steps,
         hist_steps=hist_steps,
         image_steps=image_steps,
@@ -546,6 +534,14 @@ def _outage(server: MlflowServer, root: Path, run_dir: Path, children: dict[str,
         records=records,
         replayed=replayed,
     )
+
+
+def mlflow_run_id(logger: tracklog.Logger) -> str:
+    """The MLflow run id its delivery process published (waits for the run to start)."""
+    (output,) = [o for o in logger.output_formats if getattr(o, "name", None) == "mlflow"]
+    run_id = getattr(output, "run_id")  # noqa: B009  # a RemoteOutput; KVWriter has none
+    assert isinstance(run_id, str)
+    return run_id
 
 
 # 1. A real server SIGKILLed mid-run ------------------------------------------------------
@@ -576,7 +572,7 @@ def test_after_a_server_kill_the_run_ends_finished_and_the_outage_is_reported(
     assert any("delivery failed" in message for message in warnings), warnings
     assert any("reachable again" in message for message in warnings), warnings
     assert messages(outage.records) == []  # nothing lost, nothing to report as an error
-    assert not (outage.run_dir / "spool").exists()  # all delivered: the spool is removed
+    assert not (outage.run_dir / "spool").exists()  # all delivered: the queue is removed
 
 
 def test_after_a_server_kill_each_media_file_is_uploaded_once(outage: Outage) -> None:
@@ -592,30 +588,42 @@ def test_after_a_server_kill_each_media_file_is_uploaded_once(outage: Outage) ->
     assert images_by_step == dict.fromkeys(outage.image_steps, 1)
 
 
-# Regression: MLFlowOutputFormat.write_line appends the line to the local train.log before
-# _ensure_run()/_upload_text(); when those raise a transient error the worker retries
-# the same "line" message and the line is appended again, once per retry.
 def test_after_a_server_kill_info_lines_reach_train_log_once(outage: Outage) -> None:
     log = download_text(outage.client, outage.run_id, "train.log", outage.downloads)
     assert log.splitlines() == ["before the outage", "during the outage", "after the outage"]
 
 
-# 4. A spool replayed by a fresh process ------------------------------------------------
+# 2. A queue left behind, replayed by fresh processes ------------------------------------
 
 
 @pytest.mark.parametrize("ending", ["died", "closed"])
-def test_replay_delivers_every_spooled_row_exactly_once(outage: Outage, ending: str) -> None:
+def test_the_delivery_process_gives_up_at_its_deadline_and_says_how_to_replay(
+    outage: Outage, ending: str
+) -> None:
     item = outage.replayed[ending]
-    assert item.replay_code == 0, item.replay_stderr
-    # The rows, then "failed" (added for a dead process) and "close". The info() line
-    # is not among them: the live process appended it to the spool's staging train.log
-    # (that is its delivery while the server is down), and replay uploads that file.
-    records = DOWN_ROWS + (2 if ending == "died" else 1)
-    assert f"delivered {records} record(s)" in item.replay_stdout
+    # The delivery process wrote to the trainer's stderr (its own, inherited).
+    assert "could not be delivered in time" in item.training_stderr, item.training_stderr
+    assert f"python -m tracklog replay {item.queue}" in item.training_stderr
+    assert "run_id" not in item.published  # the server never answered this process
+    assert "Traceback" not in item.training_stderr, item.training_stderr
+
+
+@pytest.mark.parametrize("ending", ["died", "closed"])
+def test_replay_delivers_every_queued_row_exactly_once(outage: Outage, ending: str) -> None:
+    item = outage.replayed[ending]
+    delivered = [out for code, out, _ in item.replays if code == 0 and "record(s)" in out]
+    assert len(delivered) == 1, item.replays  # one of the two replays at once did it all
+    # The rows. The info() line is not among them: MLflow's output took it while the
+    # server was down (into the queue's state folder), and the replay uploads that file.
+    # The close message too, when the logger closed.
+    records = DOWN_ROWS + (1 if ending == "closed" else 0)
+    assert f"delivered {records} record(s)" in delivered[0]
+    for code, out, err in item.replays:
+        # The other was refused, or found the queue already delivered.
+        assert code == 0 or "another process is delivering it" in err, (code, out, err)
     assert jsonl_steps(item.run_dir / "progress.jsonl") == list(range(DOWN_ROWS))
     run = only_run(outage.client, item.experiment)  # created by the replay, once
-    assert run.data.tags["tracklog.run_key"] == item.header["run_key"]
-    assert item.header["run_id"] is None  # the server never answered the dead process
+    assert run.data.tags["tracklog.run_key"] == item.header["identity"]["1-mlflow"]["run_key"]
     expected = [(step, step / 4) for step in range(DOWN_ROWS)]
     assert points(outage.client, run.info.run_id, "loss") == expected
     assert item.after_first_replay == expected
@@ -623,7 +631,7 @@ def test_replay_delivers_every_spooled_row_exactly_once(outage: Outage, ending: 
     assert [line.split("] ", 1)[1] for line in notes.splitlines()] == [
         f"note {step}" for step in range(DOWN_ROWS)
     ]
-    assert not item.spool.exists()
+    assert not item.queue.exists()
 
 
 def test_replay_ends_the_run_of_a_dead_process_as_killed(outage: Outage) -> None:
@@ -635,18 +643,17 @@ def test_replay_ends_the_run_of_a_dead_process_as_killed(outage: Outage) -> None
 def test_replay_after_a_close_timeout_ends_the_run_finished(outage: Outage) -> None:
     item = outage.replayed["closed"]
     assert item.training_code == 0, item.training_stderr
-    # close() said what it kept and how to deliver it.
-    assert f"python -m tracklog replay {item.spool}" in item.training_stderr
-    assert "close_timeout=1s" in item.training_stderr
+    # close() said what it left to the delivery process and how to deliver it later.
+    assert "not delivered yet" in item.training_stderr
     assert only_run(outage.client, item.experiment).info.status == "FINISHED"
 
 
-def test_replay_refuses_a_spool_its_process_still_owns(outage: Outage) -> None:
+def test_replay_refuses_a_queue_whose_trainer_still_lives(outage: Outage) -> None:
     item = outage.replayed["died"]
     assert item.busy is not None
     status, _, stderr = item.busy
     assert status == 1
-    assert "is in use by pid" in stderr
+    assert "is still running" in stderr
     # ...and the refusal took nothing away: the later replay delivered every row.
     assert item.after_first_replay == [(step, step / 4) for step in range(DOWN_ROWS)]
 
@@ -661,9 +668,6 @@ def test_a_second_replay_changes_nothing(outage: Outage, ending: str) -> None:
     assert points(outage.client, run.info.run_id, "loss") == item.after_first_replay
 
 
-# Regression: the same write_line retry (see above) appends "training starts" to the staging
-# train.log once per failed attempt in the training process, and replay appends it once
-# more after adopting that file.
 @pytest.mark.parametrize("ending", ["died", "closed"])
 def test_replay_uploads_each_info_line_once(outage: Outage, ending: str) -> None:
     item = outage.replayed[ending]
@@ -695,7 +699,7 @@ def train():
         logger.record("loss", step / 4)
         logger.record("done", step)
         logger.dump(step)
-        print("dumped", step, flush=True)
+        print(f"dumped {step}", flush=True)  # one write: SIGTERM cannot split it
         step += 1
         time.sleep(0.005)
 
@@ -775,32 +779,18 @@ def test_sigterm_flushes_every_dumped_row_and_ends_the_run_killed(
     assert not (result.run_dir / "spool").exists()  # all delivered within close_timeout
 
 
-# 2. A custom format that raises ----------------------------------------------------------
+# 4. A custom format that raises ----------------------------------------------------------
 
 
 class Broken(tracklog.OutputFormat):
-    """A user's format whose backend rejects rows (at ``steps``, or every row).
-
-    ``gate``, if given, holds each write until it is set, so a test knows the worker has
-    not reached the row yet.
-    """
+    """A user's format whose backend rejects rows (at ``steps``, or every row)."""
 
     name = "broken"
 
-    def __init__(
-        self,
-        *,
-        background: bool,
-        steps: set[int] | None = None,
-        gate: threading.Event | None = None,
-    ) -> None:
-        self.background = background
+    def __init__(self, *, steps: set[int] | None = None) -> None:
         self._steps = steps
-        self._gate = gate
 
     def write_row(self, row: tracklog.Row) -> None:
-        if self._gate is not None:
-            assert self._gate.wait(30)
         if self._steps is None or row.step in self._steps:
             raise RuntimeError(f"rejected step {row.step}")
 
@@ -826,13 +816,12 @@ def assert_both_have(run_dir: Path, server: MlflowServer, experiment: str, count
     assert run.info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 def test_a_raising_custom_format_costs_the_other_outputs_nothing(
-    server: MlflowServer, run_dir: Path, caplog: pytest.LogCaptureFixture, background: bool
+    server: MlflowServer, run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     experiment = new_experiment()
     logger = jsonl_and_mlflow(run_dir, server, experiment)
-    logger.output_formats.insert(1, Broken(background=background))  # between the two
+    logger.output_formats.insert(1, Broken())  # between the two
     with caplog.at_level(logging.ERROR, logger="tracklog"):
         for step in range(5):
             logger.record("loss", _loss(step))
@@ -851,43 +840,16 @@ def test_a_raising_custom_format_costs_the_other_outputs_nothing(
     assert counted == ["tracklog output Broken(broken) failed 5 times in all"]  # ...then counted
 
 
-def test_strict_raises_a_synchronous_failure_at_its_dump(
-    server: MlflowServer, run_dir: Path
-) -> None:
+def test_strict_raises_a_failure_at_its_dump(server: MlflowServer, run_dir: Path) -> None:
     experiment = new_experiment()
     logger = jsonl_and_mlflow(run_dir, server, experiment, strict=True)
-    logger.output_formats.insert(1, Broken(background=False))
+    logger.output_formats.insert(1, Broken())
     for step in range(2):
         logger.record("loss", _loss(step))
         with pytest.raises(RuntimeError, match=f"rejected step {step}"):
             logger.dump(step)  # raised after every other output had its turn
     logger.close()
     assert_both_have(run_dir, server, experiment, 2)
-
-
-@pytest.mark.parametrize("raised_at", ["next dump", "close"])
-def test_strict_raises_a_background_failure_on_the_training_thread(
-    server: MlflowServer, run_dir: Path, raised_at: str
-) -> None:
-    experiment = new_experiment()
-    logger = jsonl_and_mlflow(run_dir, server, experiment, strict=True)
-    gate = threading.Event()
-    logger.output_formats.insert(1, Broken(background=True, steps={0}, gate=gate))
-    logger.record("loss", _loss(0))
-    logger.dump(0)  # only queued for the broken format: nothing to raise yet
-    gate.set()
-    assert logger.flush(30)
-    if raised_at == "next dump":
-        logger.record("loss", _loss(1))
-        with pytest.raises(RuntimeError, match="rejected step 0"):
-            logger.dump(1)
-        logger.close()  # step 1 was fine: nothing more to raise
-        count = 2
-    else:
-        with pytest.raises(RuntimeError, match="rejected step 0"):
-            logger.close()
-        count = 1
-    assert_both_have(run_dir, server, experiment, count)
 
 
 # 5. A file output on a full disk -----------------------------------------------------------
@@ -932,452 +894,137 @@ def test_a_full_disk_under_one_file_output_costs_the_others_nothing(
     assert any(f"{name} failed" in m and "times in all" in m for m in messages(caplog.records))
 
 
-# 6. The spool's own disk is full -----------------------------------------------------------
+# 6. Bad rows: one the server refuses, one that is not a row at all -----------------------
 
 
-# Regression ("write"): with the server back but the disk still full, the worker delivers the
-# spooled rows and then Spool.ack() raises ENOSPC (writing acked.tmp); the exception
-# escapes Channel._deliver and ends the worker ("the delivery worker stopped"), so no
-# later row is delivered. A lost ack is harmless by design (the row is sent again).
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "fsync",
-        "write",
-    ],
-)
-def test_a_full_disk_under_the_spool_loses_no_row(
-    server: MlflowServer,
-    run_dir: Path,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-    mode: str,
+def test_a_row_the_server_refuses_is_skipped_alone_and_named(
+    server: MlflowServer, run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(tracklog._delivery, "_SPILL_RETRY", 0.3)  # not 10 s: a fast test
-    disk = FullDisk(mode, run_dir / "spool")
-    disk.install(monkeypatch)
     experiment = new_experiment()
-    logger = jsonl_and_mlflow(run_dir, server, experiment, delivery={**FAST, "close_timeout": 60})
-    spool = run_dir / "spool" / "1-mlflow"
-    steps: list[int] = []
-
-    def dump(count: int = 1) -> None:
-        for _ in range(count):
-            step = len(steps)
-            logger.record("loss", _loss(step))
-            start = time.monotonic()
-            logger.dump(step)  # never raises, never waits
-            assert time.monotonic() - start < 0.5, "dump() waited"
-            steps.append(step)
-            time.sleep(0.04)
-
-    with caplog.at_level(logging.DEBUG, logger="tracklog"):
-        dump()
-        assert logger.flush(30)
-        with hung(server):
-            while owed(spool) < 3:  # unreachable: rows go to the spool
-                dump()
-                assert len(steps) < 200, "the rows never reached the spool"
-            disk.full = True  # now the spool cannot be written either
-            dump(12)  # longer than _SPILL_RETRY: the spool is tried again
-            errors = messages(caplog.records)
-            assert any("cannot write the spool" in m and str(spool) in m for m in errors), errors
-        dump(5)  # the server is back
-        time.sleep(0.5)
-        disk.full = False
-        dump(5)
-        logger.close()
-
-    assert jsonl_steps(run_dir / "progress.jsonl") == steps
-    client = MlflowClient(server.url)
-    run = only_run(client, experiment)
-    assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in steps]
-    assert run.info.status == "FINISHED"
-    assert not any("worker stopped" in m for m in messages(caplog.records))
-
-
-# 7. The channel: order, batching, spilling -------------------------------------------------
-
-
-class Busy(Exception):
-    """The custom backend's "try again later"."""
-
-
-class FlakyJsonl(tracklog.OutputFormat):
-    """A custom background format whose backend (a JSONL file) refuses its first calls.
-
-    ``info()`` lines are written as rows with step -1 and the key ``line``, so the file
-    shows rows and lines in the order they arrived. ``gate``, if given, holds every call
-    until it is set (a stuck backend); while ``down`` is set, every call fails.
-    """
-
-    name = "flaky"
-    background = True
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        failures: int = 0,
-        gate: threading.Event | None = None,
-        down: threading.Event | None = None,
-    ) -> None:
-        self._jsonl = tracklog.JsonlOutputFormat(path)
-        self._failures = failures
-        self._gate = gate
-        self._down = down
-        self._lines = 0
-        #: Set once the worker is inside a call (holding what it took from the queue).
-        self.entered = threading.Event()
-
-    def _attempt(self) -> None:
-        self.entered.set()
-        if self._gate is not None:
-            assert self._gate.wait(30)
-        if self._failures > 0:
-            self._failures -= 1
-            raise Busy("backend busy")
-        if self._down is not None and self._down.is_set():
-            raise Busy("backend down")
-
-    def is_transient(self, error: Exception) -> bool:
-        return isinstance(error, Busy)
-
-    def spool_header(self) -> dict[str, Any] | None:
-        return {"output": "flaky"}  # gives it a spool
-
-    def write_row(self, row: tracklog.Row) -> None:
-        self._attempt()
-        self._jsonl.write_row(row)
-
-    def write_line(self, line: str) -> None:
-        self._attempt()
-        self._lines += 1
-        values = {"line": Text(line)}
-        self._jsonl.write_row(tracklog.Row(step=-1, timestamp=0.0, seq=-self._lines, values=values))
-
-    def close(self) -> None:
-        self._jsonl.close()
-
-
-class FlakyBatchJsonl(FlakyJsonl):
-    """The same, taking consecutive rows in one call (all or nothing), as MLflow does."""
-
-    def write_rows(self, rows: list[tracklog.Row]) -> None:
-        self._attempt()
-        for row in rows:
-            self._jsonl.write_row(row)
-
-
-def flaky_logger(run_dir: Path, **delivery: object) -> tracklog.Logger:
-    return tracklog.build_logger(
-        {
-            "run_dir": str(run_dir),
-            "outputs": [],
-            "delivery": {"retry_initial": 0.001, "retry_max": 0.01, **delivery},
-        }
-    )
-
-
-BIG = 20_000  # float64s: 160 kB, beyond the smallest queue_bytes (64 kB)
-
-Event = tuple[str, str]  # ("row", "") / ("big", "") / ("line", text)
-EVENTS: st.SearchStrategy[Event] = st.one_of(
-    st.tuples(st.just("row"), st.just("")),
-    st.tuples(st.just("big"), st.just("")),
-    st.tuples(st.just("line"), st.text("ab \n", max_size=4)),
-)
-
-
-def play(logger: tracklog.Logger, events: list[Event], start: int = 0) -> list[tuple[str, object]]:
-    """Dump and log ``events`` (steps from ``start``); what the backend should then hold."""
-    expected: list[tuple[str, object]] = []
-    for index, (kind, text) in enumerate(events, start):
-        if kind == "line":
-            logger.info(text)
-            expected.append(("line", text))
-            continue
-        logger.record("x", index * 1.5)
-        if kind == "big":
-            logger.record("big", np.full(BIG, float(index)))
-        logger.dump(index)
-        expected.append((kind, index))
-    return expected
-
-
-def arrived(path: Path) -> list[tuple[str, object]]:
-    """What the flaky backend holds, read back with read_jsonl; big rows checked."""
-    result: list[tuple[str, object]] = []
-    for row in read_jsonl(path):
-        if row.step == -1:
-            result.append(("line", row.values["line"]))
-            continue
-        assert row.values["x"] == row.step * 1.5
-        big = row.values.get("big")
-        if big is not None:
-            assert isinstance(big, str)
-            values = np.load(path.parent / big)
-            assert values.shape == (BIG,)
-            assert bool(np.all(values == row.step))
-        result.append(("big" if big is not None else "row", row.step))
-    return result
-
-
-@settings(max_examples=15, deadline=None)
-@given(
-    events=st.lists(EVENTS, min_size=1, max_size=10),
-    failures=st.integers(0, 4),
-    batch=st.booleans(),
-)
-def test_rows_and_lines_arrive_in_order_exactly_once(
-    tmp_path_factory: pytest.TempPathFactory,
-    events: list[Event],
-    failures: int,
-    batch: bool,
-) -> None:
-    run_dir = tmp_path_factory.mktemp("flaky")
-    with tracklog_records() as seen:
-        logger = flaky_logger(run_dir, queue_bytes=65536)
-        kind = FlakyBatchJsonl if batch else FlakyJsonl
-        logger.output_formats.append(kind(run_dir / "flaky.jsonl", failures=failures))
-        expected = play(logger, events)
-        logger.close()
-    assert arrived(run_dir / "flaky.jsonl") == expected
-    assert messages(seen.records) == []
-    assert not (run_dir / "spool").exists()  # everything delivered: the spool is gone
-
-
-def test_large_rows_wait_in_the_spool_while_the_backend_is_stuck(run_dir: Path) -> None:
-    gate = threading.Event()
-    logger = flaky_logger(run_dir, queue_bytes=65536)
-    logger.output_formats.append(FlakyBatchJsonl(run_dir / "flaky.jsonl", gate=gate))
-    events: list[Event] = [("big", "")] * 8
-    expected = play(logger, events)
-    spool = run_dir / "spool" / "0-flaky"
-    assert owed(spool) == 8  # on disk, not in memory: the queue holds at most 64 kB
-    assert not logger.flush(0.2)  # and not delivered yet
-    gate.set()
-    assert logger.flush(30)
-    logger.close()
-    assert arrived(run_dir / "flaky.jsonl") == expected
-    assert not spool.exists()
-
-
-# Regression: rows the channel kept in memory while the spool could not be written are spilled
-# again once it can; the failed attempts left uncounted frames in the records log (see
-# tests/test_spool.py::test_a_failed_append_leaves_nothing_behind), so the worker reads
-# those copies instead of the last rows, and reset() then discards the last rows unread.
-# The "close" message spilled after them is lost the same way, so close() times out
-# (the run would never end) and reports "there is no spool: 0 message(s) are lost".
-def test_rows_kept_in_memory_during_a_full_disk_arrive_once_it_has_room(
-    run_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(tracklog._delivery, "_SPILL_RETRY", 0.05)
-    disk = FullDisk("write", run_dir / "spool")
-    disk.install(monkeypatch)
-    down = threading.Event()
-    down.set()
-    logger = flaky_logger(run_dir, close_timeout=2)
-    logger.output_formats.append(FlakyJsonl(run_dir / "flaky.jsonl", down=down))
-    spool = run_dir / "spool" / "0-flaky"
-    expected: list[tuple[str, object]] = []
-
-    def dump(count: int) -> None:
-        for _ in range(count):
-            expected.extend(play(logger, [("row", "")], start=len(expected)))
-            time.sleep(0.02)
-
-    while owed(spool) < 3:  # the backend is down: rows go to the spool
-        dump(1)
-        assert len(expected) < 200, "the rows never reached the spool"
-    disk.full = True  # then the disk fills up: rows stay in memory
-    dump(6)
-    disk.full = False  # the disk has room again, the backend is still down
-    dump(6)
-    down.clear()
-    logger.close()
-    assert arrived(run_dir / "flaky.jsonl") == expected
-
-
-# Regression: when a delivery taken from memory fails, Channel._deliver spills only the messages
-# in flight (_spill(messages[delivered:], front=True)); rows already waiting in the
-# memory queue stay in memory until the next put() moves them. If no dump follows (a
-# pause in training, the end of a job), they are not durable although the channel
-# reports that it is spooling, and a SIGKILL loses them.
-def test_rows_queued_in_memory_move_to_the_spool_when_delivery_fails(run_dir: Path) -> None:
-    gate, down = threading.Event(), threading.Event()
-    down.set()
-    logger = flaky_logger(run_dir)
-    flaky = FlakyJsonl(run_dir / "flaky.jsonl", gate=gate, down=down)
-    logger.output_formats.append(flaky)
-    spool = run_dir / "spool" / "0-flaky"
-    play(logger, [("row", "")])
-    assert flaky.entered.wait(10)  # row 0 is in flight, held by the gate
-    play(logger, [("row", "")] * 2, start=1)  # rows 1 and 2 wait in memory
-    gate.set()  # row 0 fails: the backend is down
-    wait_until(lambda: owed(spool) > 0, 10, "the channel spills")
-    time.sleep(0.2)
-    durable = owed(spool)
-    down.clear()
-    logger.close()
-    assert durable == 3  # every row dumped before the outage was noticed is on disk
-
-
-# Regression (same cause): close() while the backend is down spills the "close" message into the
-# spool, ahead of the rows still waiting in memory. When the backend answers within
-# close_timeout the worker delivers the spooled rows, then close, and stops: the rows in
-# memory are dropped without any error, and the spool is removed as if all was delivered.
-def test_rows_waiting_in_memory_at_close_still_arrive(run_dir: Path) -> None:
-    gate, down = threading.Event(), threading.Event()
-    down.set()
-    logger = flaky_logger(run_dir, close_timeout=30)
-    flaky = FlakyJsonl(run_dir / "flaky.jsonl", gate=gate, down=down)
-    logger.output_formats.append(flaky)
-    spool = run_dir / "spool" / "0-flaky"
-    with tracklog_records() as seen:
-        expected = play(logger, [("row", "")])
-        assert flaky.entered.wait(10)  # row 0 is in flight
-        expected += play(logger, [("row", "")] * 2, start=1)  # rows 1 and 2 in memory
-        gate.set()
-        wait_until(lambda: owed(spool) > 0, 10, "the channel spills")
-        threading.Timer(0.5, down.clear).start()  # the backend answers during close()
-        logger.close()
-    assert arrived(run_dir / "flaky.jsonl") == expected
-    assert messages(seen.records) == []
-
-
-def test_a_video_is_encoded_once_for_every_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The media thread (JSONL), the MLflow worker and the W&B worker receive the same
-    # Video: the first to ask encodes it, the others wait for those bytes.
-    from mlflow import artifacts
-
-    from tracklog import _encode
-    from tracklog.readers import read_wandb_offline
-
-    calls: list[int] = []
-    encode = _encode._encode_mp4
-
-    def counted(video: tracklog.Video) -> bytes:
-        calls.append(threading.get_ident())
-        time.sleep(0.2)  # long enough for the other threads to ask meanwhile
-        return encode(video)
-
-    monkeypatch.setattr(_encode, "_encode_mp4", counted)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    settings = {
-        "run_dir": str(tmp_path / "run"),
-        "outputs": [
-            {"type": "jsonl"},
-            {"type": "mlflow", "tracking_uri": uri, "experiment": "once"},
-            {"type": "wandb", "project": "once", "mode": "offline"},
-        ],
-    }
-    frames = random_pixels((8, 3, 16, 16))
-    with tracklog.build_logger(settings) as logger:
-        logger.record("eval/video", tracklog.Video(frames, fps=10))
-        logger.dump(step=3)
-        run_id = next(
-            o.run_id for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)
-        )
-    assert len(calls) == 1
-    jsonl_file = (
-        tmp_path
-        / "run"
-        / str(read_jsonl(tmp_path / "run" / "progress.jsonl")[0].values["eval/video"])
-    )
-    downloaded = artifacts.download_artifacts(
-        run_id=run_id, artifact_path="videos/eval/video/step_3.mp4", tracking_uri=uri
-    )
-    wandb_run = read_wandb_offline(tmp_path / "run")
-    wandb_file = wandb_run.media_path(wandb_run.rows[0].values["eval/video"])
-    assert jsonl_file.read_bytes() == Path(downloaded).read_bytes() == wandb_file.read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("setting", "during"),
-    [({}, 0.001), ({"switch_interval": 0.002}, 0.002), ({"switch_interval": None}, 0.005)],
-)
-def test_the_gil_switch_interval_is_lowered_while_workers_run(
-    tmp_path: Path, setting: dict[str, object], during: float
-) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    try:
+    with FaultProxy(server.url) as proxy:
+        # The server refuses any request that carries this key: a batch of rows holding
+        # it fails as a whole (HTTP 400: permanent), then only that row fails again.
+        proxy.reject(b"refused/by_server")
         logger = tracklog.build_logger(
             {
-                "run_dir": str(tmp_path / "run"),
-                "outputs": [{"type": "mlflow", "tracking_uri": uri}],
-                "delivery": setting,
+                "run_dir": str(run_dir),
+                "outputs": [{"type": "jsonl"}, mlflow_output(proxy.url, experiment)],
+                "delivery": {**FAST, "linger": 2.0},  # so the ten rows go as one batch
             }
         )
-        logger.record("a", 1.0)
-        logger.dump(0)
-        assert sys.getswitchinterval() == pytest.approx(during)
+        with caplog.at_level(logging.ERROR, logger="tracklog"):
+            for step in range(10):
+                logger.record("loss", _loss(step))
+                if step == 6:
+                    logger.record("refused/by_server", 1.0)
+                logger.dump(step)
+            logger.close()
+        batches = [seen for seen in proxy.seen if seen.path.endswith("/runs/log-batch")]
+    assert jsonl_steps(run_dir / "progress.jsonl") == list(range(10))
+    assert [seen.status for seen in batches].count(400) == 2  # the batch, then the row alone
+    client = MlflowClient(server.url)
+    run = only_run(client, experiment)
+    assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(10) if s != 6]
+    assert run.info.status == "FINISHED"
+    skipped = [m for m in messages(caplog.records) if "was skipped" in m]
+    assert len(skipped) == 1, messages(caplog.records)
+    assert "step 6" in skipped[0]
+    assert "refused/by_server" in skipped[0]
+
+
+class Pwn:
+    """Unpickling this would create a file: the queue's reader must never unpickle."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[object, ...]]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_record_that_is_not_a_row_is_reported_with_its_position_and_skipped(
+    tmp_path: Path, run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pickle
+
+    experiment = new_experiment()
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [
+                {"type": "jsonl"},
+                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment},
+            ],
+        }
+    )
+    pwned = tmp_path / "pwned"
+    with caplog.at_level(logging.ERROR, logger="tracklog"):
+        for step in range(3):
+            logger.record("loss", _loss(step))
+            logger.dump(step)
+        assert logger.flush(30)
+        # Someone who can write the run_dir appends records of their own, as another
+        # SQLite connection would: a pickle and a JSON document of the wrong shape.
+        (queue,) = find_queues(run_dir)
+        with contextlib.closing(sqlite3.connect(queue / "queue.db")) as db, db:
+            for body in (pickle.dumps(Pwn(pwned)), '{"values": {"a": {"type": "??"}}}'):
+                db.execute("INSERT INTO messages (kind, body) VALUES ('row', ?)", (body,))
+        bad = [
+            seq
+            for (seq,) in sqlite3.connect(queue / "queue.db").execute(
+                "SELECT seq FROM messages ORDER BY seq DESC LIMIT 2"
+            )
+        ]
+        for step in range(3, 6):
+            logger.record("loss", _loss(step))
+            logger.dump(step)
         logger.close()
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-    finally:
-        sys.setswitchinterval(before)
+    assert not pwned.exists()
+    client = MlflowClient(mlflow_sqlite_uri)
+    run = only_run(client, experiment)
+    assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(6)]
+    assert run.info.status == "FINISHED"
+    reported = [m for m in messages(caplog.records) if "is not a row tracklog wrote" in m]
+    for seq in bad:
+        assert any(f"record {seq} of {queue}" in m for m in reported), reported
 
 
-def test_a_switch_interval_the_program_sets_meanwhile_is_kept(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.0005)  # already below tracklog's: never raised
-        with tracklog.build_logger(
-            {"run_dir": str(tmp_path / "a"), "outputs": [{"type": "mlflow", "tracking_uri": uri}]}
-        ) as logger:
-            logger.record("a", 1.0)
-            logger.dump(0)
-            assert sys.getswitchinterval() == pytest.approx(0.0005)
-        sys.setswitchinterval(0.005)
-        with tracklog.build_logger(
-            {"run_dir": str(tmp_path / "b"), "outputs": [{"type": "mlflow", "tracking_uri": uri}]}
-        ) as logger:
-            logger.record("a", 1.0)
-            logger.dump(0)
-            sys.setswitchinterval(0.003)  # the program's own choice wins at close
-        assert sys.getswitchinterval() == pytest.approx(0.003)
-    finally:
-        sys.setswitchinterval(before)
+# 7. Linger: fewer requests, never a wait at flush or close ----------------------------------
 
 
 @pytest.mark.parametrize("linger", [0.0, 9.0])
 def test_mlflow_rows_wait_for_the_linger_but_never_for_flush_or_close(
-    tmp_path: Path, linger: float
+    tmp_path: Path, mlflow_sqlite_uri: str, linger: float
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_sqlite_uri)
+    experiment = new_experiment()
     logger = tracklog.build_logger(
         {
             "run_dir": str(tmp_path / "run"),
-            "outputs": [{"type": "mlflow", "tracking_uri": uri, "experiment": "linger"}],
+            "outputs": [
+                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment}
+            ],
             "delivery": {"linger": linger},
         }
     )
     for step in range(3):
         logger.record("a", float(step))
         logger.dump(step)
-    run_id = next(
-        o.run_id for o in logger.output_formats if isinstance(o, tracklog.MLFlowOutputFormat)
-    )
+    run_id = mlflow_run_id(logger)
 
-    def points() -> int:
+    def count() -> int:
         return len(client.get_metric_history(run_id, "a"))
 
     deadline = time.monotonic() + 5
-    while points() < 3 and time.monotonic() < deadline:
+    while count() < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert points() == (3 if linger == 0 else 0)  # 9 s of linger: nothing sent yet
+    assert count() == (3 if linger == 0 else 0)  # 9 s of linger: nothing sent yet
     start = time.monotonic()
     assert logger.flush(timeout=10)
-    assert points() == 3
+    assert count() == 3
     logger.record("a", 3.0)
     logger.dump(3)
     logger.close()
     assert time.monotonic() - start < 4  # neither flush() nor close() waited for the linger
-    assert [p.value for p in client.get_metric_history(run_id, "a")] == [0.0, 1.0, 2.0, 3.0]
+    assert sorted(p.value for p in client.get_metric_history(run_id, "a")) == [0.0, 1.0, 2.0, 3.0]
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -15,13 +15,14 @@ environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``WANDB_API_KEY``).
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tracklog._delivery import Delivery, targets
-from tracklog._queue import MEDIA, Queue, find_queues
+from tracklog._queue import MEDIA, Queue, find_queues, is_queue
 
 __all__ = ["QueueBusyError", "ReplayResult", "find_queues", "replay"]
 
@@ -44,8 +45,16 @@ class ReplayResult:
 def replay(
     directory: Path, *, timeout: float = 600.0, tracking_uri: str | None = None
 ) -> ReplayResult:
-    """Deliver ``directory``'s undelivered messages; retry a down backend until ``timeout``."""
-    queue = Queue(directory)
+    """Deliver ``directory``'s undelivered messages; retry a down backend until ``timeout``.
+
+    A queue that another replay delivered and removed meanwhile has nothing left.
+    """
+    try:
+        queue = Queue(directory)
+    except (OSError, sqlite3.Error):
+        if is_queue(directory):
+            raise
+        return ReplayResult(directory, 0, 0)
     lock = queue.delivery_lock()
     try:
         if queue.trainer_lock().held_elsewhere():
@@ -54,7 +63,13 @@ def replay(
                 f"{directory}: its logger (process {owner.get('pid', '?')}) is still running; "
                 "its delivery process delivers it"
             )
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except (OSError, sqlite3.Error):
+            if is_queue(directory):
+                raise
+            return ReplayResult(directory, 0, 0)  # delivered and removed meanwhile
+        if not acquired:
             raise QueueBusyError(f"{directory}: another process is delivering it right now")
         header = queue.header()
         overrides: dict[str, dict[str, Any]] = {}

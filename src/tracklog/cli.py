@@ -376,7 +376,9 @@ def _replay(arguments: argparse.Namespace) -> int:
             print(f"tracklog replay: {error}", file=sys.stderr)
             status = 1
             continue
-        if result.complete:
+        if result.complete and result.delivered == 0:
+            print(f"{directory}: nothing to replay (already delivered)")
+        elif result.complete:
             print(f"{directory}: delivered {result.delivered} record(s); the queue is removed")
         else:
             print(
