@@ -40,6 +40,7 @@ from stable_baselines3.common.vec_env import VecEnv
 import tracklog
 from tests.readback import decode_mp4
 from tests.tensorboard_readback import hparams_tab, read_events, scalars
+from tracklog._outbox import RemoteOutput
 from tracklog.callbacks import (
     HParamCallback,
     TracklogEvalCallback,
@@ -176,7 +177,9 @@ def test_callbacks_log_at_their_step_in_every_backend(run_dir: Path, tmp_path: P
     assert [str(w.message) for w in caught if "rollout/typo" not in str(w.message)] == []
     assert logger.flush()
     (run_id,) = [
-        o.run_id for o in logger.output_formats if o.name == "mlflow"
+        o.run_id
+        for o in logger.output_formats
+        if isinstance(o, RemoteOutput) and o.name == "mlflow"
     ]
 
     # What the callbacks say happened, and SB3's own record of the evaluations.

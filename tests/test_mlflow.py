@@ -45,7 +45,7 @@ from tests.readback import decode_mp4
 from tests.samples import NESTED_HPARAMS, grey_clip, one_of_every_kind, random_pixels
 from tests.servers import MlflowServer
 from tests.strategies import Number, dump_sequences
-from tracklog._outbox import DeliveryError
+from tracklog._outbox import DeliveryError, RemoteOutput
 from tracklog._queue import Queue, find_queues
 from tracklog._row import Row
 from tracklog.readers import read_jsonl
@@ -118,7 +118,9 @@ def mlflow_logger(
 
 
 def run_id_of(logger: tracklog.Logger) -> str:
-    (output,) = [o for o in logger.output_formats if o.name == "mlflow"]
+    (output,) = [
+        o for o in logger.output_formats if isinstance(o, RemoteOutput) and o.name == "mlflow"
+    ]
     return output.run_id
 
 
