@@ -1,13 +1,16 @@
-"""Values as W&B receives them: history entries, config updates and summary updates."""
+"""Values as W&B receives them: history entries, config updates and summary updates.
+
+Pure: no wandb import and no files. Media come out as plain data (``WandbHistogram``,
+``WandbImage``, ``WandbHtml``, ``WandbVideo``), which the W&B output turns into wandb's
+objects (and, for a video, its file) in the delivery process.
+"""
 
 from __future__ import annotations
 
 import html
-import uuid
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeAlias, assert_never
+from typing import TYPE_CHECKING, TypeAlias, assert_never
 
 import numpy as np
 
@@ -16,13 +19,21 @@ from tracklog._names import NameMap
 from tracklog._row import Row
 from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 __all__ = [
     "STEP_KEY",
     "ConfigUpdate",
     "HistoryValue",
     "SummaryUpdate",
+    "WandbHistogram",
+    "WandbHtml",
+    "WandbImage",
     "WandbItem",
     "WandbKeyCheck",
+    "WandbMedia",
+    "WandbVideo",
     "to_wandb",
     "wandb_names",
 ]
@@ -34,11 +45,43 @@ _HISTOGRAM_BINS = 64
 
 
 @dataclass(frozen=True, slots=True)
+class WandbHistogram:
+    """``wandb.Histogram(np_histogram=(counts, edges))``."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class WandbImage:
+    """``wandb.Image`` of this picture."""
+
+    picture: PILImage
+
+
+@dataclass(frozen=True, slots=True)
+class WandbHtml:
+    """``wandb.Html``: multi-line text, shown preformatted."""
+
+    html: str
+
+
+@dataclass(frozen=True, slots=True)
+class WandbVideo:
+    """``wandb.Video`` of this MP4 file's content."""
+
+    mp4: bytes
+
+
+WandbMedia: TypeAlias = WandbHistogram | WandbImage | WandbHtml | WandbVideo
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryValue:
     """One entry of the dump's history row (``run.log``)."""
 
     name: str
-    value: Any  # a number, a str, or a wandb media object
+    value: bool | int | float | str | WandbMedia
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +152,6 @@ class WandbKeyCheck:
 
 
 def _histogram(key: str, values: np.ndarray) -> list[WandbItem]:
-    import wandb
-
     data = values.astype(np.float64)
     finite = data[np.isfinite(data)]
     if finite.size == 0:
@@ -119,21 +160,17 @@ def _histogram(key: str, values: np.ndarray) -> list[WandbItem]:
         )
         return []
     counts, edges = np.histogram(finite, bins=_HISTOGRAM_BINS)
-    return [HistoryValue(key, wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist())))]
+    return [HistoryValue(key, WandbHistogram(counts, edges))]
 
 
-def _text(text: str) -> Any:
+def _text(text: str) -> str | WandbHtml:
     if "\n" not in text:
         return text
-    import wandb
-
-    return wandb.Html(f"<pre>{html.escape(text)}</pre>", inject=False)
+    return WandbHtml(f"<pre>{html.escape(text)}</pre>")
 
 
-def to_wandb(key: str, value: LogValue, names: NameMap, staging: Path) -> list[WandbItem]:
-    """What W&B receives for ``value``; video files are written under ``staging``."""
-    import wandb
-
+def to_wandb(key: str, value: LogValue, names: NameMap) -> list[WandbItem]:
+    """What W&B receives for ``value`` recorded under ``key``."""
     name = names(key)
     match value:
         case Scalar(value=number):
@@ -144,14 +181,12 @@ def to_wandb(key: str, value: LogValue, names: NameMap, staging: Path) -> list[W
         case Histogram(values=values):
             return _histogram(name, values)
         case Image():
-            return [HistoryValue(name, wandb.Image(_encode.picture(value)))]
+            return [HistoryValue(name, WandbImage(_encode.picture(value)))]
         case Figure():
             # Rendered PNG, never wandb's plotly conversion of the matplotlib figure.
-            return [HistoryValue(name, wandb.Image(_encode.decoded(value.png)))]
+            return [HistoryValue(name, WandbImage(_encode.decoded(value.png)))]
         case Video():
-            path = staging / f"{uuid.uuid4().hex}.mp4"
-            path.write_bytes(_encode.mp4(value))
-            return [HistoryValue(name, wandb.Video(str(path), format="mp4"))]
+            return [HistoryValue(name, WandbVideo(_encode.mp4(value)))]
         case HParam():
             metrics = {metric: float(number) for metric, number in value.metric_dict.items()}
             return [ConfigUpdate(value.flat_with_lists()), SummaryUpdate(metrics)]

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
@@ -17,6 +18,11 @@ from tracklog.convert.wandb import (
     ConfigUpdate,
     HistoryValue,
     SummaryUpdate,
+    WandbHistogram,
+    WandbHtml,
+    WandbImage,
+    WandbMedia,
+    WandbVideo,
     to_wandb,
     wandb_names,
 )
@@ -89,8 +95,12 @@ class WandBOutputFormat(OutputFormat):
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
         for key, value in row.values.items():
-            for item in to_wandb(key, value, self._names, self._staging):
+            for item in to_wandb(key, value, self._names):
                 match item:
+                    case HistoryValue(
+                        value=WandbHistogram() | WandbImage() | WandbHtml() | WandbVideo() as media
+                    ):
+                        history[item.name] = self._native(media)
                     case HistoryValue():
                         history[item.name] = item.value
                     case ConfigUpdate():
@@ -107,6 +117,24 @@ class WandBOutputFormat(OutputFormat):
             self.run.log(history)
         for staged in self._staging.iterdir():  # wandb copied the media into the run
             staged.unlink()
+
+    def _native(self, media: WandbMedia) -> object:
+        """The wandb object for converted media (a video's MP4 staged as a file)."""
+        import wandb
+
+        match media:
+            case WandbHistogram(counts=counts, edges=edges):
+                return wandb.Histogram(np_histogram=(counts, edges))
+            case WandbImage(picture=picture):
+                return wandb.Image(picture)
+            case WandbHtml(html=markup):
+                return wandb.Html(markup, inject=False)
+            case WandbVideo(mp4=data):
+                path = self._staging / f"{uuid.uuid4().hex}.mp4"
+                path.write_bytes(data)
+                return wandb.Video(str(path), format="mp4")
+            case _:
+                assert_never(media)
 
     def write_line(self, line: str) -> None:
         # The hook wandb's own console capture feeds: the line lands in output.log.
