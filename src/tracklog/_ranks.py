@@ -13,12 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracklog.settings import (
-    LoggerSettings,
-    MlflowOutput,
-    OutputSettings,
-    WandbOutput,
-)
+from tracklog._registry import RunNaming, backend
+from tracklog.settings import LoggerSettings, OutputSettings
 
 __all__ = ["Placement", "detect"]
 
@@ -52,17 +48,17 @@ class Placement:
     def _identify(
         self, output: OutputSettings, settings: LoggerSettings, *, own_run: bool
     ) -> OutputSettings:
-        match output:
-            case MlflowOutput():
-                tags = {**output.tags, **self._tags(settings.group)}
-                name = self._run_name(output.run_name, settings.group, own_run=own_run)
-                return output.model_copy(update={"tags": tags, "run_name": name})
-            case WandbOutput():
-                name = self._run_name(output.name, settings.group, own_run=own_run)
-                group = output.group if output.group is not None else settings.group
-                return output.model_copy(update={"name": name, "group": group})
-            case _:
-                return output
+        """The output's settings named and tagged for this placement (its registry
+        entry says how: MLflow run name and tags, W&B name and group)."""
+        name = backend(output).name_run
+        if name is None:
+            return output
+        naming = RunNaming(
+            group=settings.group,
+            tags=self._tags(settings.group),
+            run_name=lambda explicit: self._run_name(explicit, settings.group, own_run=own_run),
+        )
+        return name(output, naming)
 
     def _tags(self, group: str | None) -> dict[str, str]:
         tags: dict[str, str] = {}
@@ -96,14 +92,12 @@ def _check_own_run(settings: LoggerSettings) -> None:
                 f"outputs.{index}.path: {path} is absolute, so with all_ranks: true "
                 "every rank would write it; use a path relative to run_dir"
             )
-        if isinstance(output, MlflowOutput) and output.run_id is not None:
+        resumed = backend(output).resumed
+        field = resumed(output) if resumed is not None else None
+        if field is not None:
             raise ValueError(
-                f"outputs.{index}.run_id: with all_ranks: true every rank would resume "
-                "the same MLflow run"
-            )
-        if isinstance(output, WandbOutput) and output.id is not None:
-            raise ValueError(
-                f"outputs.{index}.id: with all_ranks: true every rank would resume the same W&B run"
+                f"outputs.{index}.{field}: with all_ranks: true every rank would resume "
+                f"the same {output.type} run"
             )
     if settings.delivery.spool_dir is not None and settings.delivery.spool_dir.is_absolute():
         # The ranks start together: two of them could pick the same free spool

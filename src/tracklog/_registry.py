@@ -34,6 +34,7 @@ __all__ = [
     "Backend",
     "LocalContext",
     "RemoteContext",
+    "RunNaming",
     "backend",
     "parse_output",
     "require",
@@ -67,6 +68,17 @@ class RemoteContext:
 
 
 @dataclass(frozen=True, slots=True)
+class RunNaming:
+    """How a sweep and a process group name and tag this process's runs."""
+
+    group: str | None
+    #: ``tracklog.group``/``job``/``rank``/``overrides`` tags for this process
+    tags: dict[str, str]
+    #: the run name for an explicitly set one (None: the default, ``<group>-<job>``)
+    run_name: Callable[[str | None], str | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     type: str
     exclude: str
@@ -92,6 +104,11 @@ class Backend:
     #: missing one fails in the trainer, not later in the delivery process).
     package: str | None = None
     extra: str | None = None
+    #: Its settings with the sweep's run name, tags and group (None: it holds no run).
+    name_run: Callable[[Any, RunNaming], OutputSettings] | None = None
+    #: The settings field that resumes an existing run, if set (every rank of a
+    #: process group would then write one run).
+    resumed: Callable[[Any], str | None] | None = None
     #: Whether an error raised while building it means "try again later".
     transient: Callable[[Exception], bool] = field(
         default=lambda error: isinstance(error, ConnectionError | TimeoutError)
@@ -198,6 +215,26 @@ def _wandb_publish(output: Any) -> dict[str, str]:
     return {"run_id": str(output.run.id), "run_dir": str(output.run_dir)}
 
 
+def _mlflow_name_run(settings: Any, naming: RunNaming) -> OutputSettings:
+    tags = {**settings.tags, **naming.tags}
+    update = {"tags": tags, "run_name": naming.run_name(settings.run_name)}
+    return settings.model_copy(update=update)  # type: ignore[no-any-return]  # an MlflowOutput
+
+
+def _mlflow_resumed(settings: Any) -> str | None:
+    return "run_id" if settings.run_id is not None else None
+
+
+def _wandb_name_run(settings: Any, naming: RunNaming) -> OutputSettings:
+    group = settings.group if settings.group is not None else naming.group
+    update = {"name": naming.run_name(settings.name), "group": group}
+    return settings.model_copy(update=update)  # type: ignore[no-any-return]  # a WandbOutput
+
+
+def _wandb_resumed(settings: Any) -> str | None:
+    return "id" if settings.id is not None else None
+
+
 BACKENDS: Final[dict[str, Backend]] = {
     entry.type: entry
     for entry in (
@@ -225,6 +262,8 @@ BACKENDS: Final[dict[str, Backend]] = {
             identity=_mlflow_identity,
             publish=_mlflow_publish,
             check=_mlflow_check,
+            name_run=_mlflow_name_run,
+            resumed=_mlflow_resumed,
             transient=_mlflow_transient,
         ),
         Backend(
@@ -236,6 +275,8 @@ BACKENDS: Final[dict[str, Backend]] = {
             identity=_wandb_identity,
             publish=_wandb_publish,
             check=_wandb_check,
+            name_run=_wandb_name_run,
+            resumed=_wandb_resumed,
         ),
     )
 }
