@@ -3,11 +3,14 @@
 A queued row is one JSON document. Numbers, booleans and strings stand for themselves
 (``Scalar`` and ``Text``); every other value is an object with a ``type``. Arrays (a
 histogram, an image, a video's frames, a figure's PNG) are stored inline as base64
-when small, else as a ``.npy``/``.png`` file in the queue's ``blobs/`` folder, written
-once however many outputs read it. Reading uses ``json`` and ``numpy.load(...,
-allow_pickle=False)`` only: nothing read from the queue can run code. A document that
-does not have this shape raises :class:`CodecError`, which the delivery side reports
-with the record's position and skips.
+when small, else as a ``.npy`` file in the queue's ``blobs/`` folder, written
+once however many outputs read it. Reading uses ``json``, and for a blob
+``ast.literal_eval`` of its ``.npy`` header and the raw bytes after it (never
+``numpy.load``, never a pickle): nothing read from the queue can run code. A document
+that does not have this shape, or a blob that does not match it exactly, raises
+:class:`CodecError` and nothing else, which the delivery side reports with the
+record's position and skips. The blob files are opened without following symlinks
+(``blobs/`` itself included) and without blocking on a FIFO.
 
 float64 values round-trip exactly (``repr`` is the shortest exact form), and NaN and
 ±inf are written as ``NaN``/``Infinity``, which ``json`` reads back.
@@ -15,29 +18,62 @@ float64 values round-trip exactly (``repr`` is the shortest exact form), and NaN
 
 from __future__ import annotations
 
+import ast
 import base64
+import contextlib
 import json
+import math
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, TypeVar, assert_never
+from typing import Any, BinaryIO, Final, TypeVar, assert_never
 
 import numpy as np
 import numpy.typing as npt
 
 from tracklog._row import Row
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    _CHANNELS,
+    _MAX_FPS,
+    _MIN_FPS,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+)
 
-__all__ = ["BLOBS", "CodecError", "Decoded", "decode_row", "encode_row", "open_nofollow"]
+__all__ = [
+    "BLOBS",
+    "CodecError",
+    "Decoded",
+    "decode_row",
+    "encode_row",
+    "open_nofollow",
+    "remove_blobs",
+]
 
 BLOBS: Final = "blobs"
 #: Arrays up to this many bytes are stored inside the row; larger ones as a blob file.
 INLINE_BYTES: Final = 64 * 1024
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=True, separators=(",", ":"))
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+#: A FIFO planted in ``blobs/`` must not block the reader in open(2).
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_DIR_FD = os.open in os.supports_dir_fd and os.unlink in os.supports_dir_fd
+#: The names the writer gives blob files (``<seq>-<n>.npy``); the reader takes no other.
+_BLOB_NAME: Final = re.compile(r"-?[0-9]{1,20}-[0-9]{1,9}\.npy")
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_PNG: Final = b"\x89PNG\r\n\x1a\n"
 _DTYPES: Final = frozenset(
     np.dtype(name).str
     for name in (
@@ -89,24 +125,96 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o600) -> int:
     return os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC, mode)
 
 
+def _open_dir(directory: Path) -> int:
+    """A descriptor of ``directory`` itself, refused if it is a symlink."""
+    return os.open(directory, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | os.O_CLOEXEC)
+
+
+class _Blobs:
+    """The ``blobs/`` folder, opened once (not through a symlink) for a row's files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def open(self, name: str, flags: int, mode: int = 0o600) -> int:
+        if not _DIR_FD:
+            return open_nofollow(self.directory / name, flags, mode)
+        if self._fd is None:
+            self._fd = _open_dir(self.directory)
+        return os.open(name, flags | _NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self._fd)
+
+    def unlink(self, name: str) -> None:
+        if _DIR_FD and self._fd is not None:
+            os.unlink(name, dir_fd=self._fd)
+        else:
+            (self.directory / name).unlink()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_blobs(blobs: Path, names: list[str]) -> None:
+    """Delete the blob files ``names`` from the folder ``blobs`` itself (never through a
+    symlink); a name the writer would not give (``../x``, an absolute path) is left
+    alone, since a queue's records are as untrusted as its bodies."""
+    wanted = [name for name in names if _BLOB_NAME.fullmatch(name) is not None]
+    if not wanted:
+        return
+    try:
+        folder = _open_dir(blobs)
+    except OSError:  # gone, or not a folder of its own: nothing of ours to delete
+        return
+    try:
+        for name in wanted:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
 # Writing --------------------------------------------------------------------------------
+def _storable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``array`` in a dtype the reader takes: native byte order; a float type the
+    reader does not know (``longdouble``) as float64."""
+    if array.dtype.str in _DTYPES:
+        return array
+    native = array.dtype.newbyteorder("=")
+    if native.str in _DTYPES:
+        return array.astype(native)
+    if array.dtype.kind == "f":
+        return array.astype(np.float64)
+    raise ValueError(f"cannot queue an array of dtype {array.dtype}")
+
+
 class _Writer:
     def __init__(self, blobs: Path | None, seq: int) -> None:
-        self.blobs = blobs
+        self.blobs = None if blobs is None else _Blobs(blobs)
         self.seq = seq
         self.names: list[str] = []
 
     def array(self, array: npt.NDArray[Any]) -> dict[str, object]:
+        array = np.ascontiguousarray(_storable(array))
         shape = list(array.shape)
         if array.nbytes <= INLINE_BYTES or self.blobs is None:
-            data = base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+            data = base64.b64encode(array.tobytes()).decode("ascii")
             return {"dtype": array.dtype.str, "shape": shape, "data": data}
         name = f"{self.seq}-{len(self.names)}.npy"
-        self.names.append(name)
-        fd = open_nofollow(self.blobs / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = self.blobs.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self.names.append(name)  # from here on, removed again if the row fails
         with os.fdopen(fd, "wb") as file:
-            np.lib.format.write_array(file, np.ascontiguousarray(array), allow_pickle=False)
+            np.lib.format.write_array(file, array, allow_pickle=False)
         return {"dtype": array.dtype.str, "shape": shape, "blob": name}
+
+    def discard(self) -> None:
+        """Remove the files of a row that could not be written (a full disk)."""
+        assert self.blobs is not None
+        for name in self.names:
+            with contextlib.suppress(OSError):
+                self.blobs.unlink(name)
+        self.names.clear()
 
     def value(self, value: LogValue) -> object:
         match value:
@@ -140,23 +248,33 @@ def encode_row(
     blobs: Path | None,
 ) -> tuple[str, list[str]]:
     """``row`` as one JSON document, and the names of the files its large arrays went
-    to in ``blobs`` (a directory; None keeps every array inline)."""
+    to in ``blobs`` (a directory; None keeps every array inline). If it raises (a full
+    disk), the files it wrote are removed again."""
     writer = _Writer(blobs, row.seq)
-    values: dict[str, object] = {}
-    for key, value in row.values.items():
-        values[key] = value.value if type(value) is Scalar else writer.value(value)
-    document: dict[str, object] = {
-        "step": row.step,
-        "time": row.timestamp,
-        "seq": row.seq,
-        "values": values,
-    }
-    skip = {key: list(names) for key, names in excluded.items() if names}
-    if skip:
-        document["excluded"] = skip
-    if media:
-        document["media"] = {key: list(job) for key, job in media.items()}
-    return _ENCODER.encode(document), writer.names
+    try:
+        values: dict[str, object] = {}
+        for key, value in row.values.items():
+            values[key] = value.value if type(value) is Scalar else writer.value(value)
+        document: dict[str, object] = {
+            "step": row.step,
+            "time": row.timestamp,
+            "seq": row.seq,
+            "values": values,
+        }
+        skip = {key: list(names) for key, names in excluded.items() if names}
+        if skip:
+            document["excluded"] = skip
+        if media:
+            document["media"] = {key: list(job) for key, job in media.items()}
+        text = _ENCODER.encode(document)
+    except BaseException:
+        if writer.blobs is not None:
+            writer.discard()
+        raise
+    finally:
+        if writer.blobs is not None:
+            writer.blobs.close()
+    return text, writer.names
 
 
 # Reading --------------------------------------------------------------------------------
@@ -167,9 +285,76 @@ def _field(document: Mapping[str, object], name: str, kind: type | tuple[type, .
     return value
 
 
+def _int64(document: Mapping[str, object], name: str) -> int:
+    value: int = _field(document, name, int)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise CodecError(f"field {name!r} is outside the signed 64-bit range")
+    return value
+
+
+def _check_unicode(document: object) -> None:
+    """Refuse a lone surrogate (a ``\\udXXX`` escape) in any key or string of
+    ``document``: tracklog never writes one, and no output could encode it."""
+    stack = [document]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CodecError(f"{item[:40]!r} is not valid Unicode") from None
+
+
+_NPY_MAGIC: Final = b"\x93NUMPY"
+_NPY_HEADER_MAX: Final = 10_000  # numpy's own limit for an untrusted header
+
+
+def _npy_header(file: BinaryIO) -> tuple[str, bool, tuple[int, ...]]:
+    """``(descr, fortran_order, shape)`` from the header of a ``.npy`` file (format 1.0
+    or 2.0, as numpy writes them), parsed as a literal and checked field by field."""
+    start = file.read(8)
+    if len(start) != 8 or start[:6] != _NPY_MAGIC:
+        raise CodecError("not a .npy file")
+    if start[6:] == b"\x01\x00":
+        length = int.from_bytes(file.read(2), "little")
+    elif start[6:] == b"\x02\x00":
+        length = int.from_bytes(file.read(4), "little")
+    else:
+        raise CodecError(f".npy format {start[6]}.{start[7]} is not supported")
+    if length > _NPY_HEADER_MAX:
+        raise CodecError("the .npy header is too long")
+    text = file.read(length)
+    if len(text) != length:
+        raise CodecError("the .npy header is cut short")
+    try:
+        header = ast.literal_eval(text.decode("latin-1"))
+    except Exception as error:  # a literal, not code: SyntaxError, ValueError, MemoryError…
+        raise CodecError(f"the .npy header does not parse ({type(error).__name__})") from None
+    if not isinstance(header, dict) or header.keys() != {"descr", "fortran_order", "shape"}:
+        raise CodecError("the .npy header is not numpy's")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if (
+        not isinstance(descr, str)
+        or not isinstance(fortran, bool)
+        or not isinstance(shape, tuple)
+        or not all(type(n) is int and n >= 0 for n in shape)
+    ):
+        raise CodecError("the .npy header is not numpy's")
+    return descr, fortran, shape
+
+
 class _Reader:
     def __init__(self, blobs: Path | None) -> None:
-        self.blobs = blobs
+        self.blobs = None if blobs is None else _Blobs(blobs)
+
+    def close(self) -> None:
+        if self.blobs is not None:
+            self.blobs.close()
 
     def array(self, document: Mapping[str, object]) -> npt.NDArray[Any]:
         dtype = _field(document, "dtype", str)
@@ -179,9 +364,7 @@ class _Reader:
         ):
             raise CodecError(f"unsupported array {dtype!r} {shape!r}")
         if "blob" in document:
-            array = self._blob(_field(document, "blob", str))
-            if array.dtype.str != dtype or list(array.shape) != shape:
-                raise CodecError("blob does not match its row")
+            array = self._blob(_field(document, "blob", str), np.dtype(dtype), shape)
         else:
             try:
                 raw = base64.b64decode(_field(document, "data", str), validate=True)
@@ -191,26 +374,47 @@ class _Reader:
         array.flags.writeable = False
         return array
 
-    def _blob(self, name: str) -> npt.NDArray[Any]:
-        if self.blobs is None or "/" in name or name.startswith(".") or not name.endswith(".npy"):
+    def _blob(self, name: str, dtype: np.dtype[Any], shape: list[int]) -> npt.NDArray[Any]:
+        """The array in ``blobs/name``: a ``.npy`` file of exactly ``dtype`` and ``shape``.
+
+        The header is checked before any data is read, and the data is read as raw
+        bytes: never unpickled, never more than the file holds."""
+        if self.blobs is None or _BLOB_NAME.fullmatch(name) is None:
             raise CodecError(f"bad blob name {name!r}")
         try:
-            fd = open_nofollow(self.blobs / name, os.O_RDONLY)
+            fd = self.blobs.open(name, os.O_RDONLY | _NONBLOCK)
         except OSError as error:
-            raise CodecError(f"blob {name}: {error.strerror}") from None
-        with os.fdopen(fd, "rb") as file:
-            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-                raise CodecError(f"blob {name} is not a file")
-            try:
-                array = np.load(file, allow_pickle=False)
-            except ValueError as error:
-                raise CodecError(f"blob {name}: {error}") from None
-        if not isinstance(array, np.ndarray):
-            raise CodecError(f"blob {name} is not an array")
-        return array
+            raise CodecError(f"blob {name}: {error.strerror or error}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise CodecError("not a file")
+            with os.fdopen(fd, "rb") as file:
+                fd = -1  # the file closes it
+                descr, fortran, found = _npy_header(file)
+                if descr != dtype.str or list(found) != shape:
+                    raise CodecError("does not match its row")
+                size = math.prod(shape) * dtype.itemsize
+                if info.st_size - file.tell() != size:
+                    raise CodecError(f"does not hold {size} bytes of data")
+                data = file.read(size)
+        except OSError as error:  # an I/O error reading it
+            raise CodecError(f"blob {name}: {error}") from None
+        except CodecError as error:
+            raise CodecError(f"blob {name}: {error}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if len(data) != size:
+            raise CodecError(f"blob {name} was cut short")
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
     def value(self, raw: object) -> LogValue:
-        if isinstance(raw, bool | int | float):
+        if isinstance(raw, bool | float):
+            return Scalar(raw)
+        if isinstance(raw, int):
+            if not _INT64_MIN <= raw <= _INT64_MAX:
+                raise CodecError("an int outside the signed 64-bit range")
             return Scalar(raw)
         if isinstance(raw, str):
             return Text(raw)
@@ -224,21 +428,38 @@ class _Reader:
             return Histogram(values)
         if kind == "image":
             image = self.array(raw)
-            if image.dtype != np.uint8 or image.ndim != 4:
-                raise CodecError("an image must be uint8 NHWC")
+            if (
+                image.dtype != np.uint8
+                or image.ndim != 4
+                or image.size == 0
+                or image.shape[3] not in _CHANNELS
+            ):
+                raise CodecError("an image must be uint8 NHWC, not empty, with 1, 3 or 4 channels")
             return _build(Image, image=image, dataformats="NHWC")
         if kind == "video":
             frames = self.array(raw)
             fps = _field(raw, "fps", float)
-            if frames.dtype != np.uint8 or frames.ndim != 5:
-                raise CodecError("video frames must be uint8 NTCHW")
+            if (
+                frames.dtype != np.uint8
+                or frames.ndim != 5
+                or frames.size == 0
+                or frames.shape[2] not in _CHANNELS
+            ):
+                raise CodecError(
+                    "video frames must be uint8 NTCHW, not empty, with 1, 3 or 4 channels"
+                )
+            if not _MIN_FPS <= fps <= _MAX_FPS:
+                raise CodecError(f"video fps {fps!r} is outside [{_MIN_FPS}, {_MAX_FPS}]")
             return _build(Video, frames=frames, fps=fps)
         if kind == "figure":
-            png = self.array(raw).tobytes()
-            if not png.startswith(b"\x89PNG"):
+            pixels = self.array(raw)
+            close = _field(raw, "close", bool)
+            png = pixels.tobytes()
+            if pixels.dtype != np.uint8 or pixels.ndim != 1 or not png.startswith(_PNG):
                 raise CodecError("a figure must be a PNG")
+            if len(png) < 24:
+                raise CodecError("a figure's PNG has no header chunk")
             size = (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
-            close = bool(raw.get("close", True))
             return _build(Figure, figure=None, close=close, png=png, size=size)
         if kind == "hparam":
             try:
@@ -261,14 +482,28 @@ def _build(cls: type[_Media], **fields: object) -> _Media:
 
 
 def decode_row(text: str, blobs: Path | None) -> Decoded:
-    """The row ``encode_row`` wrote; :class:`CodecError` if ``text`` is anything else."""
+    """The row ``encode_row`` wrote; :class:`CodecError` if ``text`` is anything else.
+
+    Nothing else is raised, whatever ``text`` and the files in ``blobs`` hold."""
     try:
+        # ValueError: json's own errors, and an int of more digits than Python converts
         document = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:
         raise CodecError(f"not JSON: {error}") from None
     if not isinstance(document, dict):
         raise CodecError("a row must be a JSON object")
     reader = _Reader(blobs)
+    try:
+        if "\\u" in text:  # tracklog escapes only control characters
+            _check_unicode(document)
+        return _decode(document, reader)
+    except RecursionError:  # an HParam nested deeper than Python recurses
+        raise CodecError("a value nested too deeply") from None
+    finally:
+        reader.close()
+
+
+def _decode(document: dict[str, Any], reader: _Reader) -> Decoded:
     raw_values = _field(document, "values", dict)
     values: dict[str, LogValue] = {}
     for key, raw in raw_values.items():
@@ -276,20 +511,26 @@ def decode_row(text: str, blobs: Path | None) -> Decoded:
             values[key] = reader.value(raw)
         except CodecError as error:
             raise CodecError(f"key {key!r}: {error}") from None
-    excluded = {
-        key: tuple(str(name) for name in names)
-        for key, names in _field_or(document, "excluded", dict).items()
-        if isinstance(names, list)
-    }
+    excluded: dict[str, tuple[str, ...]] = {}
+    for key, names in _field_or(document, "excluded", dict).items():
+        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+            raise CodecError(f"bad excluded names for {key!r}")
+        excluded[key] = tuple(names)
     media: dict[str, tuple[str, str]] = {}
     for key, job in _field_or(document, "media", dict).items():
         if not (isinstance(job, list) and len(job) == 2 and all(isinstance(p, str) for p in job)):
             raise CodecError(f"bad media job for {key!r}")
         media[key] = (job[0], job[1])
-    step = _field(document, "step", int)
+    step = _int64(document, "step")
     timestamp = _field(document, "time", (int, float))
-    seq = _field(document, "seq", int)
-    row = Row(step=step, timestamp=float(timestamp), seq=seq, values=MappingProxyType(values))
+    try:
+        timestamp = float(timestamp)
+    except OverflowError:
+        raise CodecError("field 'time' is out of range") from None
+    if isinstance(document["time"], bool) or not math.isfinite(timestamp):
+        raise CodecError("field 'time' is not a finite number")
+    seq = _int64(document, "seq")
+    row = Row(step=step, timestamp=timestamp, seq=seq, values=MappingProxyType(values))
     return Decoded(row=row, excluded=excluded, media=media)
 
 

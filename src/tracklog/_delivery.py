@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 
 from tracklog import _encode
 from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
-from tracklog._queue import MEDIA, Message, Queue, remove, replay_command
+from tracklog._queue import KINDS, MEDIA, Message, Queue, remove, replay_command
 from tracklog._registry import RemoteContext, backend, parse_output
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, OutputSettings
@@ -374,6 +374,13 @@ class Delivery:
 
     def _dispatch(self, worker: _Worker, group: list[Message]) -> None:
         first = group[0]
+        if first.kind not in KINDS:
+            self._report(
+                logging.ERROR,
+                f"tracklog {worker.label}: record {first.seq} of {self.queue.directory} is not "
+                f"a message tracklog wrote (kind {first.kind[:40]!r}); skipped",
+            )
+            return
         if worker.target is None:
             if first.kind == "row":
                 for message in group:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from tracklog._codec import BLOBS, open_nofollow
+from tracklog._codec import BLOBS, open_nofollow, remove_blobs
 
 __all__ = [
     "MEDIA",
@@ -219,12 +219,16 @@ class Queue:
         return None if row is None else str(row[0])
 
     def read(self, after: int, limit: int) -> list[Message]:
+        # As bytes, decoded here: one record that is not UTF-8 (a foreign writer, a bad
+        # sector) must fail alone when it is decoded, not every read that holds it.
         rows = self._db.execute(
-            "SELECT seq, kind, body, blobs FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, CAST(kind AS BLOB), CAST(body AS BLOB), CAST(blobs AS BLOB) "
+            "FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ).fetchall()
         return [
-            Message(int(seq), str(kind), str(body), str(blobs)) for seq, kind, body, blobs in rows
+            Message(int(seq), _text(kind), _text(body), _text(blobs))
+            for seq, kind, body, blobs in rows
         ]
 
     def last_seq(self) -> int:
@@ -251,10 +255,7 @@ class Queue:
             "SELECT blobs FROM messages WHERE seq <= ? AND blobs != ''", (up_to,)
         ).fetchall()
         self._db.execute("DELETE FROM messages WHERE seq <= ?", (up_to,))
-        for (listed,) in names:
-            for name in str(listed).split():
-                with contextlib.suppress(FileNotFoundError):
-                    (self.blobs / name).unlink()
+        remove_blobs(self.blobs, [name for (listed,) in names for name in _text(listed).split()])
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # Acks and state --------------------------------------------------------------------
@@ -313,6 +314,13 @@ class Queue:
 _abandoned: list[object] = []
 
 
+def _text(raw: object) -> str:
+    """A column read as bytes, as text; bytes that are not UTF-8 become U+FFFD."""
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="replace")
+    return "" if raw is None else str(raw)
+
+
 def remove(directory: Path) -> None:
     """Remove a delivered queue, and the folder holding it once it holds no other."""
     shutil.rmtree(directory, ignore_errors=True)
@@ -330,7 +338,9 @@ def find_queues(path: Path) -> list[Path]:
         return [path]
     for folder in (path, path / "spool"):
         if folder.is_dir() and not folder.is_symlink():
-            found = sorted(child for child in folder.iterdir() if is_queue(child))
+            found = sorted(
+                child for child in folder.iterdir() if is_queue(child) and not child.is_symlink()
+            )
             if found:
                 return found
     return []
