@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from tests.servers import MlflowServer
 
 import tracklog
+from tracklog._outbox import RemoteOutput
 
 KEYS = [f"group{i % 5}/metric_{i}" for i in range(50)]
 
@@ -50,10 +51,10 @@ def _run(url: str, tmp: Path, dumps: int) -> int:
             "outputs": [{"type": "mlflow", "tracking_uri": url, "experiment": "bench"}],
         }
     )
-    ours_run = next(
+    ours_run = next(  # the MLflow output runs in the delivery process: its stand-in
         output.run_id
         for output in logger.output_formats
-        if isinstance(output, tracklog.MLFlowOutputFormat)
+        if isinstance(output, RemoteOutput) and output.settings.type == "mlflow"
     )
     seed_times: list[float] = []
     our_times: list[float] = []

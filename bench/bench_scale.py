@@ -111,6 +111,7 @@ def ceiling(task: Task, barrier: Barrier) -> Done:
 def through_tracklog(task: Task, barrier: Barrier) -> Done:
     """One process of the sweep: a tracklog logger, 50 scalars per dump, then close()."""
     import tracklog
+    from tracklog._outbox import RemoteOutput
 
     settings = {
         "run_dir": task.run_dir,
@@ -121,7 +122,10 @@ def through_tracklog(task: Task, barrier: Barrier) -> Done:
     }
     logger = tracklog.build_logger(settings)
     (output,) = logger.output_formats
-    assert isinstance(output, tracklog.MLFlowOutputFormat)
+    # The MLflow output runs in the delivery process; this is its stand-in. Its run id is
+    # there once the run is created (and gone with the queue after close()).
+    assert isinstance(output, RemoteOutput)
+    run_id = output.run_id
     names = [key(index) for index in range(KEYS)]
     barrier.wait()
     started, cpu = time.time(), _cpu()
@@ -130,7 +134,7 @@ def through_tracklog(task: Task, barrier: Barrier) -> Done:
             logger.record(name, value(task.worker, index, step))
         logger.dump(step)
     logger.close()
-    return Done(task.worker, output.run_id, started, time.time(), _cpu() - cpu)
+    return Done(task.worker, run_id, started, time.time(), _cpu() - cpu)
 
 
 Worker = Callable[[Task, Barrier], Done]
