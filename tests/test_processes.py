@@ -11,9 +11,10 @@ ignores SIGTERM and SIGINT) is replaced when it dies, without losing or doubling
 
 Everything is read back with the backends' own readers: ``MlflowClient`` on the
 session's sqlite store, ``read_jsonl``/``read_csv`` (and pandas), TensorBoard's
-``EventAccumulator``; processes with ``psutil`` and ``waitid``. Two tests are
-strict xfails naming product bugs (a fork while another thread dumps; ``close()`` after
-an output gave up).
+``EventAccumulator``; processes with ``psutil`` and ``waitid``. Two tests began as
+strict xfails for bugs since fixed: a child forked while another thread held the
+logger's locks hung in ``dump()``, and ``close()`` waited its whole ``close_timeout``
+for a queue that an output which gave up keeps for replay.
 """
 
 from __future__ import annotations
@@ -446,13 +447,6 @@ def test_a_forked_child_holds_no_pipe_that_keeps_the_delivery_process_waiting(
     assert points(client, said["run_id"], "x") == [(0, 0.0), (1, 1.0), (2, 2.0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Logger._forked() (src/tracklog/_logger.py) marks the copy closed "
-    "but keeps its _call_lock/_values_lock; a fork while another thread is inside dump() "
-    "leaves _call_lock held forever in the child, whose dump() then blocks before "
-    "_check_open() can raise",
-)
 def test_a_child_forked_while_another_thread_dumps_is_refused_not_hung(run_dir: Path) -> None:
     logger = build(run_dir, {"type": "jsonl"})
     stop = threading.Event()
@@ -912,12 +906,6 @@ def test_strict_raises_an_unknown_run_id_once_as_a_delivery_error(
     assert steps == list(range(len(written) + 3))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Outbox.close() (src/tracklog/_outbox.py) treats an output that gave "
-    "up as done, then waits for the delivery process to remove the queue, which it never "
-    "does while rows are kept for replay: close() always takes the whole close_timeout",
-)
 def test_close_does_not_wait_for_an_output_that_gave_up(
     run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:

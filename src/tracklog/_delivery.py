@@ -170,8 +170,8 @@ class Delivery:
             worker.thread is not None and worker.thread.is_alive() for worker in self.workers
         ):
             for worker in self.workers:
-                if worker.thread is not None:
-                    worker.thread.join(_FORGET_EVERY)
+                if worker.thread is not None and worker.thread.is_alive():
+                    worker.thread.join(_FORGET_EVERY)  # the first one still working
                     break
             if time.monotonic() - last_forget >= _FORGET_EVERY:
                 last_forget = time.monotonic()

@@ -290,6 +290,10 @@ class Logger(sb3.Logger):
     def _forked(self) -> None:
         """In a forked child: this logger is its parent's; never write or close it."""
         self._closed = True
+        # Another thread of the parent may have held these at the fork: in the child it
+        # never releases them, and dump() would hang instead of refusing.
+        self._values_lock = threading.Lock()
+        self._call_lock = threading.RLock()
         if self._outbox is not None:
             self._outbox.abandon()
             self._finalizer.detach()

@@ -33,6 +33,8 @@ __all__ = ["DeliveryError", "Outbox", "RemoteOutput", "RunDirBusyError", "queue_
 _log = logging.getLogger("tracklog")
 
 _WAIT_STEP: Final = 0.005
+#: How often dump() looks for reports and a dead delivery process (seconds).
+_POLL_EVERY: Final = 0.05
 # Filesystems where SQLite's WAL mode (shared memory beside the database) is unsafe.
 _NETWORK_FS: Final = frozenset(
     {
@@ -209,6 +211,7 @@ class Outbox:
         self.queue.set_meta("owner", json.dumps(header["trainer"]))
         self._secrets = secrets
         self._started = False
+        self._next_poll = 0.0
         self._closed = False
         self._raised = False
         if remote:
@@ -227,7 +230,10 @@ class Outbox:
         if blobs and self.queue.fsync:
             _fsync_files(self.queue.blobs, blobs)
         self.queue.append("row", body, " ".join(blobs))
-        self.poll()
+        now = time.monotonic()
+        if now >= self._next_poll:  # a pipe read and a waitpid: not at every dump
+            self._next_poll = now + _POLL_EVERY
+            self.poll()
 
     def put_line(self, line: str) -> None:
         self.queue.append("line", line)
@@ -257,6 +263,9 @@ class Outbox:
             return True
         self.queue.set_meta("closed", str(time.time()))  # the delivery deadline starts
         done = self._wait(self.queue.append("close"), deadline)
+        # An output that gave up (it could not start) keeps its rows for replay: the
+        # delivery process then leaves the queue in place, so there is no removal to await.
+        kept = any(self.queue.state(name).get("gave_up") for name in self.consumers)
         if not done:
             left = self.queue.pending(self.consumers)
             _log.warning(
@@ -270,7 +279,7 @@ class Outbox:
         self._release()
         # Once delivered, the delivery process removes the queue: wait for that too, so
         # the run_dir is left alone by the time close() returns.
-        while done and _being_removed(self.directory) and time.monotonic() < deadline:
+        while done and not kept and _being_removed(self.directory) and time.monotonic() < deadline:
             time.sleep(_WAIT_STEP)
         return done
 

@@ -38,6 +38,8 @@ __all__ = ["Service", "service"]
 _log = logging.getLogger("tracklog")
 
 _NICE: Final = 10
+#: Signals the delivery process ignores: it ends when its trainer has.
+_IGNORED: Final = {signal.SIGTERM, signal.SIGINT}
 
 Listener = Callable[[int, str, bool], None]
 
@@ -99,14 +101,25 @@ class Service:
 
     # Inside ------------------------------------------------------------------------------
     def _start(self) -> None:
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "tracklog._service"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,  # the trainer's stderr: what W&B or MLflow print themselves
-            start_new_session=True,  # Ctrl-C in the terminal is the trainer's to handle
-            close_fds=True,
-        )
+        # SLURM signals every process of the job at once: the new process starts with
+        # SIGTERM and SIGINT blocked (a mask is inherited), so one that arrives while it
+        # imports is held until main() ignores them. Blocked here, a signal for the
+        # trainer waits only for Popen to return.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "tracklog._service"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,  # the trainer's stderr: what W&B or MLflow print themselves
+                start_new_session=True,  # Ctrl-C in the terminal is the trainer's to handle
+                close_fds=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        with contextlib.suppress(OSError):  # lower at once, so its imports yield too
+            mine = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, self._process.pid, min(19, mine + _NICE))
         assert self._process.stdout is not None
         os.set_blocking(self._process.stdout.fileno(), False)
         self._partial = b""
@@ -287,12 +300,12 @@ def _deliver(
 
 def main() -> int:
     """The delivery process: deliver the queues the trainer opens until it is gone."""
-    with contextlib.suppress(OSError):
-        os.nice(_NICE)  # training keeps the cores it fills; delivery takes idle time
+    # The trainer lowered this process's priority already (Service._start).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SLURM signals every process of the job: keep delivering through the grace period;
     # the trainer's exit (the pipe closing) is what ends this process.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _IGNORED)  # blocked since its start
     # Reports get the real stdout; whatever a backend prints goes to stderr instead.
     report_pipe = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

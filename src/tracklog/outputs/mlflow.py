@@ -404,6 +404,12 @@ def is_transient(error: BaseException) -> bool:
             return True
         if type(current).__name__ in ("OperationalError", "DisconnectionError"):
             return True  # SQLAlchemy: database locked, server gone
+        if (
+            type(current).__module__.startswith("sqlalchemy")
+            and isinstance(current, Exception)
+            and type(current).__name__ == "TimeoutError"
+        ):
+            return True  # SQLAlchemy: no free connection in the pool (many runs at once)
         if isinstance(current, MlflowException):
             message = current.message if isinstance(current.message, str) else str(current)
             if current.error_code in _RETRYABLE_CODES:
