@@ -402,13 +402,10 @@ def is_transient(error: BaseException) -> bool:
             return True
         if isinstance(current, ConnectionError | TimeoutError):
             return True
-        if type(current).__name__ in ("OperationalError", "DisconnectionError"):
+        kind = type(current)
+        if kind.__name__ in ("OperationalError", "DisconnectionError"):
             return True  # SQLAlchemy: database locked, server gone
-        if (
-            type(current).__module__.startswith("sqlalchemy")
-            and isinstance(current, Exception)
-            and type(current).__name__ == "TimeoutError"
-        ):
+        if kind.__name__ == "TimeoutError" and kind.__module__.startswith("sqlalchemy"):
             return True  # SQLAlchemy: no free connection in the pool (many runs at once)
         if isinstance(current, MlflowException):
             message = current.message if isinstance(current.message, str) else str(current)
