@@ -38,12 +38,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 import tracklog
+import tracklog._queue
 import tracklog._service
 from tests.faultproxy import FaultProxy
 from tests.samples import random_pixels
 from tests.servers import MlflowServer
 from tracklog import cli
-from tracklog._queue import Queue, find_queues
+from tracklog._queue import FORMAT, Queue, find_queues
 from tracklog.readers import read_jsonl
 
 # Fast retries: a test waits for the backend, never for the backoff.
@@ -632,6 +633,34 @@ def test_replay_delivers_every_queued_row_exactly_once(outage: Outage, ending: s
         f"note {step}" for step in range(DOWN_ROWS)
     ]
     assert not item.queue.exists()
+
+
+def test_a_replay_whose_queue_another_replay_removes_meanwhile_has_nothing_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replays at once: the first delivers and removes the queue while the second
+    checks the trainer's lock. The second's check cannot open the lock then (SQLite
+    opens files lazily): that is a delivered queue, not a living trainer. The removal
+    is injected at that instant, which real timing hits only by chance."""
+    directory = tmp_path / "run" / "spool" / "queue-0"
+    queue = Queue.create(directory, {"format": FORMAT, "run_dir": str(tmp_path), "outputs": []})
+    trainer = queue.trainer_lock()
+    assert trainer.acquire()  # the trainer held it, then died
+    trainer.release()
+    queue.close()
+    connect = tracklog._queue._connect
+
+    def connect_then_lose_the_queue(path: Path, **options: Any) -> sqlite3.Connection:
+        connection = connect(path, **options)
+        if path.name == "trainer.lock":
+            tracklog._queue.remove(directory)  # the other replay, done just now
+        return connection
+
+    monkeypatch.setattr(tracklog._queue, "_connect", connect_then_lose_the_queue)
+    status, stdout, stderr = replay_in_process(directory)
+    assert (status, stderr) == (0, "")
+    assert "nothing to replay" in stdout
+    assert not directory.parent.exists()
 
 
 def test_replay_ends_the_run_of_a_dead_process_as_killed(outage: Outage) -> None:

@@ -312,6 +312,7 @@ def _check_unicode(document: object) -> None:
 
 _NPY_MAGIC: Final = b"\x93NUMPY"
 _NPY_HEADER_MAX: Final = 10_000  # numpy's own limit for an untrusted header
+_NPY_ALIGN: Final = 64  # numpy.lib.format.ARRAY_ALIGN
 
 
 def _npy_header(file: BinaryIO) -> tuple[str, bool, tuple[int, ...]]:
@@ -328,9 +329,15 @@ def _npy_header(file: BinaryIO) -> tuple[str, bool, tuple[int, ...]]:
         raise CodecError(f".npy format {start[6]}.{start[7]} is not supported")
     if length > _NPY_HEADER_MAX:
         raise CodecError("the .npy header is too long")
+    # numpy pads the header with spaces and a newline so the data starts on a 64-byte
+    # boundary: a damaged length that still parses would move the data's start.
+    if (file.tell() + length) % _NPY_ALIGN:
+        raise CodecError("the .npy header does not end on numpy's alignment")
     text = file.read(length)
     if len(text) != length:
         raise CodecError("the .npy header is cut short")
+    if not text.endswith(b"\n"):
+        raise CodecError("the .npy header does not end its line")
     try:
         header = ast.literal_eval(text.decode("latin-1"))
     except Exception as error:  # a literal, not code: SyntaxError, ValueError, MemoryError…

@@ -22,8 +22,10 @@ The queue is removed once every output has everything and the trainer is gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 import traceback
@@ -202,8 +204,9 @@ class Delivery:
         """Remove the queue once its trainer is gone (it may still wait in close())."""
         lock = self.queue.trainer_lock()
         limit = time.monotonic() + 60.0
-        while lock.held_elsewhere() and time.monotonic() < limit:
-            time.sleep(0.05)
+        with contextlib.suppress(OSError, sqlite3.Error):  # removed by a replay meanwhile
+            while lock.held_elsewhere() and time.monotonic() < limit:
+                time.sleep(0.05)
         self.queue.close()
         remove(self.queue.directory)
 

@@ -109,13 +109,16 @@ class Lock:
         self._connection: sqlite3.Connection | None = None
 
     def acquire(self) -> bool:
-        """Take the lock; False at once if another process holds it."""
+        """Take the lock; False at once if another process holds it. Any other failure
+        (its directory removed meanwhile, an I/O error) raises: it is not "held"."""
         connection = _connect(self.path, create=True, timeout=0)
         try:
             connection.execute("BEGIN EXCLUSIVE")
-        except sqlite3.OperationalError:
+        except sqlite3.OperationalError as error:
             connection.close()
-            return False
+            if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                return False
+            raise
         self._connection = connection
         return True
 
@@ -323,6 +326,8 @@ def _text(raw: object) -> str:
 
 def remove(directory: Path) -> None:
     """Remove a delivered queue, and the folder holding it once it holds no other."""
+    with contextlib.suppress(FileNotFoundError):
+        (directory / _QUEUE).unlink()  # first: from here on it is no queue (is_queue)
     shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):
         directory.parent.rmdir()  # only if empty

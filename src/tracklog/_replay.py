@@ -57,18 +57,19 @@ def replay(
         return ReplayResult(directory, 0, 0)
     lock = queue.delivery_lock()
     try:
-        if queue.trainer_lock().held_elsewhere():
+        try:
+            trainer_lives = queue.trainer_lock().held_elsewhere()
+            acquired = not trainer_lives and lock.acquire()
+        except (OSError, sqlite3.Error):
+            if is_queue(directory):
+                raise
+            return ReplayResult(directory, 0, 0)  # delivered and removed meanwhile
+        if trainer_lives:
             owner = json.loads(queue.meta("owner") or "{}")
             raise QueueBusyError(
                 f"{directory}: its logger (process {owner.get('pid', '?')}) is still running; "
                 "its delivery process delivers it"
             )
-        try:
-            acquired = lock.acquire()
-        except (OSError, sqlite3.Error):
-            if is_queue(directory):
-                raise
-            return ReplayResult(directory, 0, 0)  # delivered and removed meanwhile
         if not acquired:
             raise QueueBusyError(f"{directory}: another process is delivering it right now")
         header = queue.header()
