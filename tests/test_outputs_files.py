@@ -172,6 +172,32 @@ def test_jsonl_round_trips_scalars_exactly(dumps: list[tuple[int, dict[str, Numb
                 assert same_value(document[key], written), (key, document[key], written)
 
 
+@settings(max_examples=200)
+@given(
+    values=st.dictionaries(keys, st.one_of(numbers, st.text()), min_size=1, max_size=8),
+    step=steps,
+)
+@example(values={"a": math.nan, "b": math.inf, "c": -math.inf, "d": -0.0, "e": 5e-324}, step=0)
+@example(values={'q"\\\n\x00é\u2028\U0001f600': 1e300, "t": "\x85"}, step=-(2**63))
+def test_a_jsonl_line_is_exactly_what_json_dumps_writes(
+    values: dict[str, Number | str], step: int
+) -> None:
+    """tracklog builds JSONL lines from floats formatted once per dump: the text is the
+    standard library's, byte for byte (its order, its escapes, its NaN and Infinity)."""
+    with fresh_run_dir() as run_dir:
+        with files_logger(run_dir) as logger:
+            for key, value in values.items():
+                logger.record(key, value)
+            logger.dump(step)
+        [line] = (run_dir / "progress.jsonl").read_text(encoding="utf-8").splitlines()
+    timestamp = json.loads(line)["_timestamp"]
+    document = {"_step": step, "_timestamp": timestamp, **values}
+    expected = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+    breaks: dict[str, str | int | None] = {"\x85": "\\u0085", "\u2028": "\\u2028"}
+    breaks["\u2029"] = "\\u2029"
+    assert line == expected.translate(str.maketrans(breaks))
+
+
 # Scalars: CSV ------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, Final, TypeVar, assert_never
 import numpy as np
 import numpy.typing as npt
 
+from tracklog._jsontext import float_pairs, json_float, member
 from tracklog._row import Row
 from tracklog.values import (
     _CHANNELS,
@@ -252,21 +253,28 @@ def encode_row(
     disk), the files it wrote are removed again."""
     writer = _Writer(blobs, row.seq)
     try:
-        values: dict[str, object] = {}
-        for key, value in row.values.items():
-            values[key] = value.value if type(value) is Scalar else writer.value(value)
-        document: dict[str, object] = {
-            "step": row.step,
-            "time": row.timestamp,
-            "seq": row.seq,
-            "values": values,
-        }
+        # _ENCODER.encode({"step": …, "time": …, "seq": …, "values": {…}, …}), with the
+        # row's floats formatted once for JSONL, CSV and the queue (see _jsontext).
+        pairs = float_pairs(row)
+        if len(pairs) == len(row.values):  # every value a float: a training loop's row
+            values = ",".join(pairs.values())
+        else:
+            values = ",".join(
+                pairs.get(key)
+                or member(key)
+                + _ENCODER.encode(value.value if type(value) is Scalar else writer.value(value))
+                for key, value in row.values.items()
+            )
+        time_ = json_float(repr(row.timestamp))
+        parts = [f'{{"step":{row.step},"time":{time_},"seq":{row.seq},"values":{{{values}}}']
         skip = {key: list(names) for key, names in excluded.items() if names}
         if skip:
-            document["excluded"] = skip
+            parts.append(f',"excluded":{_ENCODER.encode(skip)}')
         if media:
-            document["media"] = {key: list(job) for key, job in media.items()}
-        text = _ENCODER.encode(document)
+            jobs = {key: list(job) for key, job in media.items()}
+            parts.append(f',"media":{_ENCODER.encode(jobs)}')
+        parts.append("}")
+        text = "".join(parts)
     except BaseException:
         if writer.blobs is not None:
             writer.discard()

@@ -6,6 +6,7 @@ import csv
 import os
 from pathlib import Path
 
+from tracklog._jsontext import float_reprs
 from tracklog._media import MediaStore
 from tracklog._row import Row
 from tracklog.convert.files import row_cells
@@ -57,11 +58,13 @@ class CsvOutputFormat(OutputFormat):
             self._widen(new_keys)
         fields = [str(row.step), repr(row.timestamp)]
         # repr keeps float64 exact and spells non-finite values nan/inf/-inf, which
-        # pandas.read_csv parses as floats. A missing value is an empty field.
+        # pandas.read_csv parses as floats (formatted once per row, for JSONL and the
+        # queue too). A missing value is an empty field.
+        reprs = float_reprs(row)
         fields.extend(
             ""
             if (cell := cells.get(key)) is None
-            else repr(cell)
+            else reprs[key]
             if type(cell) is float
             else str(cell)
             for key in self._keys

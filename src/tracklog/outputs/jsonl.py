@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tracklog._jsontext import float_pairs, json_float, member
 from tracklog._media import MediaStore
 from tracklog._row import Row
 from tracklog.convert.files import row_cells
@@ -14,7 +15,7 @@ from tracklog.outputs._base import OutputFormat
 __all__ = ["JsonlOutputFormat"]
 
 # One encoder for every row: json.dumps with options builds a new one per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=True)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=True, separators=(",", ":"))
 # Valid raw inside a JSON string, but str.splitlines() and some JSON Lines readers end
 # a line there: escaped, so one row is always one line (json.loads gives them back).
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
@@ -37,9 +38,18 @@ class JsonlOutputFormat(OutputFormat):
         self._file = open_for_append(self.path)
 
     def write_row(self, row: Row) -> None:
-        document: dict[str, object] = {"_step": row.step, "_timestamp": row.timestamp}
-        document.update(row_cells(row, self._media))
-        line = _ENCODER.encode(document)
+        # json.dumps({"_step": …, "_timestamp": …, **cells}) with compact separators,
+        # its floats formatted once per row for JSONL, CSV and the queue (_jsontext).
+        pairs = float_pairs(row)
+        cells = row_cells(row, self._media)
+        head = f'{{"_step":{row.step},"_timestamp":{json_float(repr(row.timestamp))}'
+        if len(pairs) == len(cells):  # every cell a float: a training loop's row
+            body = ",".join(pairs.values())
+        else:
+            body = ",".join(
+                pairs.get(key) or member(key) + _ENCODER.encode(cell) for key, cell in cells.items()
+            )
+        line = f"{head},{body}}}" if body else head + "}"
         if not line.isascii():
             line = line.translate(_LINE_BREAKS)
         self._file.write(line + "\n")
