@@ -40,7 +40,13 @@ from tests.rundirs import fresh_run_dir
 from tests.samples import NESTED_HPARAMS, grey_clip, random_pixels
 from tests.strategies import Number, dump_sequences
 from tracklog._row import Row
-from tracklog.readers import WandbRun, read_jsonl, read_wandb_offline, wandb_records
+from tracklog.readers import (
+    WandbLogTail,
+    WandbRun,
+    read_jsonl,
+    read_wandb_offline,
+    wandb_records,
+)
 from tracklog.settings import WandbOutput
 from tracklog.values import Scalar, check_key
 
@@ -973,6 +979,65 @@ def test_a_cut_off_log_still_reads_every_complete_record(run_dir: Path, tmp_path
     partial = read_wandb_offline(cut)
     assert [row.global_step for row in partial.rows] == [0, 1, 2]
     assert partial.exit_code is None
+
+
+@pytest.fixture(scope="module")
+def finished_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run's .wandb file: small records, and one spread over blocks."""
+    run_dir = tmp_path_factory.mktemp("tail")
+    with wandb_logger(run_dir) as logger:
+        for step in range(40):
+            logger.record("loss", step + 0.5)
+            if step == 20:
+                logger.record("big", "y" * 70_000)  # over three 32 KiB blocks
+            logger.dump(step)
+    return wandb_file(run_dir)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10**6), max_size=12))
+def test_reading_a_growing_log_as_it_grows_gives_every_record_once(
+    finished_log: Path, cuts: list[int]
+) -> None:
+    """W&B's service writes the file piece by piece while tracklog's flush() reads it:
+    reads at any points of its growth give each record once, in order, when whole."""
+    data = finished_log.read_bytes()
+    with fresh_run_dir() as folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / "run-growing.wandb"
+        log.write_bytes(b"")
+        tail = WandbLogTail(log)
+        read: list[bytes] = []
+        for cut in [*sorted({min(cut, len(data)) for cut in cuts}), len(data)]:
+            with open(log, "ab") as file:
+                file.write(data[log.stat().st_size : cut])
+            got = tail.read()
+            assert got == wandb_records(log)[len(read) :]  # what is whole by now, no more
+            read += got
+        assert read == wandb_records(log)
+        assert tail.read() == []
+
+
+def test_rows_are_in_the_run_file_within_a_second_and_at_once_after_flush(
+    run_dir: Path,
+) -> None:
+    with wandb_logger(run_dir) as logger:
+        logger.record("loss", 0.5)
+        logger.dump(0)
+        assert logger.flush(60)  # the run has started, in the delivery process
+        for step in range(1, 4):
+            logger.record("loss", step + 0.5)
+            dumped = time.monotonic()
+            logger.dump(step)
+            while step not in [row.global_step for row in read_wandb_offline(run_dir).rows]:
+                assert time.monotonic() - dumped < 1.0, f"row {step} not in the file after 1 s"
+                time.sleep(0.01)
+        for step in range(4, 30):
+            logger.record("loss", step + 0.5)
+            logger.dump(step)
+        assert logger.flush(60)
+        run = read_wandb_offline(run_dir)  # at once: no waiting here
+        assert column(run, "loss") == [(step, step + 0.5) for step in range(30)]
 
 
 def test_a_flipped_byte_fails_the_checksum(run_dir: Path, tmp_path: Path) -> None:

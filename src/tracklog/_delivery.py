@@ -408,6 +408,8 @@ class Delivery:
                 self._publish(worker)  # the run exists now if it did not at start
         elif first.kind == "line":
             output.write_line(first.body)
+        elif first.kind == "flush":
+            output.flush()
         elif first.kind == "failed":
             worker.failed_seen = True
             output.mark_failed(first.body)

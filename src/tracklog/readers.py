@@ -21,6 +21,7 @@ from typing import Protocol
 __all__ = [
     "LoggedRow",
     "Value",
+    "WandbLogTail",
     "WandbRow",
     "WandbRun",
     "read_csv",
@@ -222,41 +223,66 @@ def _wandb_log(path: Path) -> Path:
     return found[-1]  # folder names start with the session's start time
 
 
+class WandbLogTail:
+    """The records of a ``.wandb`` file that W&B may still be writing, as they complete.
+
+    Each :meth:`read` returns the protobuf payloads completed since the previous one
+    and remembers where it stopped: a record not written to its end yet (W&B writes
+    the file in pieces) is returned by a later read, once it is whole.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._position = 0  # where the next unread chunk starts
+        self._pending = b""  # the first pieces of a record split across blocks
+
+    def read(self) -> list[bytes]:
+        with open(self.path, "rb") as file:
+            file.seek(self._position)
+            data = file.read()
+        base, offset = self._position, 0
+        if base == 0:
+            if len(data) < 7:
+                return []  # the header is not written yet
+            if data[:4] != _WANDB_HEADER:
+                raise ValueError(f"{self.path}: not a W&B transaction log (header {data[:7]!r})")
+            offset = 7
+        records: list[bytes] = []
+        while offset + 7 <= len(data):
+            room = _BLOCK - (base + offset) % _BLOCK
+            if room < 7:
+                offset += room  # zero padding at the end of a block
+                continue
+            checksum, length, kind = struct.unpack_from("<IHB", data, offset)
+            chunk = data[offset + 7 : offset + 7 + length]
+            if len(chunk) < length:
+                break  # being written (or the writer was killed mid-record)
+            if kind == 0 and length == 0 and checksum == 0:
+                if not data[offset:].strip(b"\0"):
+                    break  # zeros to the end: not written yet
+                offset += room  # pre-allocated, never written
+                continue
+            if zlib.crc32(bytes([kind]) + chunk) != checksum:
+                if not data[offset + 7 + length :].strip(b"\0"):
+                    break  # only zeros follow: the last record, not written to its end
+                raise ValueError(f"{self.path}: record at byte {base + offset} fails its checksum")
+            offset += 7 + length
+            if kind == _FULL:
+                records.append(chunk)
+            elif kind == _FIRST:
+                self._pending = chunk
+            elif kind == _MIDDLE:
+                self._pending += chunk
+            elif kind == _LAST:
+                records.append(self._pending + chunk)
+                self._pending = b""
+        self._position = base + offset
+        return records
+
+
 def wandb_records(path: Path) -> list[bytes]:
     """The protobuf payloads of a ``.wandb`` file; a record cut off at the end is dropped."""
-    data = path.read_bytes()
-    if data[:4] != _WANDB_HEADER:
-        raise ValueError(f"{path}: not a W&B transaction log (header {data[:7]!r})")
-    records: list[bytes] = []
-    pending = b""
-    position = 7
-    while position + 7 <= len(data):
-        room = _BLOCK - position % _BLOCK
-        if room < 7:
-            position += room  # zero padding at the end of a block
-            continue
-        checksum, length, kind = struct.unpack_from("<IHB", data, position)
-        chunk = data[position + 7 : position + 7 + length]
-        if len(chunk) < length:
-            break  # the writer was killed mid-record
-        if kind == 0 and length == 0 and checksum == 0:
-            position += room  # pre-allocated, never written
-            continue
-        if zlib.crc32(bytes([kind]) + chunk) != checksum:
-            if not data[position + 7 + length :].strip(b"\0"):
-                break  # only zeros follow: the last record, never finished writing
-            raise ValueError(f"{path}: record at byte {position} fails its checksum")
-        position += 7 + length
-        if kind == _FULL:
-            records.append(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            records.append(pending + chunk)
-            pending = b""
-    return records
+    return WandbLogTail(path).read()
 
 
 def _decode_items(items: Sequence[_Item]) -> dict[str, object]:

@@ -42,6 +42,10 @@ class OutputFormat(KVWriter, SeqWriter):
     def write_line(self, line: str) -> None:
         """Show one text line from ``info()``/``warn()``/…; ignored unless overridden."""
 
+    def flush(self) -> None:
+        """Make every row written so far readable with the backend's own reader, for
+        ``logger.flush()``; formats whose writes are readable at once need nothing."""
+
     def close(self) -> None:
         """Release files or runs; called once by ``Logger.close()``."""
 

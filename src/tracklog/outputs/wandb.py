@@ -27,13 +27,19 @@ from tracklog.convert.wandb import (
     wandb_names,
 )
 from tracklog.outputs._base import OutputFormat
-from tracklog.readers import wandb_records
+from tracklog.readers import WandbLogTail, wandb_records
 from tracklog.settings import WandbOutput
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
 __all__ = ["WandBOutputFormat"]
+
+#: Seconds between W&B's writes of a running run's ``.wandb`` file (its default, 15 s,
+#: left rows unreadable that long); a write costs W&B's service next to nothing.
+WRITE_INTERVAL = 0.1
+#: The longest ``flush()`` waits for W&B's service to write what it was given.
+FLUSH_TIMEOUT = 10.0
 
 
 class WandBOutputFormat(OutputFormat):
@@ -63,10 +69,14 @@ class WandBOutputFormat(OutputFormat):
         directory = run_dir if settings.dir is None else run_dir / settings.dir
         directory.mkdir(parents=True, exist_ok=True)
         self._staging = Path(tempfile.mkdtemp(prefix="tracklog-wandb-"))
+        options: dict[str, Any] = {}
+        if "x_transaction_log_flush_interval" in wandb.Settings.model_fields:  # W&B >= 0.22
+            options["x_transaction_log_flush_interval"] = WRITE_INTERVAL
         init_settings = wandb.Settings(
             console="off",  # tracklog sends its own lines; no wrapping of sys.stdout
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,
             silent=True,
+            **options,
         )
         self.run: Run = wandb.init(
             project=settings.project,
@@ -86,6 +96,9 @@ class WandBOutputFormat(OutputFormat):
         )
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
+        self._logged = 0  # history rows handed to W&B
+        self._written = 0  # history rows seen in the .wandb file (offline)
+        self._tail: WandbLogTail | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -115,6 +128,7 @@ class WandBOutputFormat(OutputFormat):
             history[STEP_KEY] = row.step
             history["_timestamp"] = row.timestamp  # when dumped, not when delivered
             self.run.log(history)
+            self._logged += 1
         for staged in self._staging.iterdir():  # wandb copied the media into the run
             staged.unlink()
 
@@ -139,6 +153,29 @@ class WandBOutputFormat(OutputFormat):
     def write_line(self, line: str) -> None:
         # The hook wandb's own console capture feeds: the line lands in output.log.
         self.run._console_raw_callback("stdout", line + "\n")
+
+    def flush(self) -> None:
+        """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
+        reader right after ``logger.flush()`` sees it (W&B's service writes the file
+        every ``WRITE_INTERVAL`` seconds); at most ``FLUSH_TIMEOUT`` seconds."""
+        if self.settings.mode != "offline" or self._written >= self._logged:
+            return
+        import importlib
+
+        record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while True:
+            if self._tail is None:
+                log = self.run_dir / f"run-{self.run.id}.wandb"
+                self._tail = WandbLogTail(log) if log.exists() else None
+            if self._tail is not None:
+                for payload in self._tail.read():
+                    record = record_class()
+                    record.ParseFromString(payload)
+                    self._written += record.WhichOneof("record_type") == "history"
+            if self._written >= self._logged or time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
 
     def mark_failed(self, reason: str) -> None:
         codes = {"KeyboardInterrupt": 130, "SIGTERM": 143}
