@@ -787,6 +787,10 @@ def test_the_delivery_process_is_a_fresh_low_priority_interpreter_ignoring_term_
     assert command != trainer.cmdline()
     assert os.path.realpath(command[0]) == os.path.realpath(sys.executable)
     assert delivery.ppid() == os.getpid()
+    # It never loads SB3, so never torch: that import alone is over 2 CPU-s (this
+    # process has both, so a fork would show them).
+    assert any("libtorch" in region.path for region in psutil.Process().memory_maps())
+    assert not any("libtorch" in region.path for region in delivery.memory_maps())
 
     os.kill(pid, signal.SIGTERM)  # SLURM signals every process of the job
     os.kill(pid, signal.SIGINT)

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from stable_baselines3.common import logger as sb3
+
+from tracklog import _sb3 as sb3
 
 if TYPE_CHECKING:
     import matplotlib.figure

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from stable_baselines3.common.logger import KVWriter, SeqWriter
-
 from tracklog._row import Row
+from tracklog._sb3 import KVWriter, SeqWriter
 from tracklog.values import LogValue, check_key, normalise
 
 __all__ = ["OutputFormat"]
