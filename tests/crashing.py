@@ -116,7 +116,10 @@ def dump(step, scalars, text=None, hist=None):
     if hist is not None:
         logger.record("weights", np.array(hist, dtype=np.float64))
     logger.dump(step)
-    print("dumped", step, flush=True)
+    # One write: print() with PYTHONUNBUFFERED writes "dumped", " " and the step apart,
+    # and a SIGKILL between them leaves a line with no step.
+    sys.stdout.write(f"dumped {step}\n")
+    sys.stdout.flush()
     if pause:
         time.sleep(pause)
 
@@ -232,6 +235,8 @@ class Trainer:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if not line.endswith("\n"):
+                break  # cut off by the signal: the trainer never finished printing it
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
                 self._dumped += line.startswith("dumped ")
