@@ -85,18 +85,17 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
     if not cells:
         return []
     value_length = max(max_length, _NUMBER_WIDTH)
-    layout = _layout(tuple(sorted(cells)), max_length)
+    order, prefixes = _plan(tuple(cells), max_length)
     values = [
         ""
         if key is None
         else text
         if len(text := cells[key]) <= value_length
         else shorten(text, value_length)
-        for _, key in layout
+        for key in order
     ]
-    prefixes, key_width = _prefixes(layout)
     value_width = max(map(len, values))
-    dashes = "-" * (key_width + value_width + 7)
+    dashes = "-" * (len(prefixes[0]) + value_width + 2)  # as long as every line
     lines = [dashes]
     lines.extend(
         prefix + value.ljust(value_width) + " |"
@@ -107,10 +106,14 @@ def render_table(cells: dict[str, str], max_length: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=32)
-def _prefixes(layout: tuple[tuple[str, str | None], ...]) -> tuple[tuple[str, ...], int]:
-    """Each row's ``"| key<padding> | "`` and the key column's width, worked out once."""
+def _plan(keys: tuple[str, ...], max_length: int) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
+    """For ``keys`` in the order they were dumped: the table's rows as keys (None for a
+    tag row), sorted and grouped, and each row's ``"| key<padding> | "``. Worked out
+    once per set of keys, so a dump only formats and pads its values."""
+    layout = _layout(tuple(sorted(keys)), max_length)
     key_width = max(len(shown) for shown, _ in layout)
-    return tuple(f"| {shown.ljust(key_width)} | " for shown, _ in layout), key_width
+    prefixes = tuple(f"| {shown.ljust(key_width)} | " for shown, _ in layout)
+    return tuple(key for _, key in layout), prefixes
 
 
 def _render_row(row: Row, max_length: int) -> str:
