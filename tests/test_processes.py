@@ -804,6 +804,38 @@ def test_the_delivery_process_is_a_fresh_low_priority_interpreter_ignoring_term_
     assert scalars(read_events(run_dir / "tensorboard"), "x") == [(1, 1.0), (2, 2.0)]
 
 
+DROPPED_HANDLE: str = """
+import gc, sys, tracklog
+from tracklog import _service
+logger = tracklog.build_logger({"run_dir": sys.argv[1], "outputs": [{"type": "tensorboard"}]})
+logger.record("x", 1.0)
+logger.dump(0)
+assert logger.flush(120)
+logger.close()
+pid = _service.service().pid
+_service._service = None  # as at the interpreter's exit: the handle goes, the process lives on
+gc.collect()
+print(pid, flush=True)
+"""
+
+
+def test_a_dropped_handle_of_a_running_delivery_process_warns_nothing(tmp_path: Path) -> None:
+    """The delivery process outlives its trainer on purpose: no "subprocess … is still
+    running" or "unclosed file" ResourceWarning at every program's end."""
+    script = tmp_path / "drop.py"
+    script.write_text(DROPPED_HANDLE, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr
+    assert int(done.stdout) > 0
+
+
 # 7. Start-up never waits for a backend -------------------------------------------------
 
 

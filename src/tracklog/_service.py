@@ -107,7 +107,7 @@ class Service:
         # trainer waits only for Popen to return.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED)
         try:
-            self._process = subprocess.Popen(
+            self._process = _DeliveryProcess(
                 [sys.executable, "-m", "tracklog._service"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -174,6 +174,24 @@ class Service:
                         os.dup2(devnull, pipe.fileno())
             os.close(devnull)
             _orphans.append(process)
+
+
+class _DeliveryProcess(subprocess.Popen[bytes]):
+    """The delivery process's ``Popen``: it outlives its handle on purpose (it finishes
+    delivering after the trainer's exit), so a handle dropped at exit while it still
+    runs closes its pipes quietly instead of warning "subprocess … is still running"."""
+
+    def __del__(self) -> None:
+        try:
+            running = self.returncode is None and self.poll() is None
+            if running:
+                for pipe in (self.stdin, self.stdout):
+                    if pipe is not None:
+                        pipe.close()
+                return
+        except Exception:  # at interpreter shutdown: nothing left to tidy
+            return
+        super().__del__()
 
 
 _orphans: list[object] = []  # kept alive so their __del__ never runs in the child
