@@ -52,6 +52,7 @@ from mlflow.entities import Run
 import tracklog
 from tests.tensorboard_readback import read_events, scalars
 from tracklog._outbox import DeliveryError, RemoteOutput, RunDirBusyError
+from tracklog._queue import find_queues
 from tracklog._service import service
 from tracklog.readers import read_csv, read_jsonl
 
@@ -300,6 +301,7 @@ FORKING_TRAINER = """
 import gc, json, os, sqlite3, sys, time
 import tracklog
 from tracklog._outbox import RemoteOutput
+from tracklog._queue import find_queues
 from tracklog._service import service
 
 mode, uri, experiment, run_dir, child_dir = sys.argv[1:6]
@@ -910,7 +912,10 @@ def test_an_unknown_run_id_is_reported_once_at_a_later_call(
     (record,) = cannot_start(caplog)
     assert record.levelno == logging.ERROR
     assert missing in record.getMessage()
-    assert sum("outputs.1" in r.getMessage() for r in caplog.records) == 1
+    assert sum(missing in r.getMessage() for r in caplog.records) == 1
+    # Besides that one error, close() says once where its rows wait for a replay.
+    kept = [r for r in caplog.records if "gave up on outputs.1 (mlflow)" in r.getMessage()]
+    assert [r.levelno for r in kept] == [logging.WARNING]
     assert [row.step for row in read_jsonl(run_dir / "progress.jsonl")] == list(range(step))
 
 
@@ -959,3 +964,10 @@ def test_close_does_not_wait_for_an_output_that_gave_up(
     started = time.monotonic()
     logger.close()
     assert time.monotonic() - started < 2.5  # nothing is left to wait for
+    # ...and close() itself says where the rows are and how to deliver them later.
+    (queue,) = find_queues(run_dir)
+    said = [
+        r.getMessage() for r in caplog.records if "gave up on outputs.1 (mlflow)" in r.getMessage()
+    ]
+    assert len(said) == 1, caplog.text
+    assert f"python -m tracklog replay {queue}" in said[0]

@@ -265,7 +265,20 @@ class Outbox:
         done = self._wait(self.queue.append("close"), deadline)
         # An output that gave up (it could not start) keeps its rows for replay: the
         # delivery process then leaves the queue in place, so there is no removal to await.
-        kept = any(self.queue.state(name).get("gave_up") for name in self.consumers)
+        gave_up = [name for name in self.consumers if self.queue.state(name).get("gave_up")]
+        kept = bool(gave_up)
+        if kept and done:
+            # Said here, not left to the delivery process's own report, which may come
+            # after close() returned and the program ended.
+            labels = ", ".join(_label(name) for name in gave_up)
+            _log.warning(
+                "tracklog: %d message(s) could not be delivered (the delivery process gave "
+                "up on %s); they stay in %s for:\n    %s",
+                self.queue.pending(gave_up),
+                labels,
+                self.directory,
+                replay_command(self.directory),
+            )
         if not done:
             left = self.queue.pending(self.consumers)
             _log.warning(
@@ -337,6 +350,12 @@ class Outbox:
             # is only logged.
             self._raised = True
             self.error = DeliveryError(message.splitlines()[0])
+
+
+def _label(consumer: str) -> str:
+    """``outputs.1 (mlflow)`` for the queue consumer ``1-mlflow``."""
+    index, _, kind = consumer.partition("-")
+    return f"outputs.{index} ({kind})" if kind else consumer
 
 
 def _fsync_files(folder: Path, names: list[str]) -> None:
