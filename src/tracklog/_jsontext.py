@@ -58,7 +58,6 @@ def float_pairs(row: Row) -> dict[str, str]:
     pairs = row.memo.get("pairs")
     if pairs is None:
         pairs = row.memo["pairs"] = {
-            key: member(key) + (text if text[-1] not in "nf" else _NONFINITE[text])
-            for key, text in float_reprs(row).items()
+            key: member(key) + json_float(text) for key, text in float_reprs(row).items()
         }
     return cast(dict[str, str], pairs)

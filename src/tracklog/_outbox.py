@@ -183,8 +183,10 @@ class Outbox:
         outputs: list[dict[str, Any]] = []
         secrets: dict[str, dict[str, Any]] = {}
         identity: dict[str, dict[str, str]] = {}
+        self._labels = {MEDIA: "media files"}  # consumer -> how messages name it
         for index, output in remote:
             consumer = f"{index}-{output.type}"
+            self._labels[consumer] = f"outputs.{index} ({output.type})"
             public, private = split_secrets(output)
             outputs.append({"consumer": consumer, "index": index, "settings": public})
             secrets[consumer] = private
@@ -270,7 +272,7 @@ class Outbox:
         if kept and done:
             # Said here, not left to the delivery process's own report, which may come
             # after close() returned and the program ended.
-            labels = ", ".join(_label(name) for name in gave_up)
+            labels = ", ".join(self._labels[name] for name in gave_up)
             _log.warning(
                 "tracklog: %d message(s) could not be delivered (the delivery process gave "
                 "up on %s); they stay in %s for:\n    %s",
@@ -350,12 +352,6 @@ class Outbox:
             # is only logged.
             self._raised = True
             self.error = DeliveryError(message.splitlines()[0])
-
-
-def _label(consumer: str) -> str:
-    """``outputs.1 (mlflow)`` for the queue consumer ``1-mlflow``."""
-    index, _, kind = consumer.partition("-")
-    return f"outputs.{index} ({kind})" if kind else consumer
 
 
 def _fsync_files(folder: Path, names: list[str]) -> None:

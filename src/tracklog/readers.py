@@ -248,6 +248,7 @@ class WandbLogTail:
                 raise ValueError(f"{self.path}: not a W&B transaction log (header {data[:7]!r})")
             offset = 7
         records: list[bytes] = []
+        pending = self._pending  # kept only if the whole read succeeds
         while offset + 7 <= len(data):
             room = _BLOCK - (base + offset) % _BLOCK
             if room < 7:
@@ -270,13 +271,13 @@ class WandbLogTail:
             if kind == _FULL:
                 records.append(chunk)
             elif kind == _FIRST:
-                self._pending = chunk
+                pending = chunk
             elif kind == _MIDDLE:
-                self._pending += chunk
+                pending += chunk
             elif kind == _LAST:
-                records.append(self._pending + chunk)
-                self._pending = b""
-        self._position = base + offset
+                records.append(pending + chunk)
+                pending = b""
+        self._position, self._pending = base + offset, pending
         return records
 
 

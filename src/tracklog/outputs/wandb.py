@@ -27,7 +27,7 @@ from tracklog.convert.wandb import (
     wandb_names,
 )
 from tracklog.outputs._base import OutputFormat
-from tracklog.readers import WandbLogTail, wandb_records
+from tracklog.readers import WandbLogTail
 from tracklog.settings import WandbOutput
 
 if TYPE_CHECKING:
@@ -98,7 +98,8 @@ class WandBOutputFormat(OutputFormat):
         self.run.define_metric("*", step_metric=STEP_KEY)
         self._logged = 0  # history rows handed to W&B
         self._written = 0  # history rows seen in the .wandb file (offline)
-        self._tail: WandbLogTail | None = None
+        self._exited = False  # the exit record is in the .wandb file (offline)
+        self._tail: WandbLogTail | None = None  # what of that file was read so far
 
     @property
     def run_dir(self) -> Path:
@@ -158,24 +159,35 @@ class WandBOutputFormat(OutputFormat):
         """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
         reader right after ``logger.flush()`` sees it (W&B's service writes the file
         every ``WRITE_INTERVAL`` seconds); at most ``FLUSH_TIMEOUT`` seconds."""
-        if self.settings.mode != "offline" or self._written >= self._logged:
+        if self.settings.mode != "offline":
             return
+        deadline = time.monotonic() + FLUSH_TIMEOUT
+        while self._written < self._logged and time.monotonic() < deadline:
+            self._read_log()
+            if self._written < self._logged:
+                time.sleep(0.01)
+
+    def _read_log(self) -> None:
+        """Take in what W&B's service appended to the ``.wandb`` file since last time:
+        the history rows (for ``flush()``) and the exit record (for ``close()``)."""
+        if self._tail is None:
+            log = self.run_dir / f"run-{self.run.id}.wandb"
+            if not log.exists():
+                return
+            self._tail = WandbLogTail(log)
         import importlib
 
         record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
-        deadline = time.monotonic() + FLUSH_TIMEOUT
-        while True:
-            if self._tail is None:
-                log = self.run_dir / f"run-{self.run.id}.wandb"
-                self._tail = WandbLogTail(log) if log.exists() else None
-            if self._tail is not None:
-                for payload in self._tail.read():
-                    record = record_class()
-                    record.ParseFromString(payload)
-                    self._written += record.WhichOneof("record_type") == "history"
-            if self._written >= self._logged or time.monotonic() >= deadline:
-                return
-            time.sleep(0.01)
+        try:
+            payloads = self._tail.read()
+        except (OSError, ValueError):  # being written: try again
+            return
+        for payload in payloads:
+            record = record_class()
+            record.ParseFromString(payload)
+            kind = record.WhichOneof("record_type")
+            self._written += kind == "history"
+            self._exited = self._exited or kind == "exit"
 
     def mark_failed(self, reason: str) -> None:
         codes = {"KeyboardInterrupt": 130, "SIGTERM": 143}
@@ -232,13 +244,11 @@ class WandBOutputFormat(OutputFormat):
     def _wait_for_exit_record(self, deadline: float) -> bool:
         if self.settings.mode != "offline":
             return True
-        log = next(self.run_dir.glob("run-*.wandb"), None)
-        while time.monotonic() < deadline:
-            if log is not None and _has_exit_record(log):
-                return True
-            time.sleep(0.05)
-            log = log or next(self.run_dir.glob("run-*.wandb"), None)
-        return False
+        while not self._exited and time.monotonic() < deadline:
+            self._read_log()
+            if not self._exited:
+                time.sleep(0.05)
+        return self._exited
 
 
 _abandoning = False
@@ -276,19 +286,3 @@ def _abandon_service() -> None:
             process.kill()
     except Exception as error:  # best effort: never worse than not trying
         warnings.warn(f"could not stop W&B's service: {error!r}", stacklevel=4)
-
-
-def _has_exit_record(log: Path) -> bool:
-    import importlib
-
-    record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
-    try:
-        payloads = wandb_records(log)
-    except (OSError, ValueError):  # being written: try again
-        return False
-    for payload in reversed(payloads[-8:]):  # the exit record is among the last few
-        record = record_class()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "exit":
-            return True
-    return False
