@@ -1057,3 +1057,67 @@ def test_mlflow_rows_wait_for_the_linger_but_never_for_flush_or_close(
     assert time.monotonic() - start < 4  # neither flush() nor close() waited for the linger
     assert sorted(p.value for p in client.get_metric_history(run_id, "a")) == [0.0, 1.0, 2.0, 3.0]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# 8. Reports: what delivering a row said is heard before flush() or close() returns -------
+
+# The fault: the delivery process's report pipe is slow (a busy machine can delay its
+# report thread that long; here it happens on demand). Installed through sitecustomize in
+# the delivery process only, so the trainer runs unchanged.
+SLOW_REPORTS_SITE = """
+import sys, threading, time
+
+if "tracklog._service" in sys.orig_argv:
+    class _Slow:
+        def __init__(self, pipe):
+            self._pipe = pipe
+        def write(self, data):
+            time.sleep(0.5)
+            return self._pipe.write(data)
+        def flush(self):
+            return self._pipe.flush()
+
+    _start = threading.Thread.start
+    def start(thread):
+        if thread.name == "tracklog-reports":
+            reports = thread._target.__self__
+            reports._pipe = _Slow(reports._pipe)
+        _start(thread)
+    threading.Thread.start = start
+"""
+
+WARNED_SCRIPT = """
+import warnings, tracklog
+logger = tracklog.build_logger({"run_dir": "run", "outputs": [{"type": "tensorboard"}]})
+for ending in ("flush", "close"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger.record(ending, 1e300)  # TensorBoard's float32: the delivery process warns
+        logger.dump(0 if ending == "flush" else 1)
+        logger.flush(timeout=30) if ending == "flush" else logger.close()
+    print(ending, " | ".join(str(w.message) for w in caught if "float32" in str(w.message)))
+"""
+
+
+def test_a_warning_from_delivering_a_row_is_heard_before_flush_or_close_returns(
+    tmp_path: Path,
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_REPORTS_SITE)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WARNED_SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert process.returncode == 0, process.stderr
+    lines = process.stdout.splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["flush", "close"]
+    for line, key in zip(lines, ["flush", "close"], strict=True):
+        assert f"'{key}' has a value beyond" in line, (line, process.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -898,25 +899,30 @@ for step in itertools.count():  # never ends on its own
 
 
 def test_sigterm_writes_every_queued_row_first(tmp_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", SIGTERM_SCRIPT],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with (tmp_path / "stderr").open("w") as stderr_file:
+        child = subprocess.Popen(
+            [sys.executable, "-c", SIGTERM_SCRIPT],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+            text=True,
+        )
     try:
         assert child.stdout is not None
-        printed = []
+        lines = []
         for line in child.stdout:
-            printed.append(int(line.split()[1]))
-            if printed[-1] == 20:
+            lines.append(line)
+            if line == "dumped 20\n":
                 child.send_signal(signal.SIGTERM)
                 break
-        rest, stderr = child.communicate(timeout=120)
+        # Read on through the same file object: lines it read ahead are in its buffer.
+        lines += child.stdout.read().splitlines(keepends=True)
+        child.wait(timeout=120)
     finally:
         child.kill()
-    printed += [int(line.split()[1]) for line in rest.splitlines()]
+    stderr = (tmp_path / "stderr").read_text()
+    # A line the signal cut off (print is several writes) was not a dump that returned.
+    printed = [int(line.split()[1]) for line in lines if re.fullmatch(r"dumped \d+\n", line)]
     assert child.returncode == 143, stderr  # tracklog's SIGTERM handler: flush, then exit
     events = read_events(tmp_path / "run" / "tensorboard")
     steps = [step for step, _ in scalars(events, "done")]

@@ -35,6 +35,9 @@ _log = logging.getLogger("tracklog")
 _WAIT_STEP: Final = 0.005
 #: How often dump() looks for reports and a dead delivery process (seconds).
 _POLL_EVERY: Final = 0.05
+#: How long flush()/close() wait to hear what the delivery process reported before them
+#: (one round trip down the report pipe; the bound is for a process too busy to answer).
+_HEAR_LAST: Final = 2.0
 # Filesystems where SQLite's WAL mode (shared memory beside the database) is unsafe.
 _NETWORK_FS: Final = frozenset(
     {
@@ -65,6 +68,12 @@ class DeliveryError(RuntimeError):
 
 class RunDirBusyError(RuntimeError):
     """Another live logger writes to the same run_dir."""
+
+
+def _hear_within(deadline: float) -> float:
+    """How long flush()/close() wait to hear the reports made before their marker was
+    delivered: a round trip, bounded by ``_HEAR_LAST`` and (all but) the deadline."""
+    return min(_HEAR_LAST, max(deadline - time.monotonic(), 0.1))
 
 
 def filesystem_type(path: Path) -> str:
@@ -252,7 +261,10 @@ class Outbox:
         """Wait until everything queued so far is delivered; False at ``deadline``."""
         if not self._started:
             return True
-        return self._wait(self.queue.append("flush"), deadline)
+        done = self._wait(self.queue.append("flush"), deadline)
+        if done:  # and what delivering it reported (a conversion's warning, say)
+            service().hear(self.directory, _hear_within(deadline))
+        return done
 
     def close(self, deadline: float) -> bool:
         """Queue the end of the runs and wait for it until ``deadline``; True if done."""
@@ -291,7 +303,7 @@ class Outbox:
                 self.directory,
                 replay_command(self.directory),
             )
-        self._release()
+        self._release(hear=_hear_within(deadline))  # what its outputs' close() said
         # Once delivered, the delivery process removes the queue: wait for that too, so
         # the run_dir is left alone by the time close() returns.
         while done and not kept and _being_removed(self.directory) and time.monotonic() < deadline:
@@ -324,10 +336,10 @@ class Outbox:
         self._started = True
         service().open(self.directory, self._secrets, self._on_report)
 
-    def _release(self) -> None:
+    def _release(self, hear: float = 0.0) -> None:
         self.poll()
         if self._started:
-            service().forget(self.directory)
+            service().forget(self.directory, wait=hear)
         self._lock.release()
         self.queue.close()
 

@@ -22,10 +22,12 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,7 @@ class Service:
         self._opens: dict[str, bytes] = {}  # queue -> its open line, sent again on restart
         self._listeners: dict[str, Listener] = {}
         self._partial = b""
+        self._answered: set[tuple[str, str]] = set()  # (queue, op) the process answered
         self._pid = os.getpid()
 
     def open(self, queue: Path, secrets: dict[str, dict[str, Any]], listener: Listener) -> None:
@@ -66,14 +69,44 @@ class Service:
             else:
                 self._send(line + b"\n")
 
-    def forget(self, queue: Path) -> None:
-        """The logger of ``queue`` is closed: nothing more to resend or hear."""
+    def hear(self, queue: Path, wait: float) -> None:
+        """Show, waiting up to ``wait`` seconds, every report the delivery process made
+        of ``queue`` so far.
+
+        The delivery process sends a report (a warning a conversion raised, say) before
+        it acknowledges the message that caused it in the queue; its answer to this
+        request comes after those reports down the same pipe. So once ``flush()`` has
+        seen its marker acknowledged, this brings what delivering it said.
+        """
+        self._round_trip(str(queue), "sync", wait)
+
+    def forget(self, queue: Path, wait: float = 0.0) -> None:
+        """The logger of ``queue`` is closed: nothing more to resend, and (after hearing,
+        within ``wait``, what was reported until now) nothing more to hear."""
+        key = str(queue)
         with self._lock:
-            self._opens.pop(str(queue), None)
-            self._listeners.pop(str(queue), None)
-            if self._process is not None and self._process.poll() is None:
-                # What it reports of this queue from now on goes to stderr.
-                self._send(json.dumps({"op": "closed", "queue": str(queue)}).encode() + b"\n")
+            self._opens.pop(key, None)
+        self._round_trip(key, "closed", wait)  # later reports of it go to stderr
+        with self._lock:
+            self._listeners.pop(key, None)
+
+    def _round_trip(self, key: str, op: str, wait: float) -> None:
+        with self._lock:
+            process = self._process
+            if process is None or process.poll() is not None:
+                return
+            self._answered.discard((key, op))
+            self._send(json.dumps({"op": op, "queue": key}).encode() + b"\n")
+        until = time.monotonic() + wait
+        while (key, op) not in self._answered and process.poll() is None:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            assert process.stdout is not None
+            with contextlib.suppress(OSError, ValueError):
+                select.select([process.stdout], [], [], min(left, 0.05))
+            self._read(process)
+        self._answered.discard((key, op))
 
     def poll(self) -> None:
         """Show what the delivery process reported; restart it if it died."""
@@ -149,6 +182,9 @@ class Service:
         for line in lines:
             try:
                 report = json.loads(line)
+                if "op" in report:  # the answer to a round trip
+                    self._answered.add((str(report["queue"]), str(report["op"])))
+                    continue
                 listener = self._listeners.get(report["queue"])
                 if listener is not None:
                     listener(int(report["level"]), str(report["message"]), bool(report["warning"]))
@@ -240,6 +276,17 @@ class _Reports:
             self._lines.append(line.encode() + b"\n")
             self._cond.notify()
 
+    def answer(self, queue: str, op: str) -> None:
+        """Answer the trainer's round trip after every report made so far (the same
+        pipe, in order); after "closed", later reports of ``queue`` go to stderr."""
+        if self._pipe is not None and queue not in self.detached:
+            line = json.dumps({"queue": queue, "op": op})
+            with self._cond:
+                self._lines.append(line.encode() + b"\n")
+                self._cond.notify()
+        if op == "closed":
+            self.detached.add(queue)
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -253,7 +300,9 @@ class _Reports:
             except (BrokenPipeError, OSError, AssertionError):
                 self._pipe = None
                 for line in lines:
-                    print(f"tracklog delivery: {json.loads(line)['message']}", file=sys.stderr)
+                    message = json.loads(line).get("message")
+                    if message is not None:
+                        print(f"tracklog delivery: {message}", file=sys.stderr)
 
 
 class _ToReporter(logging.Handler):
@@ -346,8 +395,8 @@ def main() -> int:
             secrets = dict(command.get("secrets") or {})
         except (ValueError, KeyError, TypeError):
             continue
-        if command.get("op") == "closed":
-            reports.detached.add(str(queue))
+        if command.get("op") in ("sync", "closed"):
+            reports.answer(str(queue), str(command["op"]))
             continue
         reports.detached.discard(str(queue))  # a new queue where a delivered one was
         thread = threading.Thread(
