@@ -17,9 +17,12 @@ import tracklog
 logger = tracklog.build_logger({"run_dir": "runs/typing", "outputs": [{"type": "jsonl"}]})
 logger.record("ok", 1.0)
 logger.record("k", object())
+logger.record("none", None)
+logger.record("dict", {"a": 1.0})
+logger.record("strings", "a b".split())
 logger.close()
 """
-_BAD_LINE = 5
+_BAD_LINES = {5: '"object"', 6: '"None"', 7: '"dict[str, float]"', 8: '"list[str]"'}
 
 _GOOD = """\
 from __future__ import annotations
@@ -43,6 +46,9 @@ with tracklog.build_logger({"run_dir": "runs/typing", "outputs": [{"type": "json
     logger.record("sb3_video", SB3Video(torch.zeros((2, 3, 8, 8)), fps=30))
     logger.record("image", Image(np.zeros((8, 8, 3), np.uint8), "HWC"))
     logger.record("hparam", HParam({"lr": 0.1}, {"reward": 0.0}))
+    episode_lengths: list[int] = [200, 187]
+    logger.record("lengths", episode_lengths)
+    logger.record("returns", (0.5, 1.5))
     logger.record_mean("mean", 0.5)
     logger.record_mean("mean", None)
     logger.dump(step=1)
@@ -95,11 +101,11 @@ def test_recording_an_object_is_a_type_error(
     output, status = _mypy(tmp_path, mypy_cache, "bad_snippet.py", _BAD)
     assert status == 1, output
     errors = [line for line in output.splitlines() if ": error:" in line]
-    assert len(errors) == 1, output
-    (error,) = errors
-    assert error.startswith(f"{tmp_path / 'bad_snippet.py'}:{_BAD_LINE}: error:"), error
-    assert 'Argument 2 to "record" of "Logger" has incompatible type "object"' in error
-    assert error.endswith("[arg-type]")
+    assert len(errors) == len(_BAD_LINES), output
+    for error, (line, kind) in zip(errors, sorted(_BAD_LINES.items()), strict=True):
+        assert error.startswith(f"{tmp_path / 'bad_snippet.py'}:{line}: error:"), error
+        assert f'Argument 2 to "record" of "Logger" has incompatible type {kind}' in error
+        assert error.endswith("[arg-type]")
 
 
 def test_correct_user_code_passes_strict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import struct
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image as PILImage
+from pydantic import ValidationError
 from stable_baselines3.common import logger as sb3
 
 import tracklog
@@ -195,6 +197,37 @@ def test_histograms_hold_a_flat_copy(array: npt.NDArray[Any]) -> None:
     assert not np.shares_memory(normalised.values, array)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([1.5, 2.5, -3.0], np.array([1.5, 2.5, -3.0])),
+        ((200, 187, 500), np.array([200, 187, 500], dtype=np.int64)),
+        ([True, 2, 0.5], np.array([1.0, 2.0, 0.5])),
+        ([np.float32(0.25), np.int64(3)], np.array([0.25, 3.0])),
+        ([math.nan, math.inf], np.array([math.nan, math.inf])),
+    ],
+    ids=["floats", "int-tuple", "mixed", "numpy-scalars", "non-finite"],
+)
+def test_a_list_or_tuple_of_numbers_is_a_histogram_as_sb3_accepts_it(
+    logger: tracklog.Logger, run_dir: Path, value: Any, expected: npt.NDArray[Any]
+) -> None:
+    normalised = normalise("h", value)
+    assert isinstance(normalised, Histogram)
+    assert normalised.values.dtype == expected.dtype
+    np.testing.assert_array_equal(normalised.values, expected)
+    logger.record("h", value)
+    np.testing.assert_array_equal(_histogram_file(run_dir, _dumped(logger, run_dir), "h"), expected)
+
+
+@given(st.lists(st.floats(allow_nan=False) | st.integers(-(2**63), 2**63 - 1), min_size=1))
+def test_any_list_of_numbers_is_the_histogram_numpy_makes_of_it(
+    items: list[float | int],
+) -> None:
+    normalised = normalise("h", items)
+    assert isinstance(normalised, Histogram)
+    np.testing.assert_array_equal(normalised.values, np.array(items))
+
+
 def test_mutating_an_array_after_record_changes_nothing(
     logger: tracklog.Logger, run_dir: Path
 ) -> None:
@@ -221,10 +254,15 @@ class _Opaque:
     [
         (object(), TypeError, "builtins.object"),
         (_Opaque(), TypeError, "_Opaque"),
-        (None, TypeError, "NoneType"),
-        ({"a": 1}, TypeError, "dict"),
-        ([1.0, 2.0], TypeError, "list"),
-        ((1.0,), TypeError, "tuple"),
+        (None, TypeError, "the value is None; skip the record() call when there is nothing"),
+        ({"a": 1}, TypeError, "a dict is not one value; record each entry under a key of"),
+        (["a"], TypeError, "a list is logged as a histogram, so it must hold only numbers; "),
+        ((1.0, None), TypeError, "so it must hold only numbers; item 1 is builtins.NoneType"),
+        ([[1.0, 2.0]], TypeError, "item 0 is builtins.list"),
+        ([], ValueError, "the list is empty"),
+        ((), ValueError, "the tuple is empty"),
+        ([1, 2**70], ValueError, "an int of the list does not fit in 64 bits"),
+        (range(3), TypeError, "builtins.range"),
         (b"bytes", TypeError, "bytes"),
         (1 + 2j, TypeError, "complex"),
         (np.complex64(1), TypeError, "complex64"),
@@ -251,6 +289,45 @@ def test_unsupported_values_raise_naming_the_key(
         logger.record("bad/key", value)
     logger.dump(step=1)  # the rejected value was not kept for the dump
     assert _rows(run_dir) == []
+
+
+def test_on_bad_value_report_says_each_key_once_and_keeps_every_other_value(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = {"run_dir": str(run_dir), "outputs": [{"type": "jsonl"}], "on_bad_value": "report"}
+    with (
+        caplog.at_level(logging.WARNING, logger="tracklog"),
+        tracklog.build_logger(settings) as logger,
+    ):
+        for step in (1, 2):
+            logger.record("kept/before", float(step))
+            logger.record("callback/info", {"episode": step})  # type: ignore[arg-type]
+            logger.record("callback/info", None)  # type: ignore[arg-type]  # said once
+            logger.record_mean("callback/mean", "high")  # type: ignore[arg-type]
+            logger.record(3, 1.0)  # type: ignore[arg-type]  # a bad key
+            logger.record("kept/after", [step, step + 1])
+            logger.dump(step)
+    rows = _rows(run_dir)
+    assert [row["_step"] for row in rows] == [1, 2]
+    for step, row in zip((1, 2), rows, strict=True):
+        assert set(row) == {"_step", "_timestamp", "kept/before", "kept/after"}
+        assert row["kept/before"] == float(step)
+    said = [record.getMessage() for record in caplog.records if record.name == "tracklog"]
+    assert len(said) == 3, said
+    assert "'callback/info': a dict is not one value" in said[0]
+    assert "record_mean('callback/mean') needs a number, not str" in said[1]
+    assert "log key must be a str, not int" in said[2]
+    assert all(
+        message.endswith("skipped (on_bad_value: report; said once for this key)")
+        for message in said
+    )
+
+
+def test_on_bad_value_must_be_raise_or_report(run_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="on_bad_value") as caught:
+        tracklog.build_logger({"run_dir": str(run_dir), "on_bad_value": "ignore"})
+    assert "'raise' or 'report'" in str(caught.value)
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,9 @@ def _exclude_tuple(exclude: Exclude) -> tuple[str, ...]:
     raise TypeError(f"exclude must be a str, a tuple of str or None, not {exclude!r}")
 
 
+#: How many keys on_bad_value: report remembers having reported (a run inventing keys
+#: could otherwise grow the set without bound; past it, each new key is reported).
+_REPORTED_KEYS = 10_000
 _LEVEL_NAMES = {"debug": sb3.DEBUG, "info": sb3.INFO, "warn": sb3.WARN, "error": sb3.ERROR}
 _LEVEL_NAMES["disabled"] = sb3.DISABLED
 
@@ -98,6 +101,9 @@ class Logger(sb3.Logger):
         self.delivery = delivery
         self._values: dict[str, LogValue] = {}
         self._valid_keys: set[str] = set()  # keys check_key accepted
+        # on_bad_value: report: a refused key or value is said once per key, then skipped.
+        self._report_bad_values = settings is not None and settings.on_bad_value == "report"
+        self._reported_keys: set[str] = set()
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
         self._outbox = outbox
@@ -143,8 +149,26 @@ class Logger(sb3.Logger):
                 self.name_to_value[key] = value
                 self.name_to_excluded[key] = ()
             return
-        self._store(key, normalise(check_key(key), value), exclude)
+        try:
+            normalised = normalise(check_key(key), value)
+        except (TypeError, ValueError) as error:
+            if not self._report_bad_values:
+                raise
+            self._report_bad_value(key, error)
+            return
+        self._store(key, normalised, exclude)
         self._valid_keys.add(key)
+
+    def _report_bad_value(self, key: object, error: Exception) -> None:
+        """``on_bad_value: report``: say (once per key) what record() refused, and go on."""
+        name = key if isinstance(key, str) else repr(key)[:200]
+        if name in self._reported_keys:
+            return
+        if len(self._reported_keys) < _REPORTED_KEYS:
+            self._reported_keys.add(name)
+        _log.warning(
+            "tracklog: %s; skipped (on_bad_value: report; said once for this key)", error
+        )
 
     def record_mean(self, key: str, value: MeanValue, exclude: Exclude = None) -> None:
         """Average ``value`` over the calls before the next dump, exactly as SB3 does.
@@ -154,9 +178,17 @@ class Logger(sb3.Logger):
         """
         if value is None:
             return
-        number = normalise(check_key(key), value)
-        if not isinstance(number, Scalar):
-            raise TypeError(f"record_mean({key!r}) needs a number, not {type(value).__name__}")
+        try:
+            number = normalise(check_key(key), value)
+            if not isinstance(number, Scalar):
+                raise TypeError(
+                    f"record_mean({key!r}) needs a number, not {type(value).__name__}"
+                )
+        except (TypeError, ValueError) as error:
+            if not self._report_bad_values:
+                raise
+            self._report_bad_value(key, error)
+            return
         # name_to_value is typed dict[str, float] by SB3 but holds any recorded value.
         previous: object = self.name_to_value.get(key, 0.0)
         old = previous if isinstance(previous, int | float) else 0.0  # media before: restart

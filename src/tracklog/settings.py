@@ -463,6 +463,12 @@ class LoggerSettings(BaseSettings):
         description="raise when an output fails (for tests and debugging); by default a "
         "failing output is reported and the others keep logging",
     )
+    on_bad_value: Literal["raise", "report"] = Field(
+        default="raise",
+        description="what record() does with a key or value it cannot log: raise "
+        "TypeError/ValueError naming the key, or report it (once per key, on the tracklog "
+        "logger) and skip it, so a mistake in a rarely run callback does not end a long run",
+    )
     delivery: DeliverySettings = Field(
         default_factory=DeliverySettings,
         description="how the background outputs (TensorBoard, MLflow, W&B) get their rows: "

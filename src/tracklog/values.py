@@ -16,7 +16,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
@@ -411,10 +411,13 @@ else:
     _Tensor = Any  # torch is imported lazily; only type checkers need the name
 
 Recordable: TypeAlias = (
-    "bool | int | float | str | np.generic | npt.NDArray[Any] | _Tensor | sb3.Video | sb3.Image"
-    " | sb3.Figure | sb3.HParam"
+    "bool | int | float | str | np.generic | npt.NDArray[Any] | _Tensor | Sequence[float]"
+    " | sb3.Video | sb3.Image | sb3.Figure | sb3.HParam"
 )
-"""What :meth:`tracklog.Logger.record` accepts; tracklog's media classes are SB3 subclasses."""
+"""What :meth:`tracklog.Logger.record` accepts; tracklog's media classes are SB3 subclasses.
+
+``Sequence[float]`` is for lists and tuples of numbers (histograms); at run time other
+sequences (``bytes``, ``range``) are refused as before."""
 
 
 def check_key(key: object) -> str:
@@ -478,6 +481,29 @@ def _array_value(key: str, array: npt.NDArray[Any]) -> LogValue:
     return Histogram(values)
 
 
+def _sequence_value(key: str, value: list[object] | tuple[object, ...]) -> LogValue:
+    """A list or tuple of numbers is a histogram, as a 1-d array is (SB3 accepts them)."""
+    kind = type(value).__name__
+    for index, item in enumerate(value):
+        if _scalar_or_none(item) is None:
+            raise TypeError(
+                f"cannot log {key!r}: a {kind} is logged as a histogram, so it must hold only "
+                f"numbers; item {index} is {type(item).__module__}.{type(item).__qualname__}"
+            )
+    if not value:
+        raise ValueError(f"cannot log {key!r}: the {kind} is empty")
+    try:
+        array = np.array(value)
+    except OverflowError as error:
+        raise ValueError(f"cannot log {key!r}: an int of the {kind} {error}") from error
+    if array.dtype.kind not in "biuf":  # ints beyond 64 bits make an object array
+        raise ValueError(
+            f"cannot log {key!r}: an int of the {kind} does not fit in 64 bits; "
+            "record floats instead"
+        )
+    return _array_value(key, array)
+
+
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -511,6 +537,18 @@ def normalise(key: str, value: object) -> LogValue:
         return _array_value(key, np.ma.compressed(value))  # only the unmasked values
     if isinstance(value, np.ndarray):
         return _array_value(key, value)
+    if isinstance(value, list | tuple):
+        return _sequence_value(key, value)
+    if value is None:
+        raise TypeError(
+            f"cannot log {key!r}: the value is None; skip the record() call when there is "
+            "nothing to log, or record float('nan') for a missing number"
+        )
+    if isinstance(value, dict):
+        raise TypeError(
+            f"cannot log {key!r}: a dict is not one value; record each entry under a key of "
+            f"its own ({key + '/<name>'!r}), or hyperparameters as tracklog.HParam(...)"
+        )
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         if value.is_complex():
