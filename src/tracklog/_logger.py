@@ -166,9 +166,7 @@ class Logger(sb3.Logger):
             return
         if len(self._reported_keys) < _REPORTED_KEYS:
             self._reported_keys.add(name)
-        _log.warning(
-            "tracklog: %s; skipped (on_bad_value: report; said once for this key)", error
-        )
+        _log.warning("tracklog: %s; skipped (on_bad_value: report; said once for this key)", error)
 
     def record_mean(self, key: str, value: MeanValue, exclude: Exclude = None) -> None:
         """Average ``value`` over the calls before the next dump, exactly as SB3 does.
@@ -181,9 +179,7 @@ class Logger(sb3.Logger):
         try:
             number = normalise(check_key(key), value)
             if not isinstance(number, Scalar):
-                raise TypeError(
-                    f"record_mean({key!r}) needs a number, not {type(value).__name__}"
-                )
+                raise TypeError(f"record_mean({key!r}) needs a number, not {type(value).__name__}")
         except (TypeError, ValueError) as error:
             if not self._report_bad_values:
                 raise

@@ -410,9 +410,21 @@ if TYPE_CHECKING:
 else:
     _Tensor = Any  # torch is imported lazily; only type checkers need the name
 
+# A real expression, not a string: pyright resolves a string alias split over several
+# literals to Unknown, and with it every record() call in strict user code.
 Recordable: TypeAlias = (
-    "bool | int | float | str | np.generic | npt.NDArray[Any] | _Tensor | Sequence[float]"
-    " | sb3.Video | sb3.Image | sb3.Figure | sb3.HParam"
+    bool
+    | int
+    | float
+    | str
+    | np.generic
+    | npt.NDArray[Any]
+    | _Tensor
+    | Sequence[float]
+    | sb3.Video
+    | sb3.Image
+    | sb3.Figure
+    | sb3.HParam
 )
 """What :meth:`tracklog.Logger.record` accepts; tracklog's media classes are SB3 subclasses.
 
