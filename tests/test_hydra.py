@@ -201,7 +201,9 @@ def check_job_files(job_dir: Path, rate: float) -> None:
 
 
 def metric_history(client: MlflowClient, run: Run, key: str) -> list[tuple[int, float]]:
-    return [(point.step, point.value) for point in client.get_metric_history(run.info.run_id, key)]
+    # By step: MLflow does not promise the order it returns a history in.
+    points = client.get_metric_history(run.info.run_id, key)
+    return sorted((point.step, point.value) for point in points)
 
 
 @pytest.mark.slow

@@ -361,9 +361,21 @@ def test_a_histogram_without_finite_values_is_skipped_with_a_warning(run_dir: Pa
 # Images and figures ------------------------------------------------------------------
 
 
-def expected_pixels(image: tracklog.Image) -> npt.NDArray[np.uint8]:
-    """The normalised (N,H,W,C) image tiled left to right, as decoded from a PNG."""
-    tiled = np.concatenate(list(image.image), axis=1)
+# Each layout as (N,H,W,C), written out here rather than taken from tracklog's own
+# normalisation, so a wrong axis order in tracklog cannot make the expectation agree.
+_TO_NHWC = {
+    "HWC": lambda raw: raw[np.newaxis],
+    "CHW": lambda raw: raw.transpose(1, 2, 0)[np.newaxis],
+    "HW": lambda raw: raw[np.newaxis, :, :, np.newaxis],
+    "NHWC": lambda raw: raw,
+    "NCHW": lambda raw: raw.transpose(0, 2, 3, 1),
+}
+
+
+def expected_pixels(raw: npt.NDArray[np.uint8], dataformats: str) -> npt.NDArray[np.uint8]:
+    """What TensorBoard should show of ``raw``: its images tiled left to right."""
+    nhwc: npt.NDArray[np.uint8] = _TO_NHWC[dataformats](raw)
+    tiled = np.concatenate(list(nhwc), axis=1)
     return tiled[..., 0] if tiled.shape[2] == 1 else tiled
 
 
@@ -380,15 +392,15 @@ def expected_pixels(image: tracklog.Image) -> npt.NDArray[np.uint8]:
 def test_images_read_back_pixel_for_pixel(
     run_dir: Path, shape: tuple[int, ...], dataformats: str, mode: str
 ) -> None:
-    image = tracklog.Image(random_pixels(shape), dataformats)
+    raw = random_pixels(shape)
     with tb_logger(run_dir) as logger:
-        logger.record("eval/frame", image)
+        logger.record("eval/frame", tracklog.Image(raw, dataformats))
         logger.dump(12)
     (event,) = read_events(run_dir / "tensorboard").Images("eval/frame")
     picture = decoded(event.encoded_image_string)
     assert picture.format == "PNG"
     assert picture.mode == mode
-    expected = expected_pixels(image)
+    expected = expected_pixels(raw, dataformats)
     assert (event.height, event.width) == expected.shape[:2]
     assert np.array_equal(np.asarray(picture), expected)
     assert event.step == 12
@@ -1099,10 +1111,11 @@ def test_tensorboard_mlflow_and_wandb_in_one_logger(
     experiment = client.get_experiment_by_name("side-by-side")
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
+    # By step: MLflow does not promise the order it returns a history in.
     history = client.get_metric_history(run.info.run_id, "rollout/ep_len_mean")
-    assert [(m.step, as_float32(m.value)) for m in history] == episode_lengths
+    assert sorted((m.step, as_float32(m.value)) for m in history) == episode_lengths
     history = client.get_metric_history(run.info.run_id, "time/total_timesteps")
-    assert [(m.step, m.value) for m in history] == [(64, 64.0), (128, 128.0)]
+    assert sorted((m.step, m.value) for m in history) == [(64, 64.0), (128, 128.0)]
     # The HParam's placeholder 0.0 is no point: the recorded 21.0 is, in all three.
     history = client.get_metric_history(run.info.run_id, "eval/return")
     assert [(m.step, m.value) for m in history] == [(128, 21.0)]

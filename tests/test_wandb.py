@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import os
 import struct
@@ -843,9 +844,14 @@ def test_a_finish_that_hangs_is_abandoned_after_the_timeout(
     offline_dir = wandb_file(run_dir).parent
     assert f"wandb sync {offline_dir}" in message
 
-    # The abandoned finish still completes the run when W&B answers at last.
+    # The abandoned finish still completes the run when W&B answers at last. Offline,
+    # run.finish() can return before W&B's service wrote the exit record (close() waits
+    # for it; this abandoned finish has no one waiting), so the file is polled for it.
     assert finished.wait(30)
     assert errors == []
+    deadline = time.monotonic() + 30
+    while read_wandb_offline(run_dir).exit_code is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     run = read_finished(run_dir)
     assert column(run, "a") == [(0, 1)]
     assert run.exit_code == 0
@@ -897,6 +903,24 @@ def test_the_offline_run_is_what_wandb_sync_would_upload(run_dir: Path) -> None:
     output = listed.stdout + listed.stderr
     assert "Would sync 1 run(s)" in output, output
     assert log.name in output, output
+    # What it would upload, record by record, parsed with W&B's own protobuf classes: the
+    # run, one history row (a = 1 at global_step 0), and the exit record last.
+    record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+    kinds, rows = [], []
+    for payload in wandb_records(log):
+        record = record_class()
+        record.ParseFromString(payload)
+        kinds.append(record.WhichOneof("record_type"))
+        if kinds[-1] == "history":
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+    assert "run" in kinds
+    assert kinds[-1] == "exit", kinds
+    assert [(row.get("global_step"), row.get("a")) for row in rows] == [(0, 1)], rows
 
 
 # The reader --------------------------------------------------------------------------
@@ -1143,4 +1167,10 @@ def test_a_zero_filled_tail_is_a_cut_off_record_not_corruption(tmp_path: Path) -
     data = log.read_bytes()
     cut = tmp_path / "cut.wandb"
     cut.write_bytes(data[: len(data) // 2] + bytes(5000))  # what a power loss can leave
-    wandb_records(cut)  # no error: the records before the zeros are read
+    whole = wandb_records(log)
+    kept = wandb_records(cut)  # no error: the records before the zeros are read
+    assert 0 < len(kept) < len(whole)
+    assert kept == whole[: len(kept)]  # each one whole, in order, none invented
+    plain_cut = tmp_path / "plain-cut.wandb"
+    plain_cut.write_bytes(data[: len(data) // 2])
+    assert wandb_records(plain_cut) == kept  # zeros after a cut change nothing
