@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, Final, TypeVar, assert_never
+from typing import Any, BinaryIO, Final, TypeGuard, TypeVar, assert_never, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -38,9 +38,9 @@ import numpy.typing as npt
 from tracklog._jsontext import float_pairs, json_float, member
 from tracklog._row import Row
 from tracklog.values import (
-    _CHANNELS,
-    _MAX_FPS,
-    _MIN_FPS,
+    CHANNELS,
+    MAX_FPS,
+    MIN_FPS,
     Figure,
     Histogram,
     HParam,
@@ -49,6 +49,7 @@ from tracklog.values import (
     Scalar,
     Text,
     Video,
+    mark_frozen,
 )
 
 __all__ = [
@@ -303,14 +304,15 @@ def _int64(document: Mapping[str, object], name: str) -> int:
 def _check_unicode(document: object) -> None:
     """Refuse a lone surrogate (a ``\\udXXX`` escape) in any key or string of
     ``document``: tracklog never writes one, and no output could encode it."""
-    stack = [document]
+    stack: list[object] = [document]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            mapping = cast("dict[object, object]", item)
+            stack.extend(mapping.keys())
+            stack.extend(mapping.values())
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend(cast("list[object]", item))
         elif isinstance(item, str):
             try:
                 item.encode("utf-8")
@@ -352,15 +354,28 @@ def _npy_header(file: BinaryIO) -> tuple[str, bool, tuple[int, ...]]:
         raise CodecError(f"the .npy header does not parse ({type(error).__name__})") from None
     if not isinstance(header, dict) or header.keys() != {"descr", "fortran_order", "shape"}:
         raise CodecError("the .npy header is not numpy's")
-    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
-    if (
-        not isinstance(descr, str)
-        or not isinstance(fortran, bool)
-        or not isinstance(shape, tuple)
-        or not all(type(n) is int and n >= 0 for n in shape)
-    ):
+    fields = cast("dict[str, object]", header)
+    descr, fortran, shape = fields["descr"], fields["fortran_order"], fields["shape"]
+    if not isinstance(descr, str) or not isinstance(fortran, bool) or not _is_shape(shape):
         raise CodecError("the .npy header is not numpy's")
     return descr, fortran, shape
+
+
+def _is_shape(value: object) -> TypeGuard[tuple[int, ...]]:
+    """Whether ``value`` is a tuple of ints >= 0 (the shape in a ``.npy`` header)."""
+    if not isinstance(value, tuple):
+        return False
+    return all(type(n) is int and n >= 0 for n in cast("tuple[object, ...]", value))
+
+
+def _is_str_list(value: object, length: int | None = None) -> TypeGuard[list[str]]:
+    """Whether ``value`` is a list of str (of ``length`` items, if given)."""
+    if not isinstance(value, list):
+        return False
+    items = cast("list[object]", value)
+    if length is not None and len(items) != length:
+        return False
+    return all(isinstance(item, str) for item in items)
 
 
 class _Reader:
@@ -435,40 +450,41 @@ class _Reader:
             return Text(raw)
         if not isinstance(raw, dict):
             raise CodecError(f"a value of JSON type {type(raw).__name__}")
-        kind = raw.get("type")
+        document = cast("dict[str, object]", raw)  # JSON object keys are str
+        kind = document.get("type")
         if kind == "histogram":
-            values = self.array(raw)
+            values = self.array(document)
             if values.ndim != 1 or values.size == 0:
                 raise CodecError("a histogram must be 1-d and not empty")
             return Histogram(values)
         if kind == "image":
-            image = self.array(raw)
+            image = self.array(document)
             if (
                 image.dtype != np.uint8
                 or image.ndim != 4
                 or image.size == 0
-                or image.shape[3] not in _CHANNELS
+                or image.shape[3] not in CHANNELS
             ):
                 raise CodecError("an image must be uint8 NHWC, not empty, with 1, 3 or 4 channels")
             return _build(Image, image=image, dataformats="NHWC")
         if kind == "video":
-            frames = self.array(raw)
-            fps = _field(raw, "fps", float)
+            frames = self.array(document)
+            fps = _field(document, "fps", float)
             if (
                 frames.dtype != np.uint8
                 or frames.ndim != 5
                 or frames.size == 0
-                or frames.shape[2] not in _CHANNELS
+                or frames.shape[2] not in CHANNELS
             ):
                 raise CodecError(
                     "video frames must be uint8 NTCHW, not empty, with 1, 3 or 4 channels"
                 )
-            if not _MIN_FPS <= fps <= _MAX_FPS:
-                raise CodecError(f"video fps {fps!r} is outside [{_MIN_FPS}, {_MAX_FPS}]")
+            if not MIN_FPS <= fps <= MAX_FPS:
+                raise CodecError(f"video fps {fps!r} is outside [{MIN_FPS}, {MAX_FPS}]")
             return _build(Video, frames=frames, fps=fps)
         if kind == "figure":
-            pixels = self.array(raw)
-            close = _field(raw, "close", bool)
+            pixels = self.array(document)
+            close = _field(document, "close", bool)
             png = pixels.tobytes()
             if pixels.dtype != np.uint8 or pixels.ndim != 1 or not png.startswith(_PNG):
                 raise CodecError("a figure must be a PNG")
@@ -478,7 +494,7 @@ class _Reader:
             return _build(Figure, figure=None, close=close, png=png, size=size)
         if kind == "hparam":
             try:
-                return HParam(_field(raw, "hparams", dict), _field(raw, "metrics", dict))
+                return HParam(_field(document, "hparams", dict), _field(document, "metrics", dict))
             except (TypeError, ValueError) as error:
                 raise CodecError(f"bad hparam: {error}") from None
         raise CodecError(f"unknown value type {kind!r}")
@@ -492,7 +508,7 @@ def _build(cls: type[_Media], **fields: object) -> _Media:
     value = object.__new__(cls)
     for name, field in fields.items():
         object.__setattr__(value, name, field)
-    value._freeze()
+    mark_frozen(value)
     return value
 
 
@@ -507,11 +523,12 @@ def decode_row(text: str, blobs: Path | None) -> Decoded:
         raise CodecError(f"not JSON: {error}") from None
     if not isinstance(document, dict):
         raise CodecError("a row must be a JSON object")
+    fields = cast("dict[str, Any]", document)  # JSON object keys are str
     reader = _Reader(blobs)
     try:
         if "\\u" in text:  # tracklog escapes only control characters
-            _check_unicode(document)
-        return _decode(document, reader)
+            _check_unicode(fields)
+        return _decode(fields, reader)
     except RecursionError:  # an HParam nested deeper than Python recurses
         raise CodecError("a value nested too deeply") from None
     finally:
@@ -528,12 +545,12 @@ def _decode(document: dict[str, Any], reader: _Reader) -> Decoded:
             raise CodecError(f"key {key!r}: {error}") from None
     excluded: dict[str, tuple[str, ...]] = {}
     for key, names in _field_or(document, "excluded", dict).items():
-        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+        if not _is_str_list(names):
             raise CodecError(f"bad excluded names for {key!r}")
         excluded[key] = tuple(names)
     media: dict[str, tuple[str, str]] = {}
     for key, job in _field_or(document, "media", dict).items():
-        if not (isinstance(job, list) and len(job) == 2 and all(isinstance(p, str) for p in job)):
+        if not _is_str_list(job, length=2):
             raise CodecError(f"bad media job for {key!r}")
         media[key] = (job[0], job[1])
     step = _int64(document, "step")
@@ -556,4 +573,4 @@ def _field_or(document: Mapping[str, object], name: str, kind: type) -> dict[str
     if not isinstance(value, kind):
         raise CodecError(f"field {name!r} is not {kind.__name__}")
     assert isinstance(value, dict)
-    return value
+    return cast("dict[str, Any]", value)

@@ -39,6 +39,7 @@ from tracklog import _encode
 from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
 from tracklog._queue import KINDS, MEDIA, Message, Queue, remove, replay_command
 from tracklog._registry import RemoteContext, backend, parse_output
+from tracklog._row import Row
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, OutputSettings
 from tracklog.values import Image, Video
@@ -80,7 +81,7 @@ class Target:
 
 def targets(header: dict[str, Any], secrets: dict[str, dict[str, Any]] | None) -> list[Target]:
     """The outputs ``header`` lists, with their secrets filled in when given."""
-    found = []
+    found: list[Target] = []
     for entry in header["outputs"]:
         data = dict(entry["settings"])
         data.update((secrets or {}).get(entry["consumer"], {}))
@@ -395,7 +396,7 @@ class Delivery:
         assert output is not None
         name = backend(worker.target.settings).exclude
         if first.kind == "row":
-            rows = []
+            rows: list[Row] = []
             for message in group:
                 decoded = self._decoded(worker, message)
                 if decoded is not None:

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import gymnasium as gym
 import numpy as np
@@ -144,7 +144,8 @@ def _check_mlflow(tracking_uri: str, run_id: str, out: TextIO) -> bool:
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     points = client.get_metric_history(run_id, "rollout/ep_rew_mean")
-    videos = [entry.path for entry in client.list_artifacts(run_id, "videos/eval/video")]
+    # mlflow leaves list_artifacts's path parameter unannotated.
+    videos = [entry.path for entry in client.list_artifacts(run_id, "videos/eval/video")]  # pyright: ignore[reportUnknownMemberType]
     print(
         f"MLflow run {run_id} ({run.info.status}): {len(points)} rollout/ep_rew_mean points, "
         f"{len(run.data.params)} params, {len(videos)} videos",
@@ -189,7 +190,7 @@ def run_demo(
     variables override it as they do any settings. The summary goes to ``out``
     (standard output); a failed check is explained on standard error and returns 1.
     """
-    out = out or sys.stdout
+    out = out or cast(TextIO, sys.stdout)  # typeshed: sys.stdout may be None
     torch.set_num_threads(1)  # a 64x64 MLP runs faster on one thread than on two
     os.environ.setdefault("WANDB_SILENT", "true")
     resolved = load_settings(DEFAULT_SETTINGS if settings is None else settings)
@@ -215,7 +216,8 @@ def run_demo(
         env = make_vec_env("CartPole-v1", n_envs=4, seed=seed)
         model = PPO("MlpPolicy", env, n_steps=256, batch_size=256, n_epochs=10, seed=seed)
         model.set_logger(logger)
-        model.learn(steps, callback=EvalVideoCallback(logger, video_every, seed))
+        # SB3 types learn's callback parameter with a bare Callable.
+        model.learn(steps, callback=EvalVideoCallback(logger, video_every, seed))  # pyright: ignore[reportUnknownMemberType]
     return _check(resolved.run_dir, progress, mlflow_runs, wandb_runs, out)
 
 

@@ -43,7 +43,8 @@ def decoded(png_bytes: bytes) -> PILImage.Image:
     from PIL import Image as PILImage
 
     loaded = PILImage.open(io.BytesIO(png_bytes))
-    loaded.load()
+    # Pillow types load()'s result as its untyped C core's PixelAccess.
+    loaded.load()  # pyright: ignore[reportUnknownMemberType]
     return loaded
 
 
@@ -95,16 +96,19 @@ def _encode_mp4(video: Video) -> bytes:
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     buffer = io.BytesIO()
+    # PyAV's stubs leave add_stream's **kwargs and Packet's stream parameter untyped,
+    # hence the reportUnknown* ignores below.
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(video.fps).limit_denominator(1000))
+        rate = Fraction(video.fps).limit_denominator(1000)
+        stream = container.add_stream("libx264", rate=rate)  # pyright: ignore[reportUnknownMemberType]
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in stream.encode(image):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+            for packet in stream.encode(image):  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+                container.mux(packet)  # pyright: ignore[reportUnknownMemberType]
+        for packet in stream.encode(None):  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+            container.mux(packet)  # pyright: ignore[reportUnknownMemberType]
     return buffer.getvalue()
 
 

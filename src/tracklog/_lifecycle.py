@@ -116,7 +116,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     _depth, _held = 0, None
     for logger in list(_open.values()):
-        logger._forked()
+        logger._forked()  # pyright: ignore[reportPrivateUsage]  # tracklog-internal fork hook
     _open.clear()
 
 

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from tracklog._codec import BLOBS, open_nofollow, remove_blobs
 
@@ -209,8 +209,9 @@ class Queue:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
         if row is None:
             raise ValueError(f"{self.directory}: the queue has no header")
-        header = json.loads(row[0])
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
+        loaded: object = json.loads(row[0])
+        header = cast("dict[str, Any]", loaded) if isinstance(loaded, dict) else None
+        if header is None or header.get("format") != FORMAT:
             raise ValueError(f"{self.directory}: not a tracklog queue of format {FORMAT}")
         return header
 

@@ -10,6 +10,10 @@ from tracklog.values import LogValue
 __all__ = ["Row"]
 
 
+def _new_memo() -> dict[object, object]:
+    return {}
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """The values of one dump, already filtered by ``exclude`` for the output receiving it.
@@ -24,4 +28,4 @@ class Row:
     values: Mapping[str, LogValue]
     #: Work that formats receiving this very row can share (the console and train.log
     #: render one table). Keys name the work, e.g. ``("table", 36)``.
-    memo: dict[object, object] = field(default_factory=dict, compare=False, repr=False)
+    memo: dict[object, object] = field(default_factory=_new_memo, compare=False, repr=False)

@@ -239,7 +239,8 @@ def service() -> Service:
     """This process's delivery process handle (created on first use)."""
     global _service
     with _service_lock:
-        if _service is None or _service._pid != os.getpid():
+        # Module-internal use of the handle's private state.
+        if _service is None or _service._pid != os.getpid():  # pyright: ignore[reportPrivateUsage]
             _service = Service()
         return _service
 
@@ -248,7 +249,7 @@ def _forked() -> None:
     global _service, _service_lock
     _service_lock = threading.Lock()
     if _service is not None:
-        _service._after_fork_in_child()
+        _service._after_fork_in_child()  # pyright: ignore[reportPrivateUsage]  # module-internal
         _service = None
 
 

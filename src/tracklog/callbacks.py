@@ -26,9 +26,9 @@ import functools
 import inspect
 import types
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, SupportsFloat, SupportsInt, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +60,7 @@ Exclude = str | tuple[str, ...] | None
 
 
 @contextmanager
-def _set_aside(logger: sb3.Logger) -> Iterator[None]:
+def _set_aside(logger: sb3.Logger) -> Generator[None]:
     """Hold back the values pending in ``logger``; a dump inside writes only newer ones.
 
     On leaving, the held values are pending again, with their ``record_mean`` counts
@@ -70,8 +70,9 @@ def _set_aside(logger: sb3.Logger) -> Iterator[None]:
     values = dict(logger.name_to_value)
     counts = dict(logger.name_to_count)
     excluded = dict(logger.name_to_excluded)
-    # tracklog.Logger keeps the validated form of each pending value beside SB3's dicts.
-    typed = dict(logger._values) if isinstance(logger, Logger) else {}
+    # tracklog.Logger keeps the validated form of each pending value beside SB3's dicts
+    # (no public attribute holds it): tracklog's own callbacks read the pending values.
+    typed = dict(logger._values) if isinstance(logger, Logger) else {}  # pyright: ignore[reportPrivateUsage]
     _clear_pending(logger)
     try:
         yield
@@ -88,7 +89,8 @@ def _set_aside(logger: sb3.Logger) -> Iterator[None]:
             if key in counts:
                 logger.name_to_count[key] = counts[key]
             if isinstance(logger, Logger) and key in typed:
-                logger._values[key] = typed[key]
+                # tracklog's own callbacks put the logger's pending values back.
+                logger._values[key] = typed[key]  # pyright: ignore[reportPrivateUsage]
 
 
 def _clear_pending(logger: sb3.Logger) -> None:
@@ -96,7 +98,8 @@ def _clear_pending(logger: sb3.Logger) -> None:
     logger.name_to_count.clear()
     logger.name_to_excluded.clear()
     if isinstance(logger, Logger):
-        logger._values.clear()
+        # tracklog's own callbacks clear the logger's pending values.
+        logger._values.clear()  # pyright: ignore[reportPrivateUsage]
 
 
 def dump_values(
@@ -122,7 +125,7 @@ def dump_values(
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return int(cast(SupportsInt, value))  # an int or a NumPy integer, checked above
 
 
 class VideoRecorderCallback(BaseCallback):
@@ -180,7 +183,8 @@ class VideoRecorderCallback(BaseCallback):
         self.deterministic = deterministic
         self.seed = seed
         self.fps = self._default_fps() if fps is None else fps
-        if isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or self.fps <= 0:
+        # User input: the annotation is not enforced at run time.
+        if isinstance(self.fps, bool) or not isinstance(self.fps, int | float) or self.fps <= 0:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"fps must be a positive number, got {fps!r}")
         self.recorded_steps: list[int] = []
         self._next_at = self.every_n_steps
@@ -188,7 +192,11 @@ class VideoRecorderCallback(BaseCallback):
     def _default_fps(self) -> float:
         env = self.eval_env
         metadata = env.get_attr("metadata", [0])[0] if isinstance(env, VecEnv) else env.metadata
-        render_fps = metadata.get("render_fps") if isinstance(metadata, Mapping) else None
+        render_fps = (
+            cast("Mapping[str, object]", metadata).get("render_fps")
+            if isinstance(metadata, Mapping)
+            else None
+        )
         if (
             isinstance(render_fps, int | float)
             and not isinstance(render_fps, bool)
@@ -272,7 +280,8 @@ class VideoRecorderCallback(BaseCallback):
             actions, state = self.model.predict(
                 observation, state=state, episode_start=starts, deterministic=self.deterministic
             )
-            observation, _, starts, _ = env.step(actions)
+            # SB3 types the step's infos as a bare list[dict] (ignored here).
+            observation, _, starts, _ = env.step(actions)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
             t += 1
             if starts[0]:
                 episodes += 1
@@ -371,8 +380,9 @@ def _schedule(value: object) -> HParamValue:
     if not callable(value) or isinstance(value, type):
         return _readable(value)
     inner = getattr(value, "value_schedule", value)  # SB3's FloatSchedule wraps the user's
+    schedule = cast("Callable[[float], float]", value)  # SB3's Schedule; checked by the call
     try:
-        start, end = float(value(1.0)), float(value(0.0))
+        start, end = float(schedule(1.0)), float(schedule(0.0))
     except (TypeError, ValueError, ArithmeticError):
         return _name(inner)
     if start == end:
@@ -387,17 +397,19 @@ def _readable(value: object) -> HParamValue:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, np.generic | np.ndarray):
-        return _readable(value.tolist())
+        return _readable(cast("np.generic[Any] | npt.NDArray[Any]", value).tolist())
     if isinstance(value, enum.Enum):
         return _readable(value.value)
     if isinstance(value, type):
         return value.__qualname__
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):
-        return _readable(value._asdict())  # a named tuple, such as SB3's TrainFreq
+    if isinstance(value, tuple) and hasattr(cast("tuple[object, ...]", value), "_asdict"):
+        # a named tuple, such as SB3's TrainFreq
+        return _readable(cast(NamedTuple, value)._asdict())
     if isinstance(value, Mapping):
-        return {str(key): _readable(item) for key, item in value.items()}
+        mapping = cast("Mapping[object, object]", value)
+        return {str(key): _readable(item) for key, item in mapping.items()}
     if isinstance(value, list | tuple | set | frozenset):
-        return tuple(_readable(item) for item in value)
+        return tuple(_readable(item) for item in cast("Iterable[object]", value))
     if _has_own_repr(value):
         return _text(str(value))  # torch.device('cpu') -> 'cpu'; action noise objects
     return _name(value)
@@ -437,7 +449,7 @@ class _LastValues(sb3.KVWriter):
             if isinstance(value, int | float | np.integer | np.floating) and not isinstance(
                 value, bool
             ):
-                self.last[name] = float(value)
+                self.last[name] = float(cast(SupportsFloat, value))  # a number, checked above
 
     def close(self) -> None:
         pass
@@ -481,12 +493,14 @@ class HParamCallback(BaseCallback):
             self.extra = dict(HParam(extra or {}).hparam_dict)
         except (TypeError, ValueError) as error:
             raise type(error)(f"HParamCallback extra: {error}") from error
-        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+        # User input: the annotation is not enforced at run time.
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(
                 f"HParamCallback metrics must be a sequence of metric names, not {metrics!r}"
             )
         for name in metrics:
-            if not isinstance(name, str) or not name:
+            # User input: the annotation is not enforced at run time.
+            if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise ValueError(f"HParamCallback metrics holds {name!r}, not a metric name")
         self.metrics = tuple(metrics)
         self.key = check_key(key)

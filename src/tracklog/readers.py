@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 __all__ = [
     "LoggedRow",
@@ -61,14 +61,17 @@ def _row(document: Mapping[str, object], where: str) -> LoggedRow:
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[LoggedRow]:
     """Every row of a tracklog JSONL file, in order (blank lines are skipped)."""
-    rows = []
+    rows: list[LoggedRow] = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if line.strip():
-                document = json.loads(line)
+                document: object = json.loads(line)
                 if not isinstance(document, dict):
                     raise ValueError(f"{os.fspath(path)}:{number}: not a JSON object")
-                rows.append(_row(document, f"{os.fspath(path)}:{number}"))
+                # A JSON object's keys are always strings.
+                rows.append(
+                    _row(cast("dict[str, object]", document), f"{os.fspath(path)}:{number}")
+                )
     return rows
 
 
@@ -95,8 +98,9 @@ def read_csv(path: str | os.PathLike[str]) -> list[LoggedRow]:
     """
     with open(path, newline="", encoding="utf-8") as file:
         reader = csv.reader(file)
-        header = next(reader, [])
-        rows = []
+        no_header: list[str] = []
+        header = next(reader, no_header)
+        rows: list[LoggedRow] = []
         for number, fields in enumerate(reader, start=2):
             document: dict[str, object] = {
                 key: parse_field(field)
@@ -197,9 +201,10 @@ class WandbRun:
 
     def media_path(self, value: object) -> Path:
         """The file of a media value from :attr:`rows` (its ``path`` under ``files/``)."""
-        if not isinstance(value, Mapping) or not isinstance(value.get("path"), str):
+        media = cast("Mapping[object, object]", value) if isinstance(value, Mapping) else None
+        if media is None or not isinstance(media.get("path"), str):
             raise ValueError(f"not a W&B media value: {value!r}")
-        return self.directory / "files" / str(value["path"])
+        return self.directory / "files" / str(media["path"])
 
 
 def _wandb_log(path: Path) -> Path:
@@ -294,7 +299,7 @@ def _decode_items(items: Sequence[_Item]) -> dict[str, object]:
         for part in parts[:-1]:
             inner = target.setdefault(part, {})
             assert isinstance(inner, dict)
-            target = inner
+            target = cast("dict[str, object]", inner)  # made above, or a JSON object: str keys
         target[parts[-1]] = json.loads(item.value_json)
     return values
 

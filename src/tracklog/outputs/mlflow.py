@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tracklog._row import Row
@@ -33,8 +33,31 @@ from tracklog.settings import MlflowOutput
 if TYPE_CHECKING:
     import requests
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import FileInfo, Metric
     from mlflow.utils.rest_utils import MlflowHostCreds
+    from PIL import Image as PILImage
+
+    class _ArtifactCalls(Protocol):
+        """The ``MlflowClient`` methods used here, whose parameters MLflow leaves
+        (partly) unannotated: typed as tracklog calls them."""
+
+        def list_artifacts(self, run_id: str, path: str | None = None) -> list[FileInfo]: ...
+
+        def log_artifact(
+            self, run_id: str, local_path: str, artifact_path: str | None = None
+        ) -> None: ...
+
+        def log_image(
+            self,
+            run_id: str,
+            image: PILImage.Image,
+            *,
+            key: str,
+            step: int,
+            timestamp: int,
+            synchronous: bool,
+        ) -> None: ...
+
 
 __all__ = ["MLFlowOutputFormat"]
 
@@ -137,9 +160,11 @@ class _Connection:
 
     def host_creds(self, host: str) -> MlflowHostCreds:
         """MLflow's credentials for ``host`` (TLS options, token) with this output's user."""
-        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.credentials import (
+            get_default_host_creds,  # pyright: ignore[reportUnknownVariableType]  # unannotated in MLflow
+        )
 
-        default_creds: Callable[[str], MlflowHostCreds] = get_default_host_creds  # untyped
+        default_creds = cast("Callable[[str], MlflowHostCreds]", get_default_host_creds)
         creds = default_creds(host)
         if self.username is not None:
             creds.username = self.username
@@ -148,9 +173,11 @@ class _Connection:
         return creds
 
     def request(self, host: str, endpoint: str, method: str, **kwargs: Any) -> requests.Response:
-        from mlflow.utils.rest_utils import http_request
+        from mlflow.utils.rest_utils import (
+            http_request,  # pyright: ignore[reportUnknownVariableType]  # unannotated in MLflow
+        )
 
-        send: Callable[..., requests.Response] = http_request  # untyped in MLflow
+        send = cast("Callable[..., requests.Response]", http_request)
         return send(
             self.host_creds(host),
             endpoint,
@@ -174,8 +201,9 @@ def _client(settings: MlflowOutput) -> MlflowClient:
         return MlflowClient(tracking_uri=settings.tracking_uri)
     connection = _Connection.of(settings)
     client = MlflowClient(tracking_uri=connection.address)
-    # MlflowClient takes no store; its tracking service client is where MLflow keeps one.
-    client._tracking_client = _tracking_client_class()(connection)
+    # MlflowClient takes no store; its tracking service client is where MLflow keeps one
+    # (a private attribute: MLflow has no public way to set it).
+    client._tracking_client = _tracking_client_class()(connection)  # pyright: ignore[reportPrivateUsage]
     return client
 
 
@@ -198,14 +226,36 @@ def _tracking_client_class() -> Callable[[_Connection], Any]:
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
     from mlflow.utils import mime_type_utils, proto_json_utils, request_utils, rest_utils, uri
 
-    # MLflow's helpers used here are untyped; typed once.
-    verify_response: Callable[[Any, str], Any] = rest_utils.verify_rest_response
-    parse_dict: Callable[..., None] = proto_json_utils.parse_dict
-    raise_for_status: Callable[[Any], None] = request_utils.augmented_raise_for_status
-    safe_path: Callable[[str], str] = uri.validate_path_is_safe
-    mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type
-    check_path: Callable[[str | None], None] = artifact_repo.verify_artifact_path
-    resolve: Callable[[str, str], str] = MlflowArtifactsRepository.resolve_uri
+    # MLflow's helpers used here leave their parameters unannotated; typed once.
+    verify_response = cast(
+        "Callable[[requests.Response, str], requests.Response]",
+        rest_utils.verify_rest_response,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
+    parse_dict = cast(
+        "Callable[..., None]",  # called with keywords: js_dict=, message=
+        proto_json_utils.parse_dict,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
+    raise_for_status = cast(
+        "Callable[[requests.Response], None]",
+        request_utils.augmented_raise_for_status,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
+    safe_path = cast(
+        "Callable[[str], str]",
+        uri.validate_path_is_safe,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
+    mime_type = cast(
+        "Callable[[str], str]",
+        # MLflow's own HttpArtifactRepository.log_artifact uses this private helper.
+        mime_type_utils._guess_mime_type,  # pyright: ignore[reportUnknownMemberType, reportPrivateUsage]
+    )
+    check_path = cast(
+        "Callable[[str | None], None]",
+        artifact_repo.verify_artifact_path,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
+    resolve = cast(
+        "Callable[[str, str], str]",
+        MlflowArtifactsRepository.resolve_uri,  # pyright: ignore[reportUnknownMemberType]  # unannotated
+    )
     default_repo: Callable[..., Any] = artifact_repository_registry.get_artifact_repository
 
     class Store(RestStore):
@@ -217,6 +267,11 @@ def _tracking_client_class() -> Callable[[_Connection], Any]:
         environment variables). This ``_call_endpoint`` is MLflow 3.17's, with the two
         passed and ``call_endpoint`` inlined.
         """
+
+        # RestStore's maps {request class: (path, HTTP method)}, built by an unannotated
+        # MLflow function; annotated here only.
+        _METHOD_TO_INFO: dict[type[object], tuple[str, str]]
+        _V3_METHOD_TO_INFO: dict[type[object], tuple[str, str]]
 
         def __init__(self, connection: _Connection) -> None:
             super().__init__(lambda: connection.host_creds(connection.address))  # type: ignore[no-untyped-call]
@@ -289,7 +344,7 @@ def _tracking_client_class() -> Callable[[_Connection], Any]:
             params = {"path": posixpath.join(root, path) if path else root}
             response = self.connection.request(url, endpoint, "GET", params=params)
             raise_for_status(response)
-            infos = []
+            infos: list[FileInfo] = []
             for entry in response.json().get("files", []):
                 found = safe_path(entry["path"])
                 size = int(entry["file_size"]) if "file_size" in entry else None
@@ -408,7 +463,11 @@ def is_transient(error: BaseException) -> bool:
         if kind.__name__ == "TimeoutError" and kind.__module__.startswith("sqlalchemy"):
             return True  # SQLAlchemy: no free connection in the pool (many runs at once)
         if isinstance(current, MlflowException):
-            message = current.message if isinstance(current.message, str) else str(current)
+            message = (
+                current.message
+                if isinstance(current.message, str)  # pyright: ignore[reportUnnecessaryIsInstance]  # MLflow's str annotation is not enforced
+                else str(current)
+            )
             if current.error_code in _RETRYABLE_CODES:
                 return True
             if isinstance(current, RestException) and current.error_code == "INTERNAL_ERROR":
@@ -435,7 +494,7 @@ class _Prepared:
     batch_sent: bool = False
     files_done: int = 0
     images_done: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
 class MLFlowOutputFormat(OutputFormat):
@@ -523,6 +582,11 @@ class MLFlowOutputFormat(OutputFormat):
 
     def _cleanup(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
+
+    @property
+    def _artifact_calls(self) -> _ArtifactCalls:
+        """``self.client``, typed for its artifact methods (MLflow leaves them unannotated)."""
+        return cast("_ArtifactCalls", self.client)
 
     # Run lifecycle -------------------------------------------------------------------
     def _experiment_id(self) -> str:
@@ -621,7 +685,7 @@ class MLFlowOutputFormat(OutputFormat):
         """
         if self._adopt_local_text():
             return
-        for entry in self.client.list_artifacts(run_id):
+        for entry in self._artifact_calls.list_artifacts(run_id):
             if entry.path in (_TRAIN_LOG, "text"):
                 destination = self._staging / "text-root"
                 destination.mkdir(parents=True, exist_ok=True)
@@ -782,7 +846,7 @@ class MLFlowOutputFormat(OutputFormat):
         )
 
     def _log_image(self, image: StepImage) -> None:
-        self.client.log_image(
+        self._artifact_calls.log_image(
             self.run_id,
             image.picture(),
             key=image.name,
@@ -799,7 +863,9 @@ class MLFlowOutputFormat(OutputFormat):
         if self.settings.run_id is not None and folder not in self._listed:
             # A resumed run: an earlier session may have written this folder.
             self._listed.add(folder)
-            listed = self.client.list_artifacts(self.run_id, None if folder == "." else folder)
+            listed = self._artifact_calls.list_artifacts(
+                self.run_id, None if folder == "." else folder
+            )
             self._uploaded.update(entry.path for entry in listed if not entry.is_dir)
         while path in self._uploaded:
             n += 1
@@ -815,7 +881,7 @@ class MLFlowOutputFormat(OutputFormat):
             local = folder / relative.name
             local.write_bytes(data)
             parent = relative.parent.as_posix()
-            self.client.log_artifact(
+            self._artifact_calls.log_artifact(
                 self.run_id, str(local), artifact_path=None if parent == "." else parent
             )
         finally:
@@ -839,7 +905,7 @@ class MLFlowOutputFormat(OutputFormat):
         for path in sorted(self._dirty):
             relative = PurePosixPath(path)
             parent = relative.parent.as_posix()
-            self.client.log_artifact(
+            self._artifact_calls.log_artifact(
                 self.run_id,
                 str(self._staging / "text-root" / path),
                 artifact_path=None if parent == "." else parent,

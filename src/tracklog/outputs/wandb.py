@@ -10,7 +10,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
 from tracklog._row import Row
 from tracklog.convert.wandb import (
@@ -32,6 +32,12 @@ from tracklog.settings import WandbOutput
 
 if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
+
+    class _Summary(Protocol):
+        """W&B's run summary, whose ``update`` wandb annotates with a bare ``dict``."""
+
+        def update(self, d: dict[str, float]) -> None: ...
+
 
 __all__ = ["WandBOutputFormat"]
 
@@ -122,7 +128,7 @@ class WandBOutputFormat(OutputFormat):
                             item.values, allow_val_change=True
                         )
                     case SummaryUpdate():
-                        self.run.summary.update(item.values)
+                        cast("_Summary", self.run.summary).update(item.values)
                     case _:
                         assert_never(item)
         if history:
@@ -153,7 +159,7 @@ class WandBOutputFormat(OutputFormat):
 
     def write_line(self, line: str) -> None:
         # The hook wandb's own console capture feeds: the line lands in output.log.
-        self.run._console_raw_callback("stdout", line + "\n")
+        self.run._console_raw_callback("stdout", line + "\n")  # pyright: ignore[reportPrivateUsage]  # no public API
 
     def flush(self) -> None:
         """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
