@@ -1,6 +1,6 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   creates .venv, installs tracklog and trains the demo agent
-#   make test   installs the dev tools, then runs ruff, mypy --strict and pytest
+#   make test   installs the dev tools, then runs ruff, mypy --strict, pyright and pytest
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +20,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[demo]'
+	$(PY) -m pip install --quiet -e '.[all,demo]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
@@ -40,6 +40,7 @@ lint: install-dev
 
 typecheck: install-dev
 	$(BIN)/mypy --strict
+	$(BIN)/pyright
 
 # PostgreSQL for the scale tests and bench-scale, from Debian's packages if missing
 # (CI runs as root on a clean machine); tests/postgres.py starts a throwaway cluster

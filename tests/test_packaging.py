@@ -10,8 +10,11 @@ below is the installed copy, not this source tree.
 from __future__ import annotations
 
 import configparser
+import csv
 import email.parser
 import email.policy
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +33,15 @@ SOURCE = ROOT / "src" / "tracklog"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
 # Backends that are optional: each lives in an extra, never in the core install.
-OPTIONAL = {"tensorboard": "tensorboard", "hydra": "hydra-core", "postgres": "psycopg"}
+OPTIONAL = {
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "tensorboard": "tensorboard",
+    "hydra": "hydra-core",
+    "postgres": "psycopg",
+}
+#: The trackers, and the extra each needs; `all` installs every one.
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboard"}
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,8 @@ def test_range_check_rejects_open_ended_and_bare_requirements() -> None:
 def test_wheel_metadata_keeps_every_range(wheel: Wheel) -> None:
     for text in wheel.metadata.get_all("Requires-Dist") or []:
         requirement = Requirement(text)
+        if requirement.name == wheel.metadata["Name"]:  # tracklog[...]: its own extras
+            continue
         assert _has_range(requirement.specifier), text
 
 
@@ -183,7 +196,13 @@ def test_optional_backends_are_extras_not_core_dependencies(
 def test_core_dependencies_are_the_ones_pyproject_lists(wheel: Wheel) -> None:
     core = {Requirement(text).name for text in PYPROJECT["project"]["dependencies"]}
     assert _requires(wheel, None) == core
-    assert {"torch", "stable-baselines3", "mlflow", "wandb"} <= core
+    assert {"stable-baselines3", "numpy", "pydantic", "pydantic-settings", "pyyaml"} <= core
+    assert {"av", "pillow"} <= core  # media are encoded for every output
+    assert not core & set(TRACKERS.values()), "a tracker is a core dependency"
+
+
+def test_the_all_extra_installs_every_tracker(wheel: Wheel) -> None:
+    assert _requires(wheel, "all") == set(TRACKERS.values())
 
 
 # Installed from the wheel -------------------------------------------------------------
@@ -239,3 +258,102 @@ def test_installed_wheel_validates_a_settings_file(installed: Path, tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "type: jsonl" in done.stdout
     assert not (tmp_path / "runs").exists(), "validate must create nothing"
+
+
+# The bare wheel in a fresh venv: the core install, without any tracker ----------------
+
+
+@pytest.fixture(scope="module")
+def bare_venv(wheel: Wheel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new venv holding ``pip install tracklog`` (no extra), with real dependencies.
+
+    torch is this venv's own copy, linked in (pip would copy its gigabyte; SB3 only needs
+    it present); every other dependency is installed by pip as a user's would be.
+    """
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    torch = importlib.metadata.distribution("torch")
+    ours = Path(str(torch.locate_file("")))
+    linked = [*(torch.read_text("top_level.txt") or "").split(), f"torch-{torch.version}.dist-info"]
+    for name in linked:
+        (Path(site) / name).symlink_to(ours / name)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(wheel.path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return venv
+
+
+BARE_SCRIPT = """
+import importlib.util, json, sys
+import tracklog
+
+missing = [name for name in ("mlflow", "wandb", "tensorboard") if importlib.util.find_spec(name)]
+assert not missing, f"installed without an extra: {missing}"
+with tracklog.build_logger({"run_dir": sys.argv[1], "outputs": [
+        {"type": "console"}, {"type": "jsonl"}, {"type": "csv"}]}) as logger:
+    logger.record("loss", 0.25)
+    logger.record("lengths", [200, 187])
+    logger.dump(1)
+for kind in ("mlflow", "wandb", "tensorboard"):
+    try:
+        tracklog.build_logger({"run_dir": sys.argv[1] + "-" + kind, "outputs": [{"type": kind}]})
+    except ImportError as error:
+        print("refused", kind, "|", error)
+"""
+
+
+def _run_bare(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The bare venv's Python, without this environment's settings or source tree."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("TRACKLOG_")}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [str(venv / "bin" / "python"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_the_bare_install_logs_to_console_jsonl_and_csv_and_names_each_missing_extra(
+    bare_venv: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    done = _run_bare(bare_venv, tmp_path, "-c", BARE_SCRIPT, str(run_dir))
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
+    assert (row["_step"], row["loss"]) == (1, 0.25)
+    with open(run_dir / "progress.csv", newline="", encoding="utf-8") as file:
+        (csv_row,) = list(csv.DictReader(file))
+    assert (csv_row["_step"], csv_row["loss"]) == ("1", "0.25")
+    said = dict(
+        line.removeprefix("refused ").split(" | ", 1)
+        for line in done.stdout.splitlines()
+        if line.startswith("refused ")
+    )
+    assert set(said) == set(TRACKERS), done.stdout
+    for kind, extra in TRACKERS.items():
+        assert f"pip install 'tracklog[{extra}]'" in said[kind], said[kind]
+        assert not (tmp_path / f"run-{kind}").exists(), "a refused output left a run_dir"
+    settings = tmp_path / "logging.yaml"
+    settings.write_text("outputs:\n  - type: jsonl\n  - type: wandb\n", encoding="utf-8")
+    validated = _run_bare(bare_venv, tmp_path, "-m", "tracklog", "validate", str(settings))
+    assert validated.returncode == 1, validated.stdout
+    assert "outputs.1: the wandb output (type: wandb) needs the 'wandb' package" in (
+        validated.stderr
+    )
+    assert "pip install 'tracklog[wandb]'" in validated.stderr

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tracklog import callbacks, readers
-    from tracklog._build import build_logger
+    from tracklog._build import build_logger, configure
     from tracklog._logger import Logger
     from tracklog._row import Row
     from tracklog.outputs import (
@@ -48,6 +48,7 @@ _WHERE = {
     "callbacks": "tracklog.callbacks",
     "readers": "tracklog.readers",
     "build_logger": "tracklog._build",
+    "configure": "tracklog._build",
     "Logger": "tracklog._logger",
     "Row": "tracklog._row",
     "LoggerSettings": "tracklog.settings",
@@ -110,6 +111,7 @@ __all__ = [
     "__version__",
     "build_logger",
     "callbacks",
+    "configure",
     "load_settings",
     "readers",
 ]

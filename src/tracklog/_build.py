@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Final
 
 from stable_baselines3.common.logger import KVWriter
 
@@ -14,7 +17,7 @@ from tracklog._ranks import detect
 from tracklog._registry import LocalContext, backend, require
 from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
-__all__ = ["build_logger"]
+__all__ = ["build_logger", "configure"]
 
 
 def build_logger(
@@ -40,6 +43,7 @@ def build_logger(
             folder=None, level=resolved.level_number, strict=resolved.strict, settings=resolved
         )
     resolved = placement.apply(resolved)
+    resolved = resolved.model_copy(update={"outputs": [_anchor(o) for o in resolved.outputs]})
     for output in resolved.outputs:
         require(output)
     resolved.run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,3 +82,61 @@ def build_logger(
         outbox=outbox,
         media=store,
     )
+
+
+def _anchor(output: OutputSettings) -> OutputSettings:
+    anchor = backend(output).anchor
+    return anchor(output) if anchor is not None else output
+
+
+#: SB3's format strings (and tracklog's own) as tracklog outputs, with SB3's file names.
+_FORMATS: Final[dict[str, dict[str, object]]] = {
+    "stdout": {"type": "console"},
+    "log": {"type": "file", "path": "log.txt"},
+    "csv": {"type": "csv", "path": "progress.csv"},
+    "json": {"type": "jsonl", "path": "progress.json"},
+    "jsonl": {"type": "jsonl", "path": "progress.jsonl"},
+    "tensorboard": {"type": "tensorboard"},  # in the folder itself, as SB3 (see configure)
+    "mlflow": {"type": "mlflow"},
+    "wandb": {"type": "wandb"},
+}
+
+
+def configure(folder: str | None = None, format_strings: Sequence[str] | None = None) -> Logger:
+    """SB3's ``configure(folder, format_strings)``, returning a tracklog :class:`Logger`.
+
+    The one-line migration: ``from tracklog import configure`` in place of
+    ``from stable_baselines3.common.logger import configure``. Same signature, same
+    defaults and the same file names in ``folder`` (``log.txt``, ``progress.csv``,
+    ``progress.json``, TensorBoard event files in ``folder`` itself); ``folder``
+    defaults to ``$SB3_LOGDIR``, else a new ``SB3-<time>`` folder in the temporary
+    directory, and ``format_strings`` to ``$SB3_LOG_FORMAT``, else
+    ``stdout,log,csv``. Beside SB3's ``stdout``, ``log``, ``csv``, ``json`` and
+    ``tensorboard``, it takes ``jsonl`` (``progress.jsonl``), ``mlflow`` and ``wandb``
+    with their default settings (see docs/settings.md); for anything more, use
+    :func:`build_logger` with a settings file.
+    """
+    if folder is None:
+        folder = os.getenv("SB3_LOGDIR")
+    if folder is None:
+        stamp = datetime.datetime.now().strftime("SB3-%Y-%m-%d-%H-%M-%S-%f")
+        folder = os.path.join(tempfile.gettempdir(), stamp)
+    if format_strings is None:
+        format_strings = os.getenv("SB3_LOG_FORMAT", "stdout,log,csv").split(",")
+    names = [name for name in format_strings if name]
+    unknown = [name for name in names if name not in _FORMATS]
+    if unknown:
+        raise ValueError(
+            f"Unknown format specified: {unknown[0]!r}; configure() takes "
+            f"{', '.join(_FORMATS)} (build_logger takes settings for anything else)"
+        )
+    outputs = [dict(_FORMATS[name]) for name in names]
+    for output in outputs:
+        if output["type"] == "tensorboard":
+            # SB3 writes the event files into the folder itself; a settings file names
+            # a folder of their own (a relative "." is refused there as a likely slip).
+            output["path"] = os.path.abspath(folder)
+    logger = build_logger({"run_dir": folder, "outputs": outputs})
+    if names and names != ["stdout"]:  # as SB3: only when files are written
+        logger.log(f"Logging to {folder}")
+    return logger

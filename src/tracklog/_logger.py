@@ -26,7 +26,7 @@ from tracklog._row import Row
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, LoggerSettings
-from tracklog.values import LogValue, Recordable, Scalar, check_key, normalise
+from tracklog.values import Image, LogValue, Recordable, Scalar, Video, check_key, normalise
 
 if TYPE_CHECKING:
     from torch import Tensor as _Tensor
@@ -50,7 +50,8 @@ def _exclude_tuple(exclude: Exclude) -> tuple[str, ...]:
         return ()
     if isinstance(exclude, str):
         return (exclude,)
-    if isinstance(exclude, tuple) and all(isinstance(name, str) for name in exclude):
+    # User input: the annotation is not enforced at runtime.
+    if isinstance(exclude, tuple) and all(isinstance(name, str) for name in exclude):  # pyright: ignore[reportUnnecessaryIsInstance]
         return exclude
     raise TypeError(f"exclude must be a str, a tuple of str or None, not {exclude!r}")
 
@@ -103,6 +104,7 @@ class Logger(sb3.Logger):
         self._valid_keys: set[str] = set()  # keys check_key accepted
         # on_bad_value: report: a refused key or value is said once per key, then skipped.
         self._report_bad_values = settings is not None and settings.on_bad_value == "report"
+        self._max_media_bytes = settings.max_media_bytes if settings is not None else 2**30
         self._reported_keys: set[str] = set()
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
@@ -151,6 +153,8 @@ class Logger(sb3.Logger):
             return
         try:
             normalised = normalise(check_key(key), value)
+            if isinstance(normalised, Video | Image):
+                self._check_media_size(key, normalised)
         except (TypeError, ValueError) as error:
             if not self._report_bad_values:
                 raise
@@ -158,6 +162,16 @@ class Logger(sb3.Logger):
             return
         self._store(key, normalised, exclude)
         self._valid_keys.add(key)
+
+    def _check_media_size(self, key: str, value: Video | Image) -> None:
+        pixels = value.frames if isinstance(value, Video) else value.image
+        if pixels.nbytes > self._max_media_bytes:
+            what = "video" if isinstance(value, Video) else "image"
+            raise ValueError(
+                f"cannot log {key!r}: the {what} is {pixels.nbytes:,} bytes, more than "
+                f"max_media_bytes ({self._max_media_bytes:,}); log fewer or smaller frames, "
+                "or raise the setting"
+            )
 
     def _report_bad_value(self, key: object, error: Exception) -> None:
         """``on_bad_value: report``: say (once per key) what record() refused, and go on."""
@@ -186,7 +200,7 @@ class Logger(sb3.Logger):
             self._report_bad_value(key, error)
             return
         # name_to_value is typed dict[str, float] by SB3 but holds any recorded value.
-        previous: object = self.name_to_value.get(key, 0.0)
+        previous = cast(object, self.name_to_value.get(key, 0.0))
         old = previous if isinstance(previous, int | float) else 0.0  # media before: restart
         with self._values_lock:
             count = self.name_to_count[key]
@@ -210,7 +224,8 @@ class Logger(sb3.Logger):
     # Writing -----------------------------------------------------------------------
     def dump(self, step: int = 0) -> None:
         """Write everything recorded since the last dump to every output, at ``step``."""
-        if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        # User input: the annotation is not enforced at runtime.
+        if isinstance(step, bool) or not isinstance(step, int | np.integer):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"dump step must be an int, not {type(step).__name__}: {step!r}")
         if not _MIN_STEP <= step <= _MAX_STEP:
             raise ValueError(f"dump step must fit in a signed 64-bit integer; got {step}")
@@ -241,7 +256,8 @@ class Logger(sb3.Logger):
                 filtered = _for_output(row, excluded, output.name) if any_excluded else row
                 write = output.check_row if isinstance(output, RemoteOutput) else output.write_row
                 calls.append((output, functools.partial(write, filtered)))
-            elif isinstance(output, sb3.KVWriter):
+            # output_formats is a plain list users append to: it may hold a SeqWriter only.
+            elif isinstance(output, sb3.KVWriter):  # pyright: ignore[reportUnnecessaryIsInstance]
                 sb3_excluded = {key: names or ("",) for key, names in excluded.items()}
                 call = functools.partial(output.write, legacy, sb3_excluded, row.step)
                 calls.append((output, call))
@@ -301,7 +317,8 @@ class Logger(sb3.Logger):
             if level.lower() not in _LEVEL_NAMES:
                 raise ValueError(f"unknown level {level!r}; expected one of {list(_LEVEL_NAMES)}")
             level = _LEVEL_NAMES[level.lower()]
-        if isinstance(level, bool) or not isinstance(level, int):
+        # User input: the annotation is not enforced at runtime.
+        if isinstance(level, bool) or not isinstance(level, int):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"level must be an int or a level name, not {level!r}")
         self.level = level
 

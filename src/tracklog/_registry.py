@@ -11,6 +11,7 @@ The logger, build, the delivery process and replay only ever look entries up her
 from __future__ import annotations
 
 import importlib.util
+import os
 import secrets
 import string
 from collections.abc import Callable
@@ -109,6 +110,10 @@ class Backend:
     #: The settings field that resumes an existing run, if set (every rank of a
     #: process group would then write one run).
     resumed: Callable[[Any], str | None] | None = None
+    #: Its settings with paths that are relative to the trainer's working directory
+    #: made absolute: the delivery process, started once per trainer, keeps the
+    #: working directory it started in (None: nothing relative to it).
+    anchor: Callable[[Any], OutputSettings] | None = None
     #: Whether an error raised while building it means "try again later".
     transient: Callable[[Exception], bool] = field(
         default=lambda error: isinstance(error, ConnectionError | TimeoutError)
@@ -225,6 +230,32 @@ def _mlflow_resumed(settings: Any) -> str | None:
     return "run_id" if settings.run_id is not None else None
 
 
+def _mlflow_anchor(settings: Any) -> OutputSettings:
+    uri: str = settings.tracking_uri
+    anchored = anchored_store_uri(uri)
+    if anchored == uri:
+        return settings  # type: ignore[no-any-return]  # an MlflowOutput
+    return settings.model_copy(update={"tracking_uri": anchored})  # type: ignore[no-any-return]
+
+
+def anchored_store_uri(uri: str) -> str:
+    """A sqlite or file-store ``uri`` whose path is relative, made absolute against the
+    working directory (what MLflow itself resolves it against, in this process)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, query = uri.removeprefix("sqlite:///"), ""
+        if "?" in path:
+            path, query = path.split("?", 1)
+            query = "?" + query
+        if path and path != ":memory:":
+            return "sqlite:///" + os.path.abspath(path) + query
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):  # file:./mlruns
+        return "file://" + os.path.abspath(uri.removeprefix("file:"))
+    if ":" not in uri and uri and not os.path.isabs(uri):  # a bare path: the file store
+        return os.path.abspath(uri)
+    return uri
+
+
 def _wandb_name_run(settings: Any, naming: RunNaming) -> OutputSettings:
     group = settings.group if settings.group is not None else naming.group
     update = {"name": naming.run_name(settings.name), "group": group}
@@ -265,6 +296,9 @@ BACKENDS: Final[dict[str, Backend]] = {
             name_run=_mlflow_name_run,
             resumed=_mlflow_resumed,
             transient=_mlflow_transient,
+            anchor=_mlflow_anchor,
+            package="mlflow",
+            extra="mlflow",
         ),
         Backend(
             "wandb",
@@ -277,6 +311,8 @@ BACKENDS: Final[dict[str, Backend]] = {
             check=_wandb_check,
             name_run=_wandb_name_run,
             resumed=_wandb_resumed,
+            package="wandb",
+            extra="wandb",
         ),
     )
 }

@@ -31,13 +31,16 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
     from tracklog.readers import LoggedRow
     from tracklog.settings import LoggerSettings
+
+    # argparse's public add_subparsers() returns this class, which has no public name.
+    _Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]  # pyright: ignore[reportPrivateUsage]
 
 __all__ = ["format_validation_error", "main", "settings_schema"]
 
@@ -62,7 +65,7 @@ def format_validation_error(error: ValidationError) -> list[str]:
     Input values are left out (except a number or word that failed a range or choice
     check) because the value of a misspelt field may be a password.
     """
-    lines = []
+    lines: list[str] = []
     for detail in error.errors(include_url=False):
         path = ".".join(str(part) for part in detail["loc"])
         message = detail["msg"]
@@ -126,12 +129,24 @@ def _validate(arguments: argparse.Namespace) -> int:
     settings = _load(Path(arguments.file), "validate")
     if settings is None:
         return 1
+    from tracklog._registry import require
+
+    missing: list[str] = []
+    for index, output in enumerate(settings.outputs):
+        try:
+            require(output)
+        except ImportError as error:
+            missing.append(f"outputs.{index}: {error}")
+    if missing:
+        print(f"{arguments.file}: not usable here:", *missing, sep="\n  ", file=sys.stderr)
+        return 1
     # mode="json" masks every SecretStr as "**********" and a tracking_uri's password.
     document = settings.model_dump(mode="json")
     if arguments.json:
         print(json.dumps(document, indent=2))
     else:
-        print(yaml.safe_dump(document, sort_keys=False), end="")
+        # types-PyYAML types width with _typeshed.FloatInt, which pyright's typeshed lacks.
+        print(yaml.safe_dump(document, sort_keys=False), end="")  # pyright: ignore[reportUnknownMemberType]
     overrides = _overriding_variables()
     note = f"; {', '.join(overrides)} from the environment applied" if overrides else ""
     print(f"{arguments.file}: valid{note}", file=sys.stderr)
@@ -246,7 +261,7 @@ def _missing(keys: list[str], known: list[str]) -> str:
     """``'a' (did you mean 'ab'?), 'c'``: each missing key with its nearest known one."""
     import difflib
 
-    named = []
+    named: list[str] = []
     for key in keys:
         near = difflib.get_close_matches(key, known, n=1)
         named.append(f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key))
@@ -282,7 +297,7 @@ def _series(rows: list[LoggedRow], source: Path, keys: list[str], x: str) -> lis
             "or text), so it cannot be plotted"
         )
     xs = _x_of(rows, x)
-    series = []
+    series: list[_Series] = []
     for key in keys:
         points = [
             (x_value, y_value)
@@ -322,7 +337,8 @@ def _draw(series: list[_Series], output: Path, arguments: argparse.Namespace, ti
     x_label = "seconds since the first dump" if arguments.x == "_timestamp" else arguments.x
     axes[-1].set_xlabel(x_label)
     axes[0].set_title(arguments.title if arguments.title is not None else title)
-    figure.savefig(output, dpi=dpi)
+    # matplotlib types savefig's **kwargs without an annotation.
+    figure.savefig(output, dpi=dpi)  # pyright: ignore[reportUnknownMemberType]
 
 
 def _plot(arguments: argparse.Namespace) -> int:
@@ -407,7 +423,7 @@ _EXIT_CODES = "exit codes: 0 success, 1 failure (explained on stderr), 2 bad usa
 
 
 def _command(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    commands: _Commands,
     name: str,
     summary: str,
     description: str,
@@ -421,7 +437,7 @@ def _command(
     )
 
 
-def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_validate(commands: _Commands) -> None:
     validate = _command(
         commands,
         "validate",
@@ -437,7 +453,7 @@ def _add_validate(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     validate.set_defaults(run=_validate)
 
 
-def _add_schema(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_schema(commands: _Commands) -> None:
     schema = _command(
         commands,
         "schema",
@@ -456,7 +472,7 @@ def _add_schema(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     schema.set_defaults(run=_schema)
 
 
-def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(commands: _Commands) -> None:
     demo = _command(
         commands,
         "demo",
@@ -494,7 +510,7 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     demo.set_defaults(run=_demo)
 
 
-def _add_plot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_plot(commands: _Commands) -> None:
     plot = _command(
         commands,
         "plot",
@@ -543,7 +559,7 @@ def _add_plot(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     plot.set_defaults(run=_plot)
 
 
-def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_replay(commands: _Commands) -> None:
     replay = _command(
         commands,
         "replay",

@@ -20,7 +20,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -61,7 +61,9 @@ LEVELS: Mapping[str, int] = {"debug": 10, "info": 20, "warn": 30, "error": 40, "
 
 
 class _Output(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: pydantic would print the offending input, a password or an
+    # API key among them (a password given without its username, a misspelt api_key).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class _FileBacked(_Output):
@@ -70,9 +72,15 @@ class _FileBacked(_Output):
     @field_validator("path")
     @classmethod
     def _not_empty(cls, value: Path) -> Path:
-        if str(value) in ("", "."):
-            raise ValueError("path must name a file")
+        _no_nul(value)
+        if str(value) in ("", ".") or value.name == "..":
+            raise ValueError(f"path must name a file, not a folder: {str(value)!r}")
         return value
+
+
+def _no_nul(path: Path) -> None:
+    if "\x00" in str(path):
+        raise ValueError(f"path must not contain a NUL byte: {str(path)!r}")
 
 
 class ConsoleOutput(_Output):
@@ -211,10 +219,18 @@ class MlflowOutput(_Output):
         "never shown",
     )
     artifact_upload_interval: float = Field(
-        default=60.0, ge=0.0, description="seconds between uploads of train.log and text files"
+        default=60.0,
+        ge=0.0,
+        le=24 * 3600,
+        allow_inf_nan=False,
+        description="seconds between uploads of train.log and text files",
     )
     request_timeout: float = Field(
-        default=10.0, ge=1.0, description="seconds one MLflow request may take"
+        default=10.0,
+        ge=1.0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds one MLflow request may take",
     )
     request_retries: int = Field(
         default=2, ge=0, le=10, description="retries of a failed MLflow request"
@@ -322,8 +338,18 @@ class WandbOutput(_Output):
     )
     config: dict[str, Any] = Field(default_factory=dict, description="extra run config")
     finish_timeout: float = Field(
-        default=60.0, gt=0, description="seconds close() waits for W&B to finish the run"
+        default=60.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds close() waits for W&B to finish the run",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _json_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        _check_json_data(config, "config", ())
+        return config
 
     @field_validator("tags")
     @classmethod
@@ -354,6 +380,7 @@ class TensorboardOutput(_FileBacked):
     @field_validator("path")
     @classmethod
     def _not_empty(cls, value: Path) -> Path:  # a folder, not a file: its own message
+        _no_nul(value)
         if str(value) in ("", "."):
             raise ValueError("path must name a folder (default: tensorboard)")
         return value
@@ -371,6 +398,29 @@ OutputSettings = Annotated[
 ]
 
 
+def _check_json_data(value: object, where: str, inside: tuple[int, ...]) -> None:
+    """Raise naming ``where`` unless ``value`` is JSON data (what W&B's config holds)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return
+    if id(value) in inside:
+        raise ValueError(f"{where} contains itself")
+    within = (*inside, id(value))
+    if isinstance(value, Mapping):
+        for key, item in cast("Mapping[object, object]", value).items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has a key of type {type(key).__name__}: {key!r}")
+            _check_json_data(item, f"{where}[{key!r}]", within)
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(cast("list[object] | tuple[object, ...]", value)):
+            _check_json_data(item, f"{where}[{index}]", within)
+        return
+    raise ValueError(
+        f"{where} is {type(value).__module__}.{type(value).__qualname__}, which is not JSON "
+        "data: use str, int, float, bool, None, lists and dicts with str keys (or str(value))"
+    )
+
+
 def _default_outputs() -> list[OutputSettings]:
     return [ConsoleOutput(), FileOutput(), JsonlOutput(), CsvOutput()]
 
@@ -383,11 +433,12 @@ class DeliverySettings(BaseModel):
     that is down, and outlives a trainer that dies (see docs/delivery.md).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     close_timeout: float = Field(
         default=30.0,
         ge=0,
+        allow_inf_nan=False,
         le=24 * 3600,
         description="seconds close(), atexit and SIGTERM wait for the backends; the delivery "
         "process then finishes the rest on its own, within `deadline`",
@@ -395,6 +446,7 @@ class DeliverySettings(BaseModel):
     deadline: float = Field(
         default=600.0,
         ge=0,
+        allow_inf_nan=False,
         le=7 * 24 * 3600,
         description="seconds the delivery process keeps retrying a backend that is down after "
         "the trainer ended; what is left then stays in the queue for `tracklog replay`",
@@ -412,10 +464,18 @@ class DeliverySettings(BaseModel):
         "training process being killed by any signal",
     )
     retry_initial: float = Field(
-        default=0.5, gt=0, le=60, description="first wait, in seconds, after a failed delivery"
+        default=0.5,
+        gt=0,
+        le=60,
+        allow_inf_nan=False,
+        description="first wait, in seconds, after a failed delivery",
     )
     retry_max: float = Field(
-        default=30.0, gt=0, le=3600, description="longest wait between delivery attempts"
+        default=30.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="longest wait between delivery attempts",
     )
     handle_sigterm: bool = Field(
         default=True,
@@ -425,6 +485,7 @@ class DeliverySettings(BaseModel):
     linger: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,
         le=10,
         description="seconds the delivery process waits after a dump for more rows before it "
         "delivers to MLflow/W&B/TensorBoard, so a backend gets one request per batch of "
@@ -445,6 +506,7 @@ class LoggerSettings(BaseSettings):
         extra="forbid",
         frozen=True,
         env_prefix="TRACKLOG_",
+        hide_input_in_errors=True,  # no secret of an output in an error's text
     )
 
     run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
@@ -462,6 +524,13 @@ class LoggerSettings(BaseSettings):
         default=False,
         description="raise when an output fails (for tests and debugging); by default a "
         "failing output is reported and the others keep logging",
+    )
+    max_media_bytes: int = Field(
+        default=2**30,
+        ge=1,
+        description="the largest video or image record() accepts, in bytes of its frames or "
+        "pixels (a larger one is refused at record(), naming its key): encoding it would "
+        "need several times that much memory",
     )
     on_bad_value: Literal["raise", "report"] = Field(
         default="raise",
@@ -532,6 +601,30 @@ class LoggerSettings(BaseSettings):
             seen[target] = index
         return self
 
+    @model_validator(mode="after")
+    def _files_not_in_tracklogs_folders(self) -> LoggerSettings:
+        folders: dict[Path, str] = {
+            self._same_file_key(Path("media")): "media/, where media files go",
+            self._same_file_key(Path("wandb")): "wandb/, where W&B writes its runs",
+        }
+        if self.delivery.spool_dir is None:
+            folders[self._same_file_key(Path("spool"))] = "spool/, where the delivery queue is"
+        for index, output in enumerate(self.outputs):
+            if isinstance(output, WandbOutput) and output.dir is not None:
+                where = self._same_file_key(output.dir / "wandb")
+                folders[where] = f"the W&B folder of outputs.{index}"
+        for index, output in enumerate(self.outputs):
+            if not isinstance(output, _FileBacked) or isinstance(output, TensorboardOutput):
+                continue
+            target = self._same_file_key(output.path)
+            for folder, what in folders.items():
+                if target == folder or target.is_relative_to(folder):
+                    raise ValueError(
+                        f"outputs.{index}.{output.type}.path: {output.path} is inside {what}; "
+                        "choose another path"
+                    )
+        return self
+
     def resolve(self, path: Path) -> Path:
         """An output's file: ``path`` itself when absolute, else relative to ``run_dir``."""
         return path if path.is_absolute() else self.run_dir / path
@@ -568,11 +661,46 @@ def _read_file(path: Path) -> object:
             f"{path}: unsupported settings file type {suffix!r}; use .yaml, .yml, .toml or .json"
         )
     text = path.read_text(encoding="utf-8")
-    if suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text) or {}
-    if suffix == ".toml":
-        return tomllib.loads(text)
-    return json.loads(text)
+    try:
+        if suffix in (".yaml", ".yml"):
+            return yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader: data only
+        if suffix == ".toml":
+            return tomllib.loads(text)  # TOML itself refuses a key given twice
+        return json.loads(text, object_pairs_hook=_unique_json_keys)
+    except _DuplicateKeyError as error:
+        raise ValueError(f"{path}, {error}; the last one would win silently") from None
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice (PyYAML's own
+    keeps the last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # "<<" merges may be given again and overridden: YAML allows it
+            key: object = self.construct_object(key_node)  # pyright: ignore[reportUnknownMemberType]  # types-PyYAML leaves its `deep` parameter untyped
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKeyError(
+                    f"line {line}: duplicate key {key!r} (first given on line {first[key]})"
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise _DuplicateKeyError(f"duplicate key {key!r}")
+        found[key] = value
+    return found
 
 
 def _is_omegaconf(source: object) -> bool:
@@ -587,10 +715,11 @@ def _from_omegaconf(config: object) -> Mapping[str, object]:
 
     # throw_on_missing: a "???" left unset raises omegaconf's MissingMandatoryValue
     # naming its key, instead of reaching pydantic as the string "???" (a valid path).
-    data = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    data: object = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
     if not isinstance(data, Mapping):
         raise TypeError(f"settings must be a mapping (a DictConfig), not {type(config).__name__}")
-    return {str(key): value for key, value in data.items()}
+    mapping = cast("Mapping[object, object]", data)
+    return {str(key): value for key, value in mapping.items()}
 
 
 def load_settings(
@@ -613,8 +742,9 @@ def load_settings(
         data = _read_file(Path(source))
         if not isinstance(data, Mapping):
             raise TypeError(f"{os.fspath(source)}: settings must be a mapping at the top level")
-        source = data
-    if not isinstance(source, Mapping):
+        source = cast("Mapping[str, object]", data)  # keys made str below
+    # User input: the annotation is not enforced at runtime.
+    if not isinstance(source, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise TypeError(
             "settings must be a LoggerSettings, a mapping or a path to a settings file, "
             f"not {type(source).__name__}"

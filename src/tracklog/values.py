@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -63,7 +63,13 @@ class _Frozen:
         object.__delattr__(self, name)
 
     def _freeze(self) -> None:
-        object.__setattr__(self, "_frozen", True)
+        mark_frozen(self)
+
+
+def mark_frozen(value: _Frozen) -> None:
+    """Make ``value`` refuse attribute assignment from now on (used by the queue codec,
+    which builds media values without running ``__init__``)."""
+    object.__setattr__(value, "_frozen", True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +100,9 @@ class Histogram:
 def _as_array(data: object, what: str) -> npt.NDArray[Any]:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(data, torch.Tensor):
-        return _tensor_to_numpy(data)
+        return _tensor_to_numpy(cast("_Tensor", data))
     if isinstance(data, np.ndarray):
-        return data
+        return cast("npt.NDArray[Any]", data)
     raise TypeError(f"{what} must be a numpy array or a torch tensor, not {type(data).__name__}")
 
 
@@ -125,11 +131,11 @@ def _to_uint8(array: npt.NDArray[Any], what: str) -> npt.NDArray[np.uint8]:
     raise ValueError(f"{what} must be uint8 or float in [0, 1], not {array.dtype}")
 
 
-_CHANNELS: Final = (1, 3, 4)
+CHANNELS: Final = (1, 3, 4)
 # MP4 time bases need a usable rate: a frame every 100 s at the slowest, and no
 # faster than 1000 frames a second (more than any display or encoder preset shows).
-_MIN_FPS: Final = 0.01
-_MAX_FPS: Final = 1000.0
+MIN_FPS: Final = 0.01
+MAX_FPS: Final = 1000.0
 
 
 class Video(_Frozen, sb3.Video):
@@ -154,16 +160,17 @@ class Video(_Frozen, sb3.Video):
         n, t, c, h, w = array.shape
         if min(n, t, h, w) == 0:
             raise ValueError(f"Video frames must not be empty; got shape {array.shape}")
-        if c not in _CHANNELS:
+        if c not in CHANNELS:
             raise ValueError(
                 f"Video frames must have 1, 3 or 4 channels on axis C; got shape {array.shape} "
                 "(is it (T,H,W,C)? use frames.transpose(0, 3, 1, 2))"
             )
-        if isinstance(fps, bool) or not isinstance(fps, int | float | np.number):
+        # fps comes from the caller, whatever its annotation says: check it at run time.
+        if isinstance(fps, bool) or not isinstance(fps, int | float | np.number):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"Video fps must be a number, not {type(fps).__name__}")
-        if not (math.isfinite(fps) and _MIN_FPS <= fps <= _MAX_FPS):
+        if not (math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
             raise ValueError(
-                f"Video fps must be a number in [{_MIN_FPS}, {_MAX_FPS}] (and > 0); got {fps}"
+                f"Video fps must be a number in [{MIN_FPS}, {MAX_FPS}] (and > 0); got {fps}"
             )
         pixels = _to_uint8(array, "Video frames")
         pixels.flags.writeable = False
@@ -206,7 +213,7 @@ class Image(_Frozen, sb3.Image):
                 array = array[..., np.newaxis]
                 layout += letter
         array = np.transpose(array, [layout.index(letter) for letter in "NHWC"])
-        if array.shape[3] not in _CHANNELS:
+        if array.shape[3] not in CHANNELS:
             raise ValueError(
                 f"Image with dataformats {dataformats!r} has {array.shape[3]} channels; "
                 "expected 1, 3 or 4"
@@ -270,10 +277,12 @@ class Figure(_Frozen, sb3.Figure):
     def __init__(self, figure: matplotlib.figure.Figure, close: bool = True) -> None:
         from matplotlib.figure import Figure as MplFigure
 
-        if not isinstance(figure, MplFigure):
+        # Checked at run time too: callers (SB3 code among them) pass anything.
+        if not isinstance(figure, MplFigure):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"Figure needs a matplotlib Figure, not {type(figure).__name__}")
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
+        # matplotlib types savefig's **kwargs without an annotation
+        figure.savefig(buffer, format="png")  # pyright: ignore[reportUnknownMemberType]
         png = buffer.getvalue()
         self.figure = figure
         self.close = bool(close)
@@ -315,18 +324,20 @@ class HParam(_Frozen, sb3.HParam):
         hparam_dict: Mapping[str, object],
         metric_dict: Mapping[str, float | np.floating[Any] | np.integer[Any]] | None = None,
     ) -> None:
-        if not isinstance(hparam_dict, Mapping):
+        # The arguments come from user code: check them whatever their annotations say.
+        if not isinstance(hparam_dict, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(
                 f"HParam hparam_dict must be a mapping, not {type(hparam_dict).__name__}"
             )
-        self.hparam_dict = _freeze_params(hparam_dict, "hparam_dict")
-        if metric_dict is not None and not isinstance(metric_dict, Mapping):
+        self.hparam_dict = _freeze_params(hparam_dict, "hparam_dict", ())
+        _check_flat_names(self.hparam_dict)
+        if metric_dict is not None and not isinstance(metric_dict, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(
                 f"HParam metric_dict must be a mapping, not {type(metric_dict).__name__}"
             )
         metrics: dict[str, float] = {}
         for name, value in (metric_dict or {}).items():
-            if not isinstance(name, str) or not name:
+            if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise ValueError(f"HParam metric_dict key {name!r} must be a non-empty str")
             scalar = _scalar_or_none(value)
             if scalar is None:
@@ -352,35 +363,66 @@ class HParam(_Frozen, sb3.HParam):
         """``hparam_dict`` as plain, JSON-ready dicts and lists."""
         plain = to_plain(self.hparam_dict)
         assert isinstance(plain, dict)
-        return plain
+        return cast("dict[str, object]", plain)
 
     def __repr__(self) -> str:
         return f"HParam({dict(self.hparam_dict)!r}, {dict(self.metric_dict)!r})"
 
 
-def _freeze_params(params: Mapping[Any, object], where: str) -> Mapping[str, HParamValue]:
+def _freeze_params(
+    params: Mapping[Any, object], where: str, inside: tuple[int, ...]
+) -> Mapping[str, HParamValue]:
+    if id(params) in inside:
+        raise ValueError(f"HParam {where} contains itself")
+    inside = (*inside, id(params))
     frozen: dict[str, HParamValue] = {}
     for name, value in params.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"HParam {where} key {name!r} must be a non-empty str")
-        frozen[name] = _freeze_param(value, f"{where}[{name!r}]")
+        frozen[name] = _freeze_param(value, f"{where}[{name!r}]", inside)
     return MappingProxyType(frozen)
 
 
-def _freeze_param(value: object, where: str) -> HParamValue:
+def _freeze_param(value: object, where: str, inside: tuple[int, ...]) -> HParamValue:
     if value is None or isinstance(value, str):
         return value
     scalar = _scalar_or_none(value)
     if scalar is not None:
         return scalar
     if isinstance(value, Mapping):
-        return _freeze_params(value, where)
+        return _freeze_params(cast("Mapping[Any, object]", value), where, inside)
     if isinstance(value, list | tuple):
-        return tuple(_freeze_param(item, f"{where}[{i}]") for i, item in enumerate(value))
+        items = cast("list[object] | tuple[object, ...]", value)
+        if id(items) in inside:
+            raise ValueError(f"HParam {where} contains itself")
+        within = (*inside, id(items))
+        return tuple(_freeze_param(item, f"{where}[{i}]", within) for i, item in enumerate(items))
     raise TypeError(
         f"HParam {where} has unsupported type {type(value).__name__}; "
         "use bool, int, float, str, None, a list or a nested dict (or str(value))"
     )
+
+
+def _check_flat_names(params: Mapping[str, HParamValue]) -> None:
+    """Refuse two entries that become one name once nested names are joined with ``.``
+    (as MLflow params, W&B's flat keys and TensorBoard's HPARAMS tab name them)."""
+    seen: dict[str, str] = {}
+
+    def walk(mapping: Mapping[str, HParamValue], prefix: str, where: str) -> None:
+        for name, value in mapping.items():
+            here = f"{where}[{name!r}]"
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{name}.", here)
+                continue
+            flat = f"{prefix}{name}"
+            if flat in seen:
+                raise ValueError(
+                    f"HParam {seen[flat]} and {here} both become {flat!r} once nested names "
+                    "are joined with '.' (as MLflow and W&B name them); rename one"
+                )
+            seen[flat] = here
+
+    walk(params, "", "hparam_dict")
 
 
 def _flatten(
@@ -465,12 +507,14 @@ def _scalar_or_none(value: object) -> bool | int | float | None:
     if kind is float or kind is int or kind is bool:
         return value  # type: ignore[return-value]  # narrowed by the exact type check above
     if isinstance(value, np.generic):
+        # pyright's isinstance() narrowing leaves numpy's type parameter Unknown (mypy
+        # makes it Any, and calls a cast to the same type redundant).
         if isinstance(value, np.bool_):
-            return bool(value)
+            return bool(cast("np.bool_[bool]", value))
         if isinstance(value, np.integer):
-            return int(value)
+            return int(value)  # pyright: ignore[reportUnknownArgumentType]
         if isinstance(value, np.floating):
-            return float(value)
+            return float(value)  # pyright: ignore[reportUnknownArgumentType]
         return None
     if isinstance(value, bool | int | float):  # subclasses, e.g. IntEnum
         return value
@@ -546,11 +590,12 @@ def normalise(key: str, value: object) -> LogValue:
         _check_encodable(key, value, "the text")
         return Text(str(value))  # a plain str, also for subclasses such as np.str_
     if isinstance(value, np.ma.MaskedArray):
-        return _array_value(key, np.ma.compressed(value))  # only the unmasked values
+        masked = cast("np.ma.MaskedArray[tuple[int, ...], np.dtype[Any]]", value)
+        return _array_value(key, np.ma.compressed(masked))  # only the unmasked values
     if isinstance(value, np.ndarray):
-        return _array_value(key, value)
+        return _array_value(key, cast("npt.NDArray[Any]", value))
     if isinstance(value, list | tuple):
-        return _sequence_value(key, value)
+        return _sequence_value(key, cast("list[object] | tuple[object, ...]", value))
     if value is None:
         raise TypeError(
             f"cannot log {key!r}: the value is None; skip the record() call when there is "
@@ -563,14 +608,15 @@ def normalise(key: str, value: object) -> LogValue:
         )
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        if value.is_complex():
-            _reject(key, value)
+        tensor = cast("_Tensor", value)
+        if tensor.is_complex():
+            _reject(key, tensor)
         try:
-            array = _tensor_to_numpy(value)
+            array = _tensor_to_numpy(tensor)
         except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
             raise TypeError(
-                f"cannot log {key!r}: this torch tensor ({value.dtype}, layout {value.layout}, "
-                f"device {value.device}) has no NumPy form: {error}"
+                f"cannot log {key!r}: this torch tensor ({tensor.dtype}, layout {tensor.layout}, "
+                f"device {tensor.device}) has no NumPy form: {error}"
             ) from error
         return _array_value(key, array)
     return _from_sb3(key, value)

@@ -43,11 +43,15 @@ class CsvOutputFormat(OutputFormat):
         if not self.path.exists() or self.path.stat().st_size == 0:
             return []
         with open(self.path, newline="", encoding="utf-8") as existing:
-            header = next(csv.reader(existing), [])
+            no_header: list[str] = []
+            header = next(csv.reader(existing), no_header)
         if tuple(header[:2]) != _RESERVED:
             raise ValueError(
                 f"{self.path} exists but is not a tracklog CSV file (its header starts "
-                f"{header[:3]}); choose another path or run_dir"
+                f"{header[:3]}; tracklog's starts {list(_RESERVED)}, so it would not "
+                "continue it but mix two layouts). If it is SB3's own progress.csv of an "
+                "earlier run, move it away or log to another folder; otherwise choose "
+                "another path or run_dir"
             )
         return header[2:]
 
