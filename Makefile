@@ -40,7 +40,7 @@ lint: install-dev
 
 typecheck: install-dev
 	$(BIN)/mypy --strict
-	$(BIN)/pyright
+	$(BIN)/pyright -p .
 
 # PostgreSQL for the scale tests and bench-scale, from Debian's packages if missing
 # (CI runs as root on a clean machine); tests/postgres.py starts a throwaway cluster
