@@ -51,7 +51,7 @@ from mlflow.entities import Run
 
 import tracklog
 from tests.tensorboard_readback import read_events, scalars
-from tracklog._outbox import DeliveryError, RemoteOutput, RunDirBusyError
+from tracklog._outbox import _POLL_EVERY, DeliveryError, RemoteOutput, RunDirBusyError
 from tracklog._queue import find_queues
 from tracklog._service import service
 from tracklog.readers import read_csv, read_jsonl
@@ -736,6 +736,9 @@ def test_a_killed_delivery_process_is_reported_replaced_and_nothing_is_lost_or_d
     os.kill(old, signal.SIGKILL)
     wait_until_exited(old)
     seen = len(caplog.records)
+    # dump() looks for reports and a dead process at most every _POLL_EVERY (a burst of
+    # dumps makes no pipe read or waitpid each): the next dump after that interval.
+    time.sleep(_POLL_EVERY + 0.01)
     dump(300)
     reports = [
         record

@@ -11,9 +11,10 @@ the first logger that needs it, and keeps two pipes to it:
   trainer reads them without blocking at each ``dump()``, ``flush()`` and ``close()``
   and shows them there (``warnings.warn`` or the ``tracklog`` logger).
 
-If the delivery process dies, the next ``dump()`` reports it and starts a new one,
-which continues every open queue from its acks. A forked child of the trainer does
-not inherit it: the child's copies of the pipes are closed at fork.
+If the delivery process dies, the next ``dump()`` (dumps look at most every 50 ms)
+reports it and starts a new one, which continues every open queue from its acks. A
+forked child of the trainer does not inherit it: the child's copies of the pipes are
+closed at fork.
 """
 
 from __future__ import annotations
