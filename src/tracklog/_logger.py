@@ -104,7 +104,8 @@ class Logger(sb3.Logger):
         self._valid_keys: set[str] = set()  # keys check_key accepted
         # on_bad_value: report: a refused key or value is said once per key, then skipped.
         self._report_bad_values = settings is not None and settings.on_bad_value == "report"
-        self._max_media_bytes = settings.max_media_bytes if settings is not None else 2**30
+        limit = settings.max_media_bytes if settings is not None else None
+        self._max_media_bytes: int = limit or LoggerSettings.model_fields["max_media_bytes"].default
         self._reported_keys: set[str] = set()
         self._seq = itertools.count()
         self._isolation = Isolation(strict=strict)
@@ -151,17 +152,32 @@ class Logger(sb3.Logger):
                 self.name_to_value[key] = value
                 self.name_to_excluded[key] = ()
             return
+        normalised = self._accepted(key, value)
+        if normalised is not None:
+            self._store(key, normalised, exclude)
+            self._valid_keys.add(key)
+
+    def _accepted(self, key: str, value: object, *, number: bool = False) -> LogValue | None:
+        """``value`` as a LogValue, checked; if it is refused, raise, or with
+        ``on_bad_value: report`` say so (once per key) and return None."""
         try:
             normalised = normalise(check_key(key), value)
+            if number and not isinstance(normalised, Scalar):
+                raise TypeError(f"record_mean({key!r}) needs a number, not {type(value).__name__}")
             if isinstance(normalised, Video | Image):
                 self._check_media_size(key, normalised)
+            return normalised
         except (TypeError, ValueError) as error:
             if not self._report_bad_values:
                 raise
-            self._report_bad_value(key, error)
-            return
-        self._store(key, normalised, exclude)
-        self._valid_keys.add(key)
+            name = key if isinstance(key, str) else repr(key)[:200]  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            if name not in self._reported_keys:
+                if len(self._reported_keys) < _REPORTED_KEYS:
+                    self._reported_keys.add(name)
+                _log.warning(
+                    "tracklog: %s; skipped (on_bad_value: report; said once for this key)", error
+                )
+            return None
 
     def _check_media_size(self, key: str, value: Video | Image) -> None:
         pixels = value.frames if isinstance(value, Video) else value.image
@@ -173,15 +189,6 @@ class Logger(sb3.Logger):
                 "or raise the setting"
             )
 
-    def _report_bad_value(self, key: object, error: Exception) -> None:
-        """``on_bad_value: report``: say (once per key) what record() refused, and go on."""
-        name = key if isinstance(key, str) else repr(key)[:200]
-        if name in self._reported_keys:
-            return
-        if len(self._reported_keys) < _REPORTED_KEYS:
-            self._reported_keys.add(name)
-        _log.warning("tracklog: %s; skipped (on_bad_value: report; said once for this key)", error)
-
     def record_mean(self, key: str, value: MeanValue, exclude: Exclude = None) -> None:
         """Average ``value`` over the calls before the next dump, exactly as SB3 does.
 
@@ -190,15 +197,9 @@ class Logger(sb3.Logger):
         """
         if value is None:
             return
-        try:
-            number = normalise(check_key(key), value)
-            if not isinstance(number, Scalar):
-                raise TypeError(f"record_mean({key!r}) needs a number, not {type(value).__name__}")
-        except (TypeError, ValueError) as error:
-            if not self._report_bad_values:
-                raise
-            self._report_bad_value(key, error)
-            return
+        number = self._accepted(key, value, number=True)
+        if not isinstance(number, Scalar):
+            return  # refused and reported (on_bad_value: report)
         # name_to_value is typed dict[str, float] by SB3 but holds any recorded value.
         previous = cast(object, self.name_to_value.get(key, 0.0))
         old = previous if isinstance(previous, int | float) else 0.0  # media before: restart

@@ -273,21 +273,20 @@ class _Reports:
             # The trainer is gone, or its logger closed: its terminal still shows stderr.
             print(f"tracklog delivery: {message}", file=sys.stderr, flush=True)
             return
-        line = json.dumps({"queue": queue, "level": level, "message": message, "warning": warning})
-        with self._cond:
-            self._lines.append(line.encode() + b"\n")
-            self._cond.notify()
+        self._put({"queue": queue, "level": level, "message": message, "warning": warning})
 
     def answer(self, queue: str, op: str) -> None:
         """Answer the trainer's round trip after every report made so far (the same
         pipe, in order); after "closed", later reports of ``queue`` go to stderr."""
         if self._pipe is not None and queue not in self.detached:
-            line = json.dumps({"queue": queue, "op": op})
-            with self._cond:
-                self._lines.append(line.encode() + b"\n")
-                self._cond.notify()
+            self._put({"queue": queue, "op": op})
         if op == "closed":
             self.detached.add(queue)
+
+    def _put(self, line: dict[str, object]) -> None:
+        with self._cond:
+            self._lines.append(json.dumps(line).encode() + b"\n")
+            self._cond.notify()
 
     def _run(self) -> None:
         while True:
