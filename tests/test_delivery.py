@@ -992,18 +992,13 @@ def test_a_record_that_is_not_a_row_is_reported_with_its_position_and_skipped(
             logger.record("loss", _loss(step))
             logger.dump(step)
         assert logger.flush(30)
-        # Someone who can write the run_dir appends records of their own, as another
-        # SQLite connection would: a pickle and a JSON document of the wrong shape.
+        # Records that are not rows reach the queue (a bug, a foreign writer): a
+        # pickle and a JSON document of the wrong shape.
         (queue,) = find_queues(run_dir)
-        with contextlib.closing(sqlite3.connect(queue / "queue.db")) as db, db:
-            for body in (pickle.dumps(Pwn(pwned)), '{"values": {"a": {"type": "??"}}}'):
-                db.execute("INSERT INTO messages (kind, body) VALUES ('row', ?)", (body,))
-        bad = [
-            seq
-            for (seq,) in sqlite3.connect(queue / "queue.db").execute(
-                "SELECT seq FROM messages ORDER BY seq DESC LIMIT 2"
-            )
-        ]
+        outbox = logger._outbox  # pyright: ignore[reportPrivateUsage]
+        assert outbox is not None
+        bodies = (pickle.dumps(Pwn(pwned)).decode("latin-1"), '{"values": {"a": {"type": "??"}}}')
+        bad = [outbox.queue.append("row", body) for body in bodies]
         for step in range(3, 6):
             logger.record("loss", _loss(step))
             logger.dump(step)

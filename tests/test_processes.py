@@ -51,6 +51,7 @@ from mlflow.entities import Run
 
 import tracklog
 from tests.tensorboard_readback import read_events, scalars
+from tracklog import _inbox
 from tracklog._outbox import _POLL_EVERY, DeliveryError, RemoteOutput, RunDirBusyError
 from tracklog._queue import find_queues
 from tracklog._service import service
@@ -107,15 +108,20 @@ def the_queue(run_dir: Path) -> Path:
     return queue
 
 
-def committed(queue: Path) -> int:
-    """How many messages were ever appended to ``queue`` (SQLite's AUTOINCREMENT
-    counter: it never goes back, also once delivered messages are deleted)."""
+def committed(queue: Path) -> tuple[int, int]:
+    """How many messages were ever appended to ``queue`` (the highest seq, in queue.db
+    or still in its inbox), and the inbox's size: an append changes both."""
     db = sqlite3.connect(f"file:{queue / 'queue.db'}?mode=ro", uri=True)
     try:
         row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
     finally:
         db.close()
-    return int(row[0])
+    seq, size = int(row[0]), 0
+    for path in sorted(queue.glob("inbox-*.log")):
+        data = path.read_bytes()
+        size += len(data)
+        seq = max([seq, *(record.seq for record in _inbox.parse(data, final=True)[0])])
+    return seq, size
 
 
 def alive(pid: int) -> bool:
@@ -321,11 +327,21 @@ def run_id_of(logger):
 
 
 def committed():
-    db = sqlite3.connect(f"file:{run_dir}/spool/queue-0/queue.db?mode=ro", uri=True)
+    from pathlib import Path
+    from tracklog import _inbox
+
+    queue = Path(run_dir) / "spool" / "queue-0"
+    db = sqlite3.connect(f"file:{queue}/queue.db?mode=ro", uri=True)
     try:
-        return db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()[0]
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()[0]
     finally:
         db.close()
+    size = 0
+    for path in sorted(queue.glob("inbox-*.log")):
+        data = path.read_bytes()
+        size += len(data)
+        seq = max([seq, *(record.seq for record in _inbox.parse(data, final=True)[0])])
+    return [seq, size]
 
 
 logger = tracklog.build_logger({"run_dir": run_dir, "outputs": [{"type": "jsonl"}, mlflow()]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -559,19 +561,44 @@ def test_a_pickled_row_body_runs_nothing(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def raw_record(seq: int, kind: int, body: bytes, blobs: bytes = b"") -> bytes:
+    """An inbox record built by hand (a foreign writer), with a valid checksum."""
+    rest = struct.pack("<qBI", seq, kind, len(body)) + body + blobs
+    return struct.pack("<4sII", b"TLq\x01", len(rest), zlib.crc32(rest)) + rest
+
+
+def append_raw(directory: Path, record: bytes) -> None:
+    [segment] = sorted(directory.glob("inbox-*.log"))[-1:]
+    with segment.open("ab") as file:
+        file.write(record)
+
+
+def test_a_pickled_record_in_the_inbox_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pickle-ran"
+    queue = Queue.create(tmp_path / "queue-0", HEADER)
+    queue.close()
+    protocols = range(pickle.HIGHEST_PROTOCOL + 1)
+    for protocol in protocols:
+        payload = pickle.dumps(Trap(marker), protocol=protocol)
+        _armed(payload, marker)
+        append_raw(queue.directory, payload)  # as the whole record
+        append_raw(queue.directory, raw_record(protocol + 1, 1, payload))  # as a row's body
+    read = read_fresh(queue.directory)
+    assert [message.seq for message in read] == [protocol + 1 for protocol in protocols]
+    for message in read:
+        with pytest.raises(CodecError):
+            decode_row(message.body, queue.blobs)
+    assert not marker.exists()
+
+
 # Regression: Queue.read() decoded the body column as strict UTF-8, so one record whose
 # bytes are not UTF-8 (a bad sector, a foreign writer) raised sqlite3.OperationalError for
 # every read() whose batch held it, and the records after it were never delivered.
 def test_a_record_that_is_not_utf8_is_refused_and_the_rest_read(tmp_path: Path) -> None:
     queue = Queue.create(tmp_path / "queue-0", HEADER)
     queue.append("line", "before")
-    hostile = sqlite3.connect(queue.directory / "queue.db")
-    hostile.execute(
-        "INSERT INTO messages (kind, body, blobs) VALUES ('row', CAST(? AS TEXT), '')",
-        (b"\xff\x80 not utf-8",),
-    )
-    hostile.commit()
-    hostile.close()
+    append_raw(queue.directory, raw_record(2, 1, b"\xff\x80 not utf-8"))
+    queue._writer.seq = 2  # type: ignore[union-attr]  # the foreign writer took seq 2
     queue.append("line", "after")
     queue.close()
     read = read_fresh(queue.directory)
@@ -1428,6 +1455,7 @@ def _fill_and_append(disk: Path, queue: Queue) -> None:
     seqs = [append_row(queue, row) for row in written]
     blobs_before = sorted(os.listdir(queue.blobs))
     assert blobs_before == ["0-0.npy"]
+    assert [m.seq for m in read_fresh(directory)] == seqs  # moved into queue.db
     filler = _fill(disk)
 
     # Its array cannot be written to blobs/ (numpy reports a short write without errno).
@@ -1437,11 +1465,23 @@ def _fill_and_append(disk: Path, queue: Queue) -> None:
     small = big_histogram_row(2, count=10)
     body, names = encode_row(small, {}, {}, queue.blobs)
     assert names == []
+    # A short record may still fit the inbox's last allocated page; a long one cannot.
+    # An append that fails leaves no part of its record behind and takes no number.
     attempts: list[tuple[Kind, str]] = [("row", body), ("line", "x" * 10_000), ("flush", "")]
+    failed = 0
     for kind, text in attempts:
-        with pytest.raises(sqlite3.OperationalError, match="full"):
-            queue.append(kind, text)
-    assert [m.seq for m in read_fresh(directory)] == seqs  # readable on the full disk too
+        sizes = {path.name: path.stat().st_size for path in directory.glob("inbox-*.log")}
+        try:
+            seqs.append(queue.append(kind, text))
+            written.append(small if kind == "row" else kind)  # type: ignore[arg-type]
+        except OSError as error:
+            assert error.errno == errno.ENOSPC  # noqa: PT017  # some appends may succeed
+            failed += 1
+            after = {path.name: path.stat().st_size for path in directory.glob("inbox-*.log")}
+            assert after == sizes
+    assert failed >= 1
+    # Readable on the full disk too: what was moved before (moving more needs room).
+    assert [m.seq for m in read_fresh(directory)][:2] == seqs[:2]
 
     filler.unlink()
     seqs.append(queue.append("row", body))  # the caller tries again once there is room
@@ -1449,5 +1489,7 @@ def _fill_and_append(disk: Path, queue: Queue) -> None:
     assert seqs[-1] == seqs[-2] + 1  # the failed appends took no number
     read = read_fresh(directory)
     assert [message.seq for message in read] == seqs
-    for message, row in zip(read, written, strict=True):
+    rows = [(m, row) for m, row in zip(read, written, strict=True) if isinstance(row, Row)]
+    assert [m.kind for m, _ in rows] == ["row"] * len(rows)
+    for message, row in rows:
         assert_same_row(decode_row(message.body, directory / BLOBS), row, {}, {})

@@ -292,8 +292,11 @@ class Delivery:
 
     def _loop(self, worker: _Worker) -> None:
         while not worker.closed:
-            gone = self._trainer_gone()  # before reading: rows committed before it count
+            gone = self._trainer_gone()  # before reading: rows written before it count
+            if gone:  # and a record it left unfinished is dropped
+                self.queue.ingest(final=True)
             messages = self.queue.read(worker.cursor, _BATCH)
+            self._report_problems()
             if not messages:
                 if gone:
                     self._end_orphaned(worker)
@@ -307,6 +310,15 @@ class Delivery:
                     return
                 worker.cursor = group[-1].seq
                 self.queue.ack(worker.consumer, worker.cursor)
+
+    def _report_problems(self) -> None:
+        """Say what moving the inbox skipped (damaged bytes), once each."""
+        while self.queue.problems:
+            try:
+                problem = self.queue.problems.pop(0)
+            except IndexError:  # another worker said it
+                return
+            self._report(logging.ERROR, f"tracklog: the queue's inbox {problem}")
 
     def _end_orphaned(self, worker: _Worker) -> None:
         """The trainer ended without close(): end the run as it ended (KILLED, or

@@ -2,11 +2,14 @@
 
 A queue is a directory (``<spool_dir>/queue-<N>/``, mode 0700) holding:
 
-- ``queue.db``: SQLite in WAL mode. ``messages(seq, kind, body, blobs)`` is appended
-  to by the training thread, one committed ``INSERT`` per ``dump()`` (so the row
-  survives the process being killed by any signal once ``dump()`` returns);
-  ``meta(key, value)`` holds the header (settings without secrets, run identities)
-  and the owner (the trainer's pid).
+- ``inbox-<N>.log``: what the training thread appends to, one ``write`` per message
+  (see :mod:`tracklog._inbox`), so a row survives the process being killed by any
+  signal once ``dump()`` returns.
+- ``queue.db``: SQLite in WAL mode. ``messages(seq, kind, body, blobs)`` holds the
+  messages moved out of the inbox by whoever delivers (:meth:`Queue.ingest`, in the
+  same transaction as how far it got, ``meta('inbox')``); ``meta(key, value)`` also
+  holds the header (settings without secrets, run identities) and the owner (the
+  trainer's pid).
 - ``acks.db``: SQLite in WAL mode, written only by whoever delivers: ``acks(consumer,
   seq)``, how far each output got, and ``state(consumer, key, value)``, what an output
   publishes (an MLflow run id) so a restarted delivery continues the same run.
@@ -23,17 +26,22 @@ Every file is opened without following symlinks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
+from tracklog import _inbox
 from tracklog._codec import BLOBS, open_nofollow, remove_blobs
+from tracklog._inbox import InboxWriter, segment_path
 
 __all__ = [
     "MEDIA",
@@ -51,6 +59,9 @@ KINDS: Final = frozenset(("row", "line", "failed", "flush", "close"))
 FORMAT: Final = 2
 _QUEUE: Final = "queue.db"
 _ACKS: Final = "acks.db"
+_log = logging.getLogger("tracklog")
+#: At most this much of the inbox is read at once (a replay of a long backlog).
+_READ_BYTES: Final = 8 << 20
 #: The consumer that encodes the JSONL/CSV media files a row names.
 MEDIA: Final = "media"
 
@@ -153,6 +164,12 @@ class Queue:
         self._db = _connect(directory / _QUEUE, create=False)
         _wal(self._db, fsync=fsync)
         self._acks: sqlite3.Connection | None = None
+        self._writer: InboxWriter | None = None
+        self._ingesting = threading.Lock()
+        self._reading: tuple[int, int] | None = None  # (segment, fd) being ingested
+        self._refused: set[int] = set()  # segments found to be symlinks
+        #: What ingest() skipped, said once each (the delivery side reports them).
+        self.problems: list[str] = []
 
     # Creating (training side) ----------------------------------------------------------
     @classmethod
@@ -193,16 +210,147 @@ class Queue:
         # The trainer never checkpoints: that could take milliseconds inside dump().
         # Whoever delivers does, after deleting what every output has.
         queue._db.execute("PRAGMA wal_autocheckpoint=0")
+        queue._writer = InboxWriter(directory, segment=0, seq=0, fsync=fsync)
         return queue
 
     def append(self, kind: Kind, body: str = "", blobs: str = "") -> int:
-        """Append one message, committed before this returns; its sequence number."""
-        cursor = self._db.execute(
-            "INSERT INTO messages (kind, body, blobs) VALUES (?, ?, ?)", (kind, body, blobs)
-        )
-        seq = cursor.lastrowid
-        assert seq is not None
-        return seq
+        """Append one message to the inbox, there before this returns; its sequence
+        number. One process appends to a queue at a time (the trainer's lock)."""
+        if self._writer is None:  # a queue opened again (a test, a tool): continue it
+            self.ingest(final=True)
+            newest = max(_inbox.segments(self.directory), default=-1)
+            self._writer = InboxWriter(
+                self.directory,
+                segment=max(newest + 1, self._position()[0]),
+                seq=self.last_seq(),
+                fsync=self.fsync,
+            )
+        return self._writer.append(kind, body, blobs)
+
+    # Moving the inbox into queue.db (delivery side) -------------------------------------
+    def _position(self) -> tuple[int, int, int]:
+        """How far the inbox was moved: (segment, byte offset, highest seq)."""
+        text = self.meta("inbox")
+        if text is None:
+            return (0, 0, 0)
+        segment, offset, seq = (int(part) for part in text.split())
+        return (segment, offset, seq)
+
+    def _segment_fd(self, segment: int) -> int | None:
+        if self._reading is not None:
+            if self._reading[0] == segment:
+                return self._reading[1]
+            os.close(self._reading[1])
+            self._reading = None
+        path = segment_path(self.directory, segment)
+        try:
+            fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO never blocks
+        except FileNotFoundError:
+            return None
+        except OSError as error:  # a symlink (ELOOP): never followed, never moved
+            if error.errno != errno.ELOOP:
+                raise
+            if segment not in self._refused:
+                self._refused.add(segment)
+                self.problems.append(f"{path} is a symlink; refused (nothing read from it)")
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"{path} is not a regular file; refused")
+        self._reading = (segment, fd)
+        return fd
+
+    def ingest(self, *, final: bool = False) -> int:
+        """Move what the inbox holds into ``messages``; how many messages. ``final``:
+        the trainer is gone, so a record cut short is an unfinished write, dropped.
+        Safe to run in several processes at once: each move is one transaction that
+        checks where the last one ended."""
+        with self._ingesting:
+            moved = 0
+            while True:
+                segment, offset, high = self._position()
+                newer = segment_path(self.directory, segment + 1).exists()
+                fd = self._segment_fd(segment)
+                if fd is None:
+                    if not newer:
+                        return moved
+                    self._advance(segment, offset, high, segment + 1)
+                    continue
+                size = os.fstat(fd).st_size
+                records: list[_inbox.Record] = []
+                problems: list[_inbox.Problem] = []
+                used = 0
+                if size > offset:
+                    data = os.pread(fd, min(size - offset, _READ_BYTES), offset)
+                    last = offset + len(data) == size
+                    records, used, problems = _inbox.parse(data, final=(newer or final) and last)
+                    if used == 0 and not last:  # one record larger than a read
+                        data = os.pread(fd, size - offset, offset)
+                        records, used, problems = _inbox.parse(data, final=newer or final)
+                fresh: list[_inbox.Record] = []
+                for record in records:  # numbered 1, 2, …: one that is not next is foreign
+                    if record.seq > max(high, fresh[-1].seq if fresh else 0):
+                        fresh.append(record)
+                    else:
+                        problems.append(_inbox.Problem(-1, record.seq, "out of order"))
+                if used:
+                    top = max([high, *(record.seq for record in fresh)])
+                    if not self._move(segment, offset, fresh, (segment, offset + used, top)):
+                        continue  # another process moved them meanwhile: look again
+                    moved += len(fresh)
+                    self._say(segment, offset, problems)
+                    if offset + used < size:
+                        continue
+                    offset, high = offset + used, top
+                if newer and offset >= size:
+                    self._advance(segment, offset, high, segment + 1)
+                    continue
+                return moved
+
+    def _say(self, segment: int, offset: int, problems: list[_inbox.Problem]) -> None:
+        path = segment_path(self.directory, segment)
+        for problem in problems:
+            if problem.offset < 0:
+                self.problems.append(
+                    f"{path}: message {problem.skipped} is numbered out of order (a "
+                    "foreign writer?); skipped"
+                )
+            else:
+                self.problems.append(
+                    f"{path} at byte {offset + problem.offset}: {problem.reason}; "
+                    f"{problem.skipped} byte(s) skipped"
+                )
+
+    def _move(
+        self,
+        segment: int,
+        offset: int,
+        records: list[_inbox.Record],
+        position: tuple[int, int, int],
+    ) -> bool:
+        """Insert ``records`` and set the position, if it still is (segment, offset)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._position()[:2] != (segment, offset):
+                self._db.execute("ROLLBACK")
+                return False
+            self._db.executemany(
+                "INSERT OR IGNORE INTO messages (seq, kind, body, blobs) VALUES (?, ?, ?, ?)",
+                [(record.seq, record.kind, record.body, record.blobs) for record in records],
+            )
+            self.set_meta("inbox", " ".join(str(part) for part in position))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return True
+
+    def _advance(self, segment: int, offset: int, high: int, to: int) -> None:
+        """Go on to segment ``to``; the old one, all moved, is deleted."""
+        if self._move(segment, offset, [], (to, 0, high)):
+            with contextlib.suppress(FileNotFoundError):
+                segment_path(self.directory, segment).unlink()
 
     # Reading (delivery side) -----------------------------------------------------------
     def header(self) -> dict[str, Any]:
@@ -222,7 +370,18 @@ class Queue:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def _take_inbox(self) -> None:
+        """A reader first moves what the inbox holds (the trainer never does). If that
+        fails (a full disk, a locked database), it reads what was moved before; the
+        rest stays in the inbox for the next look."""
+        if self._writer is None:
+            try:
+                self.ingest()
+            except (OSError, sqlite3.Error) as error:
+                _log.debug("tracklog: cannot move %s's inbox yet: %s", self.directory, error)
+
     def read(self, after: int, limit: int) -> list[Message]:
+        self._take_inbox()
         # As bytes, decoded here: one record that is not UTF-8 (a foreign writer, a bad
         # sector) must fail alone when it is decoded, not every read that holds it.
         rows = self._db.execute(
@@ -236,6 +395,7 @@ class Queue:
         ]
 
     def last_seq(self) -> int:
+        self._take_inbox()
         row = self._db.execute("SELECT max(seq) FROM messages").fetchone()
         return int(row[0]) if row and row[0] is not None else self._deleted_up_to()
 
@@ -244,6 +404,7 @@ class Queue:
         return int(row[0]) if row else 0
 
     def has_kind(self, kind: Kind) -> bool:
+        self._take_inbox()
         row = self._db.execute("SELECT 1 FROM messages WHERE kind = ? LIMIT 1", (kind,)).fetchone()
         return row is not None
 
@@ -251,7 +412,10 @@ class Queue:
         """Messages some consumer has not acked yet."""
         low = min((self.acked(name) for name in consumers), default=self.last_seq())
         row = self._db.execute("SELECT count(*) FROM messages WHERE seq > ?", (low,)).fetchone()
-        return int(row[0])
+        if self._writer is None:
+            return int(row[0])
+        # The trainer: and what is still in the inbox (it does not move it itself).
+        return int(row[0]) + max(0, self._writer.seq - max(low, self._position()[2]))
 
     def forget(self, up_to: int) -> None:
         """Delete messages up to ``up_to`` (every consumer has them) and their blobs."""
@@ -303,6 +467,12 @@ class Queue:
         return Lock(self.directory / "delivery.lock")
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._reading is not None:
+            os.close(self._reading[1])
+            self._reading = None
         self._db.close()
         if self._acks is not None:
             self._acks.close()
