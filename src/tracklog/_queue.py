@@ -168,6 +168,9 @@ class Queue:
         self._ingesting = threading.Lock()
         self._reading: tuple[int, int] | None = None  # (segment, fd) being ingested
         self._refused: set[int] = set()  # segments found to be symlinks
+        #: The inbox position this connection last committed: a look that finds nothing
+        #: new costs a stat and an fstat, no query (a move checks it in its transaction).
+        self._known: tuple[int, int, int] | None = None
         #: What ingest() skipped, said once each (the delivery side reports them).
         self.problems: list[str] = []
 
@@ -268,10 +271,13 @@ class Queue:
         with self._ingesting:
             moved = 0
             while True:
-                segment, offset, high = self._position()
+                segment, offset, high = self._known or self._position()
                 newer = segment_path(self.directory, segment + 1).exists()
                 fd = self._segment_fd(segment)
                 if fd is None:
+                    if not newer and self._known is not None:
+                        self._known = None  # perhaps another process moved on: look
+                        continue
                     if not newer:
                         return moved
                     self._advance(segment, offset, high, segment + 1)
@@ -329,6 +335,7 @@ class Queue:
         position: tuple[int, int, int],
     ) -> bool:
         """Insert ``records`` and set the position, if it still is (segment, offset)."""
+        self._known = None  # until this commits
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if self._position()[:2] != (segment, offset):
@@ -344,6 +351,7 @@ class Queue:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+        self._known = position
         return True
 
     def _advance(self, segment: int, offset: int, high: int, to: int) -> None:
