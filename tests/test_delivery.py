@@ -1013,6 +1013,44 @@ def test_a_record_that_is_not_a_row_is_reported_with_its_position_and_skipped(
         assert any(f"record {seq} of {queue}" in m for m in reported), reported
 
 
+def test_damaged_bytes_in_the_inbox_are_reported_with_their_position_and_the_rest_delivered(
+    run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    experiment = new_experiment()
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [
+                {"type": "jsonl"},
+                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment},
+            ],
+        }
+    )
+    with caplog.at_level(logging.ERROR, logger="tracklog"):
+        for step in range(3):
+            logger.record("loss", _loss(step))
+            logger.dump(step)
+        assert logger.flush(30)
+        # Bytes that are no record land in the inbox between two dumps (a bad sector,
+        # a foreign writer); the trainer's next records follow them.
+        (queue,) = find_queues(run_dir)
+        [segment] = sorted(queue.glob("inbox-*.log"))
+        where = segment.stat().st_size
+        with segment.open("ab") as file:
+            file.write(b"\x00not a record\xff" * 8)
+        for step in range(3, 6):
+            logger.record("loss", _loss(step))
+            logger.dump(step)
+        logger.close()
+    client = MlflowClient(mlflow_sqlite_uri)
+    run = only_run(client, experiment)
+    assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(6)]
+    assert run.info.status == "FINISHED"
+    reported = [m for m in messages(caplog.records) if "inbox" in m]
+    assert len(reported) == 1, reported
+    assert f"{segment} at byte {where}: not a record; 112 byte(s) skipped" in reported[0]
+
+
 # 7. Linger: fewer requests, never a wait at flush or close ----------------------------------
 
 
