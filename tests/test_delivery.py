@@ -971,21 +971,25 @@ class Pwn:
         return (os.system, (f"touch {self.path}",))
 
 
+def jsonl_and_sqlite_mlflow(run_dir: Path, tracking_uri: str, experiment: str) -> tracklog.Logger:
+    return tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [
+                {"type": "jsonl"},
+                {"type": "mlflow", "tracking_uri": tracking_uri, "experiment": experiment},
+            ],
+        }
+    )
+
+
 def test_a_record_that_is_not_a_row_is_reported_with_its_position_and_skipped(
     tmp_path: Path, run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     import pickle
 
     experiment = new_experiment()
-    logger = tracklog.build_logger(
-        {
-            "run_dir": str(run_dir),
-            "outputs": [
-                {"type": "jsonl"},
-                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment},
-            ],
-        }
-    )
+    logger = jsonl_and_sqlite_mlflow(run_dir, mlflow_sqlite_uri, experiment)
     pwned = tmp_path / "pwned"
     with caplog.at_level(logging.ERROR, logger="tracklog"):
         for step in range(3):
@@ -1017,15 +1021,7 @@ def test_damaged_bytes_in_the_inbox_are_reported_with_their_position_and_the_res
     run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     experiment = new_experiment()
-    logger = tracklog.build_logger(
-        {
-            "run_dir": str(run_dir),
-            "outputs": [
-                {"type": "jsonl"},
-                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment},
-            ],
-        }
-    )
+    logger = jsonl_and_sqlite_mlflow(run_dir, mlflow_sqlite_uri, experiment)
     with caplog.at_level(logging.ERROR, logger="tracklog"):
         for step in range(3):
             logger.record("loss", _loss(step))
