@@ -609,6 +609,33 @@ def test_plot_skips_infinities_and_draws_around_nan(in_process: Cli, tmp_path: P
     assert_rising_curve(run_dir / "plot.png", BLUE)
 
 
+def test_plot_starts_a_new_line_where_the_step_goes_back(in_process: Cli, tmp_path: Path) -> None:
+    """Two runs written into one progress file (a run_dir used again): the second run's
+    steps start again at 0, and it is drawn as a line of its own, never joined to the
+    first run's last point."""
+    run_dir = tmp_path / "twice"
+    for offset in (0.0, 100.0):
+        settings = {"run_dir": str(run_dir), "outputs": [{"type": "jsonl"}]}
+        with tracklog.build_logger(settings) as logger:
+            for step in range(60):
+                logger.record("x", offset + step)
+                logger.dump(step=step)
+    result = in_process("plot", run_dir, "-k", "x")
+    assert result.code == 0, result.stderr
+    assert "goes back 1 time(s)" in result.stderr
+    assert "holds more than one run" in result.stderr
+    points = assert_curve(run_dir / "plot.png", BLUE)
+    left, right = points[:, 1].min(), points[:, 1].max()
+    middle = points[np.abs(points[:, 1] - (left + right) / 2) <= 3]
+    rows = np.sort(middle[:, 0])
+    # Two lines cross the middle (x = 30 at y = 30 and y = 130), far apart; a line back
+    # from the first run's last point (59, 59) to the second's first (0, 100) would
+    # cross it between them, near y = 80.
+    gaps = np.diff(rows)
+    assert gaps.max() > 100
+    assert (gaps > 10).sum() == 1, rows
+
+
 def test_plot_missing_key_names_it_and_lists_the_available_ones(cli: Cli, short_run: Path) -> None:
     result = cli("plot", short_run, "--key", "rollout/ep_rew_mean", "--key", "rollout/ep_rew")
     assert result.code == 1

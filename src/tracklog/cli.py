@@ -22,6 +22,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -224,6 +225,17 @@ class _Series:
     x: list[float]
     y: list[float]
 
+    @property
+    def starts(self) -> list[int]:
+        """Where each line starts: at 0, and wherever x goes back (a second run written
+        into the same file, its steps starting again), which is never joined to the
+        line before it."""
+        return [0] + [i for i in range(1, len(self.x)) if self.x[i] < self.x[i - 1]]
+
+    def lines(self) -> list[tuple[list[float], list[float]]]:
+        bounds = [*self.starts, len(self.x)]
+        return [(self.x[a:b], self.y[a:b]) for a, b in itertools.pairwise(bounds)]
+
 
 def _read_progress(target: Path) -> tuple[Path, list[LoggedRow]]:
     """The rows of ``target``: a progress file, or a run directory holding one."""
@@ -330,7 +342,9 @@ def _draw(series: list[_Series], output: Path, arguments: argparse.Namespace, ti
     for index, line in enumerate(series):
         ax = axes[index if arguments.subplots else 0]
         marker = "o" if len(line.x) < 50 else None  # a single point must still show
-        ax.plot(line.x, line.y, label=line.key, marker=marker, markersize=3, color=f"C{index}")
+        for part, (x, y) in enumerate(line.lines()):
+            label = line.key if part == 0 else None
+            ax.plot(x, y, label=label, marker=marker, markersize=3, color=f"C{index}")
         ax.grid(True, alpha=0.3)
     for ax in axes:
         ax.legend(loc="best")
@@ -358,6 +372,13 @@ def _plot(arguments: argparse.Namespace) -> int:
         return 1
     points = sum(len(line.x) for line in series)
     print(f"wrote {output}: {len(series)} curve(s), {points} points from {source}")
+    back = max(len(line.starts) - 1 for line in series)
+    if back and arguments.x != "_timestamp":
+        print(
+            f"tracklog plot: {arguments.x} goes back {back} time(s) in {source}: it holds more "
+            "than one run (a run_dir used again?); each is drawn as a line of its own",
+            file=sys.stderr,
+        )
     return 0
 
 
