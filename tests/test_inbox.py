@@ -9,6 +9,7 @@ writer's memory. Cuts and damage are made on the real segment files.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Final
@@ -38,7 +39,7 @@ def read_all(directory: Path, *, final: bool = True) -> tuple[list[Message], lis
     queue = Queue(directory)
     try:
         queue.ingest(final=final)
-        return queue.read(0, 10**6), list(queue.problems)
+        return queue.read(0, 10**6), [text for _, text in queue.problems]
     finally:
         queue.close()
 
@@ -245,32 +246,175 @@ def test_a_queue_opened_again_continues_its_numbering(tmp_path: Path) -> None:
 
 
 # Links and special files ---------------------------------------------------------------------
-def test_a_symlinked_next_segment_is_refused_and_its_target_left_alone(
+def test_a_symlinked_next_segment_is_refused_and_every_row_still_arrives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Something not the writer's where the next segment goes: the writer cannot rotate
+    and goes on in its segment, which the reader keeps reading (it does not take the
+    link for a newer segment), and the link is reported; its target is never touched."""
     monkeypatch.setattr(_inbox, "SEGMENT_BYTES", 100)
     victim = tmp_path / "victim"
     victim.write_text("precious")
     writer = new_queue(tmp_path, "queue-0")
     _inbox.segment_path(writer.directory, 1).symlink_to(victim)
-    with pytest.raises(OSError, match=r"symbolic links"):
-        writer.append("line", "x" * 200)  # fills segment 0, then cannot open segment 1
+    bodies = [str(n) * 60 for n in range(5)]
+    for body in bodies:
+        writer.append("line", body)  # each past the segment's size: a rotation each
+        read_all(writer.directory, final=False)  # a reader looks in between
     writer.close()
-    assert victim.read_text() == "precious"
     read, problems = read_all(writer.directory)
-    assert [m.body for m in read] == ["x" * 200]  # it was written before the rotation
-    assert any("is a symlink; refused" in problem for problem in problems)
+    assert [m.body for m in read] == bodies
+    assert any("inbox-000001.log is a symlink; refused" in problem for problem in problems)
     assert victim.read_text() == "precious"
 
 
-def test_a_fifo_in_place_of_a_segment_never_blocks_a_reader(tmp_path: Path) -> None:
+def test_a_fifo_in_place_of_the_next_segment_never_blocks_a_reader(tmp_path: Path) -> None:
     writer = new_queue(tmp_path, "queue-0")
     writer.append("line", "before")
-    writer.close()
     os.mkfifo(_inbox.segment_path(writer.directory, 1))
-    queue = Queue(writer.directory)
+    writer.append("line", "after")
+    writer.close()
+    read, problems = read_all(writer.directory)
+    assert [m.body for m in read] == ["before", "after"]
+    assert any("inbox-000001.log is not a regular file" in problem for problem in problems)
+
+
+# Failures of the writer --------------------------------------------------------------------
+def test_a_record_written_whole_stays_when_only_its_fdatasync_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write finished (a reader may have moved it already), so the record is kept
+    and the numbering goes on after it; the caller still hears of the failure."""
+    writer = Queue.create(tmp_path / "queue-0", HEADER, fsync=True)
+    writer.append("line", "a")
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")  # EIO: a disk the test cannot break
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        writer.append("line", "b")
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert writer.append("line", "c") == 3
+    writer.close()
+    read, problems = read_all(tmp_path / "queue-0")
+    assert [(m.seq, m.body) for m in read] == [(1, "a"), (2, "b"), (3, "c")]
+    assert problems == []
+
+
+def test_a_record_cut_short_by_a_failed_write_is_taken_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = new_queue(tmp_path, "queue-0")
+    writer.append("line", "a")
+    real = os.write
+    calls = 0
+
+    def half_then_full(fd: int, data: bytes) -> int:  # a disk filling up mid-record
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real(fd, bytes(data)[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        writer.append("line", "b" * 100)
+    monkeypatch.setattr(os, "write", real)
+    assert writer.append("line", "c") == 2  # the failed one took no number
+    writer.close()
+    read, problems = read_all(tmp_path / "queue-0")
+    assert [(m.seq, m.body) for m in read] == [(1, "a"), (2, "c")]
+    assert problems == []
+
+
+# Readers that fell behind ------------------------------------------------------------------
+def test_a_reader_whose_segments_another_reader_moved_and_deleted_looks_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reader A keeps its position and its open segment between looks; reader B (a
+    replay) moves several segments meanwhile and deletes them. A's next look notices and
+    moves what came after, each message once, whether or not it is the final look."""
+    monkeypatch.setattr(_inbox, "SEGMENT_BYTES", 60)
+    writer = new_queue(tmp_path, "queue-0")
+    early, late = Queue(writer.directory), Queue(writer.directory)
+    writer.append("line", "1" * 40)  # segment 0 is full: the next append rotates
+    assert early.ingest() == 1  # A has all of segment 0, and has it open
+    for n in range(2, 8):
+        writer.append("line", str(n) * 40)  # a rotation at every append
+    assert late.ingest() == 6
+    assert len(_inbox.segments(writer.directory)) == 1  # moved ones are deleted
+    late.close()
+    for n in range(8, 11):
+        writer.append("line", str(n))
+    assert early.ingest() == 3
+    writer.append("line", "11")
+    writer.close()
+    assert early.ingest(final=True) == 1
+    early.close()
+    read, problems = read_all(writer.directory)
+    assert [m.seq for m in read] == list(range(1, 12))
+    assert problems == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(TEXT, min_size=2, max_size=12),
+    where=st.floats(0.0, 1.0, exclude_max=True),
+    flip=st.integers(1, 255),
+    chunk=st.integers(1, 300),
+)
+def test_a_damaged_stream_read_in_any_chunks_loses_only_the_damaged_record(
+    bodies: list[str], where: float, flip: int, chunk: int
+) -> None:
+    """As ``ingest`` reads a segment: in pieces (at most so many bytes at once, or what
+    the writer has written so far), each ``parse`` non-final but the one that reaches
+    the end. A magic cut by a piece's end must not be skipped with the damage."""
+    records = [_inbox.encode(i + 1, "line", body, "") for i, body in enumerate(bodies)]
+    starts = [sum(map(len, records[:i])) for i in range(len(records))]
+    data = bytearray(b"".join(records))
+    position = int(where * len(data))
+    data[position] ^= flip
+    damaged = max(i for i, start in enumerate(starts) if start <= position)
+    got: list[int] = []
+    at = 0
+    while at < len(data):
+        piece = bytes(data[at : at + chunk])
+        last = at + len(piece) == len(data)
+        found, used, _ = _inbox.parse(piece, final=last)
+        if used == 0 and not last:
+            found, used, _ = _inbox.parse(bytes(data[at:]), final=True)
+        got += [record.seq for record in found]
+        at += used
+    assert got == [i + 1 for i in range(len(bodies)) if i != damaged]
+
+
+# Formats and settings ----------------------------------------------------------------------
+def test_a_queue_of_the_format_before_the_inbox_is_still_read(tmp_path: Path) -> None:
+    old = Queue.create(tmp_path / "queue-0", {**HEADER, "format": 2})
+    old.close()
+    db = sqlite3.connect(tmp_path / "queue-0" / "queue.db")
+    with db:
+        db.execute("INSERT INTO messages (kind, body) VALUES ('line', 'from format 2')")
+    db.close()
+    queue = Queue(tmp_path / "queue-0")
     try:
-        with pytest.raises(OSError, match="not a regular file"):
-            queue.ingest(final=True)
+        assert queue.header()["format"] == 2
+        assert [m.body for m in queue.read(0, 10)] == ["from format 2"]
     finally:
         queue.close()
+
+
+def test_whoever_delivers_commits_as_durably_as_the_trainer_asked(tmp_path: Path) -> None:
+    """With ``delivery.fsync``, a reader opened without saying so still moves the inbox
+    with ``synchronous=FULL`` (it deletes segments after moving them)."""
+    for fsync, level in ((True, 2), (False, 1)):
+        directory = tmp_path / f"queue-{int(fsync)}"
+        Queue.create(directory, {**HEADER, "delivery": {"fsync": fsync}}, fsync=fsync).close()
+        reader = Queue(directory)
+        try:
+            assert reader.fsync is fsync
+            assert reader._move_db.execute("PRAGMA synchronous").fetchone()[0] == level  # pyright: ignore[reportPrivateUsage]
+        finally:
+            reader.close()

@@ -52,7 +52,11 @@ _BATCH: Final = 64  # rows handed over in one write_rows call
 #: The reporter of the queue the current thread delivers (the delivery process routes
 #: the warnings and log records of a backend's own code there).
 current = threading.local()
-_POLL: Final = 0.02  # seconds between looks at the queue when there is nothing to do
+_POLL: Final = 0.02  # seconds between looks at the inbox for new messages
+#: A worker with nothing to do waits to be told of new messages (one thread looks at the
+#: inbox for all of them, so an idle delivery process wakes once per _POLL, not once
+#: per output); it looks at the queue itself at least this often anyway.
+_IDLE: Final = 1.0
 _FORGET_EVERY: Final = 2.0  # seconds between deletions of what every output has
 
 
@@ -151,6 +155,9 @@ class Delivery:
         self._rows = _Rows(queue)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._arrived = threading.Condition()
+        self._arrivals = 0  # how often the watcher told the workers to look
+        self._watching = True
         #: monotonic time after which transient errors are no longer retried
         self._deadline = deadline
         self.workers = [
@@ -162,6 +169,28 @@ class Delivery:
     # Running ---------------------------------------------------------------------------
     def run(self) -> bool:
         """Deliver; True if every output got everything (the queue is then removed)."""
+        watcher = threading.Thread(target=self._watch, name="tracklog-inbox", daemon=True)
+        watcher.start()
+        try:
+            self._run_workers()
+        finally:
+            self._watching = False
+            watcher.join()
+        complete = all(worker.closed and not worker.gave_up for worker in self.workers)
+        self._forget()
+        if complete:
+            self._remove()
+        else:
+            left = self.queue.pending([worker.consumer for worker in self.workers])
+            self._report(
+                logging.ERROR,
+                f"tracklog: {left} message(s) could not be delivered in time and are kept in "
+                f"{self.queue.directory}. Deliver them later with:\n    "
+                f"{replay_command(self.queue.directory)}",
+            )
+        return complete
+
+    def _run_workers(self) -> None:
         for worker in self.workers:
             worker.cursor = self.queue.acked(worker.consumer)
             worker.thread = threading.Thread(
@@ -179,19 +208,30 @@ class Delivery:
             if time.monotonic() - last_forget >= _FORGET_EVERY:
                 last_forget = time.monotonic()
                 self._forget()
-        complete = all(worker.closed and not worker.gave_up for worker in self.workers)
-        self._forget()
-        if complete:
-            self._remove()
-        else:
-            left = self.queue.pending([worker.consumer for worker in self.workers])
-            self._report(
-                logging.ERROR,
-                f"tracklog: {left} message(s) could not be delivered in time and are kept in "
-                f"{self.queue.directory}. Deliver them later with:\n    "
-                f"{replay_command(self.queue.directory)}",
-            )
-        return complete
+
+    def _watch(self) -> None:
+        """Move the inbox into the queue every ``_POLL`` seconds, and wake the workers
+        when that brought messages, or once the trainer is gone."""
+        current.report = self._report
+        while self._watching:
+            gone = self._trainer_gone()
+            try:
+                moved = self.queue.ingest(final=gone)
+            except (OSError, sqlite3.Error) as error:  # a full disk: the workers look too
+                _log.debug("tracklog: cannot move %s's inbox: %s", self.queue.directory, error)
+                moved = 0
+            self._report_problems()
+            if moved or gone:
+                with self._arrived:
+                    self._arrivals += 1
+                    self._arrived.notify_all()
+            time.sleep(_POLL)  # half the CPU of a timed Event.wait per wake-up, measured
+
+    def _await_messages(self, seen: int) -> None:
+        """Wait until the watcher brought messages after ``seen`` (or ``_IDLE``)."""
+        with self._arrived:
+            if self._arrivals == seen:
+                self._arrived.wait(_IDLE)
 
     def _forget(self) -> None:
         low = min((worker.cursor for worker in self.workers), default=0)
@@ -292,16 +332,17 @@ class Delivery:
 
     def _loop(self, worker: _Worker) -> None:
         while not worker.closed:
+            seen = self._arrivals
             gone = self._trainer_gone()  # before reading: rows written before it count
-            if gone:  # and a record it left unfinished is dropped
-                self.queue.ingest(final=True)
+            if gone and not self._ingest_all(worker):  # a record it left unfinished: dropped
+                return
             messages = self.queue.read(worker.cursor, _BATCH)
             self._report_problems()
             if not messages:
                 if gone:
                     self._end_orphaned(worker)
                     return
-                self._wait(_POLL)
+                self._await_messages(seen)
                 continue
             messages = self._linger(worker, messages)
             for group in _groups(messages):
@@ -311,14 +352,36 @@ class Delivery:
                 worker.cursor = group[-1].seq
                 self.queue.ack(worker.consumer, worker.cursor)
 
+    def _ingest_all(self, worker: _Worker) -> bool:
+        """Move everything the gone trainer left in the inbox. An error (a full disk) is
+        retried like a backend's transient one, up to the deadline; then this output
+        gives up, and the inbox stays for ``tracklog replay``."""
+        delay = self.settings.retry_initial
+        while True:
+            try:
+                self.queue.ingest(final=True)
+                return True
+            except (OSError, sqlite3.Error) as error:
+                if self._past_deadline():
+                    self._give_up(worker)
+                    self._report(
+                        logging.ERROR,
+                        f"tracklog {worker.label}: cannot read the queue's inbox ({error}); "
+                        f"what it holds stays in {self.queue.directory} for:\n    "
+                        f"{replay_command(self.queue.directory)}",
+                    )
+                    return False
+                self._wait(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+
     def _report_problems(self) -> None:
         """Say what moving the inbox skipped (damaged bytes), once each."""
         while self.queue.problems:
             try:
-                problem = self.queue.problems.pop(0)
+                level, problem = self.queue.problems.pop(0)
             except IndexError:  # another worker said it
                 return
-            self._report(logging.ERROR, f"tracklog: the queue's inbox {problem}")
+            self._report(level, f"tracklog: the queue's inbox {problem}")
 
     def _end_orphaned(self, worker: _Worker) -> None:
         """The trainer ended without close(): end the run as it ended (KILLED, or

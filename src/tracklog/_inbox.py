@@ -57,6 +57,8 @@ _KINDS: Final = {code: kind for kind, code in KIND_CODES.items()}
 #: No message is this large (arrays go to blob files): a size above it is damage.
 MAX_RECORD: Final = 1 << 28
 SEGMENT_BYTES: Final = 64 << 20
+#: The reason given for a record a killed trainer left unfinished.
+UNFINISHED: Final = "an unfinished write"
 _SEGMENT: Final = re.compile(r"inbox-(\d{6,})\.log")
 
 
@@ -109,7 +111,7 @@ def parse(data: bytes, *, final: bool) -> tuple[list[Record], int, list[Problem]
     while at < end:
         if end - at < _HEAD.size:
             if final:
-                problems.append(Problem(at, end - at, "an unfinished write"))
+                problems.append(Problem(at, end - at, UNFINISHED))
                 at = end
             break
         magic, size, crc = _HEAD.unpack_from(data, at)
@@ -123,7 +125,7 @@ def parse(data: bytes, *, final: bool) -> tuple[list[Record], int, list[Problem]
             if not final:
                 break
             found = _resync(data, at + 1, final=True)
-            reason = "an unfinished write" if found == end else "a damaged record"
+            reason = UNFINISHED if found == end else "a damaged record"
             problems.append(Problem(at, found - at, reason))
             at = found
             continue
@@ -153,9 +155,15 @@ def _record(rest: memoryview) -> Record | None:
 
 def _resync(data: bytes, start: int, *, final: bool) -> int:
     """Where the next record that checks out starts, at or after ``start``. Without
-    one: the end of ``data`` when ``final``, else the last magic (more may come)."""
+    one: the end of ``data`` when ``final``; else where a record that may still be
+    being written starts, or where a magic may start in bytes still to come."""
     at = data.find(MAGIC, start)
     last = len(data)
+    if not final:  # the last bytes may be the start of a magic whose rest is to come
+        for keep in range(len(MAGIC) - 1, 0, -1):
+            if last - keep >= start and data.endswith(MAGIC[:keep]):
+                last -= keep
+                break
     while at != -1:
         if at + _HEAD.size > len(data):
             return at if not final else len(data)
@@ -176,10 +184,11 @@ class InboxWriter:
     def __init__(self, directory: Path, *, segment: int, seq: int, fsync: bool) -> None:
         self.directory = directory
         self.fsync = fsync
-        self.seq = seq
+        self.seq: int = seq
         self._segment = segment
         self._fd = self._open(segment)
         self._size = os.fstat(self._fd).st_size
+        self._failed_rotations = 0  # times the next segment could not be created
 
     def _open(self, number: int) -> int:
         path = segment_path(self.directory, number)
@@ -194,6 +203,8 @@ class InboxWriter:
     def append(self, kind: str, body: str, blobs: str) -> int:
         """Append one message; its sequence number. It is in the kernel (and with
         ``fsync`` on the disk) when this returns."""
+        if self._size >= SEGMENT_BYTES * (1 + self._failed_rotations):
+            self._rotate()
         seq = self.seq + 1
         record = encode(seq, kind, body, blobs)
         try:
@@ -203,17 +214,28 @@ class InboxWriter:
             if self.fsync:
                 os.fdatasync(self._fd)
         except BaseException:
-            # The call fails, so the message was not queued: no half record stays.
-            os.ftruncate(self._fd, self._size)
+            if os.fstat(self._fd).st_size < self._size + len(record):
+                # Cut short: no reader takes a partial record, so none has it; drop it.
+                os.ftruncate(self._fd, self._size)
+            else:
+                # Whole (only fdatasync failed, or Ctrl-C came after the write): a reader
+                # may have moved it already; it stays, and the numbering goes on after it.
+                self.seq = seq
+                self._size += len(record)
             raise
         self.seq = seq
         self._size += len(record)
-        if self._size >= SEGMENT_BYTES:
-            self._rotate()
         return seq
 
     def _rotate(self) -> None:
-        fd = self._open(self._segment + 1)
+        try:
+            fd = self._open(self._segment + 1)
+        except OSError:
+            # Something not ours in the way (a symlink), or no room for a file: go on
+            # in this segment, which whoever delivers keeps reading (and reports what
+            # is in the way); try again a segment's worth later.
+            self._failed_rotations += 1
+            return
         os.close(self._fd)
         self._fd, self._segment, self._size = fd, self._segment + 1, 0
 

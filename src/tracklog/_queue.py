@@ -56,7 +56,9 @@ __all__ = [
 
 Kind = Literal["row", "line", "failed", "flush", "close"]
 KINDS: Final = frozenset(("row", "line", "failed", "flush", "close"))
-FORMAT: Final = 2
+#: 3: the trainer appends to the inbox; a queue of format 2 (no inbox) is read as well.
+FORMAT: Final = 3
+_READABLE: Final = frozenset((2, FORMAT))
 _QUEUE: Final = "queue.db"
 _ACKS: Final = "acks.db"
 _log = logging.getLogger("tracklog")
@@ -159,11 +161,14 @@ class Queue:
 
     def __init__(self, directory: Path, *, fsync: bool = False) -> None:
         self.directory = directory
-        self.fsync = fsync
         self.blobs = directory / BLOBS
         self._db = _connect(directory / _QUEUE, create=False)
+        if not fsync:  # whoever delivers moves rows as durably as the trainer wrote them
+            fsync = _fsync_of(self._db)
+        self.fsync = fsync
         _wal(self._db, fsync=fsync)
         self._acks: sqlite3.Connection | None = None
+        self._mover: sqlite3.Connection | None = None  # ingest()'s own connection
         self._writer: InboxWriter | None = None
         self._ingesting = threading.Lock()
         self._reading: tuple[int, int] | None = None  # (segment, fd) being ingested
@@ -171,8 +176,9 @@ class Queue:
         #: The inbox position this connection last committed: a look that finds nothing
         #: new costs a stat and an fstat, no query (a move checks it in its transaction).
         self._known: tuple[int, int, int] | None = None
-        #: What ingest() skipped, said once each (the delivery side reports them).
-        self.problems: list[str] = []
+        #: What ingest() skipped, as (logging level, text), said once each (the delivery
+        #: side reports them).
+        self.problems: list[tuple[int, str]] = []
 
     # Creating (training side) ----------------------------------------------------------
     @classmethod
@@ -231,9 +237,10 @@ class Queue:
         return self._writer.append(kind, body, blobs)
 
     # Moving the inbox into queue.db (delivery side) -------------------------------------
-    def _position(self) -> tuple[int, int, int]:
+    def _position(self, db: sqlite3.Connection | None = None) -> tuple[int, int, int]:
         """How far the inbox was moved: (segment, byte offset, highest seq)."""
-        text = self.meta("inbox")
+        row = (db or self._db).execute("SELECT value FROM meta WHERE key = 'inbox'").fetchone()
+        text = None if row is None else str(row[0])
         if text is None:
             return (0, 0, 0)
         segment, offset, seq = (int(part) for part in text.split())
@@ -255,13 +262,41 @@ class Queue:
                 raise
             if segment not in self._refused:
                 self._refused.add(segment)
-                self.problems.append(f"{path} is a symlink; refused (nothing read from it)")
+                self.problems.append(
+                    (logging.ERROR, f"{path} is a symlink; refused (nothing read from it)")
+                )
             return None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise OSError(f"{path} is not a regular file; refused")
         self._reading = (segment, fd)
         return fd
+
+    def _newer(self, segment: int) -> bool:
+        """Whether the writer started ``segment`` (so the one before it is complete). A
+        symlink or special file there is not one the writer made: it could not rotate
+        and still appends to the one before; said once."""
+        path = segment_path(self.directory, segment)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISREG(mode):
+            return True
+        if segment not in self._refused:
+            self._refused.add(segment)
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            self.problems.append((logging.ERROR, f"{path} is {kind}; refused (not read)"))
+        return False
+
+    @property
+    def _move_db(self) -> sqlite3.Connection:
+        """ingest()'s own connection: no other thread's statement runs inside its
+        transactions (the delivery process's threads share ``_db``)."""
+        if self._mover is None:
+            self._mover = _connect(self.directory / _QUEUE, create=False)
+            _wal(self._mover, fsync=self.fsync)
+        return self._mover
 
     def ingest(self, *, final: bool = False) -> int:
         """Move what the inbox holds into ``messages``; how many messages. ``final``:
@@ -271,8 +306,10 @@ class Queue:
         with self._ingesting:
             moved = 0
             while True:
-                segment, offset, high = self._known or self._position()
-                newer = segment_path(self.directory, segment + 1).exists()
+                # ``final`` never trusts the cached position: another process may
+                # have moved on (and deleted segments) since.
+                segment, offset, high = (None if final else self._known) or self._position()
+                newer = self._newer(segment + 1)
                 fd = self._segment_fd(segment)
                 if fd is None:
                     if not newer and self._known is not None:
@@ -282,7 +319,11 @@ class Queue:
                         return moved
                     self._advance(segment, offset, high, segment + 1)
                     continue
-                size = os.fstat(fd).st_size
+                status = os.fstat(fd)
+                if status.st_nlink == 0 and self._known is not None:
+                    self._known = None  # another process moved on and deleted it: look
+                    continue
+                size = status.st_size
                 records: list[_inbox.Record] = []
                 problems: list[_inbox.Problem] = []
                 used = 0
@@ -317,15 +358,18 @@ class Queue:
         path = segment_path(self.directory, segment)
         for problem in problems:
             if problem.offset < 0:
-                self.problems.append(
-                    f"{path}: message {problem.skipped} is numbered out of order (a "
-                    "foreign writer?); skipped"
+                text = (
+                    f"{path}: message {problem.skipped} is numbered out of order (a foreign "
+                    "writer?); skipped"
                 )
             else:
-                self.problems.append(
+                text = (
                     f"{path} at byte {offset + problem.offset}: {problem.reason}; "
                     f"{problem.skipped} byte(s) skipped"
                 )
+            # A killed trainer's last, unfinished write is expected; damage is not.
+            expected = problem.reason == _inbox.UNFINISHED
+            self.problems.append((logging.WARNING if expected else logging.ERROR, text))
 
     def _move(
         self,
@@ -336,20 +380,24 @@ class Queue:
     ) -> bool:
         """Insert ``records`` and set the position, if it still is (segment, offset)."""
         self._known = None  # until this commits
-        self._db.execute("BEGIN IMMEDIATE")
+        db = self._move_db
+        db.execute("BEGIN IMMEDIATE")
         try:
-            if self._position()[:2] != (segment, offset):
-                self._db.execute("ROLLBACK")
+            if self._position(db)[:2] != (segment, offset):
+                db.execute("ROLLBACK")
                 return False
-            self._db.executemany(
+            db.executemany(
                 "INSERT OR IGNORE INTO messages (seq, kind, body, blobs) VALUES (?, ?, ?, ?)",
                 [(record.seq, record.kind, record.body, record.blobs) for record in records],
             )
-            self.set_meta("inbox", " ".join(str(part) for part in position))
-            self._db.execute("COMMIT")
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('inbox', ?)",
+                (" ".join(str(part) for part in position),),
+            )
+            db.execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         self._known = position
         return True
@@ -367,8 +415,9 @@ class Queue:
             raise ValueError(f"{self.directory}: the queue has no header")
         loaded: object = json.loads(row[0])
         header = cast("dict[str, Any]", loaded) if isinstance(loaded, dict) else None
-        if header is None or header.get("format") != FORMAT:
-            raise ValueError(f"{self.directory}: not a tracklog queue of format {FORMAT}")
+        if header is None or header.get("format") not in _READABLE:
+            readable = " or ".join(str(each) for each in sorted(_READABLE))
+            raise ValueError(f"{self.directory}: not a tracklog queue of format {readable}")
         return header
 
     def set_meta(self, key: str, value: str) -> None:
@@ -475,6 +524,9 @@ class Queue:
         return Lock(self.directory / "delivery.lock")
 
     def close(self) -> None:
+        if self._mover is not None:
+            self._mover.close()
+            self._mover = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -488,12 +540,25 @@ class Queue:
 
     def abandon(self) -> None:
         """Drop the connections without closing them (a forked child must not)."""
-        _abandoned.append((self._db, self._acks))
+        _abandoned.append((self._db, self._acks, self._mover))
 
 
 # A forked child keeps its parent's connections alive and unused: SQLite must not
 # release (or touch) locks and shared memory the parent still uses.
 _abandoned: list[object] = []
+
+
+def _fsync_of(db: sqlite3.Connection) -> bool:
+    """Whether the queue's trainer asked for ``delivery.fsync`` (its header says)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'header'").fetchone()
+        header: object = json.loads(row[0]) if row else {}
+    except (sqlite3.Error, ValueError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    delivery = cast("dict[str, object]", header).get("delivery")
+    return isinstance(delivery, dict) and cast("dict[str, object]", delivery).get("fsync") is True
 
 
 def _text(raw: object) -> str:

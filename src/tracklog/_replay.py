@@ -14,6 +14,7 @@ environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, ``WANDB_API_KEY``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -79,6 +80,8 @@ def replay(
                 overrides[target.consumer] = {"tracking_uri": tracking_uri}
         consumers = [entry["consumer"] for entry in header["outputs"]]
         consumers += [MEDIA] if header.get("media") else []
+        with contextlib.suppress(OSError, sqlite3.Error):  # delivery retries it
+            queue.ingest(final=True)  # so that what the trainer left in its inbox counts
         before = queue.pending(consumers)
         delivery = Delivery(
             queue,
