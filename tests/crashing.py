@@ -15,7 +15,9 @@ and how it ends comes from a JSON plan (:class:`Plan`, a file named on argv):
   before ``ready`` (else the trainer dumps, and dies, while it is still starting);
 - ``fork_child``: fork a child (``multiprocessing``'s ``fork``) that sleeps for ten
   minutes, and print ``child <pid>``;
-- ``then``: after the rows, ``wait`` (sleep until killed) or ``raise``.
+- ``then``: after the rows, ``wait`` (sleep until killed), ``raise`` or ``close``
+  (close the logger and exit 0);
+- ``resume``: the logger's ``resume`` setting.
 
 :class:`Trainer` starts it, reads its stdout on a thread (so a test can signal it
 after the N-th ``dumped`` line), and waits for its delivery process to exit. The
@@ -80,6 +82,7 @@ from tracklog._service import service
 plan = json.loads(open(sys.argv[1], encoding="utf-8").read())
 logger = tracklog.build_logger({
     "run_dir": plan["run_dir"],
+    "resume": plan["resume"],
     "outputs": [
         {"type": "jsonl"},
         {"type": "tensorboard"},
@@ -135,6 +138,9 @@ for row in plan["dumps"]:
 print("done", flush=True)
 if plan["then"] == "raise":
     raise RuntimeError("training blew up")
+if plan["then"] == "close":
+    logger.close()
+    sys.exit(0)
 time.sleep(3600)  # until the test kills it
 """
 
@@ -170,6 +176,7 @@ class Plan:
     then: str = "wait"
     warm: bool = False
     fork_child: bool = False
+    resume: str = "never"
 
     def to_json(self) -> str:
         return json.dumps(
@@ -184,6 +191,7 @@ class Plan:
                 "then": self.then,
                 "warm": self.warm,
                 "fork_child": self.fork_child,
+                "resume": self.resume,
             }
         )
 

@@ -610,12 +610,12 @@ def test_plot_skips_infinities_and_draws_around_nan(in_process: Cli, tmp_path: P
 
 
 def test_plot_starts_a_new_line_where_the_step_goes_back(in_process: Cli, tmp_path: Path) -> None:
-    """Two runs written into one progress file (a run_dir used again): the second run's
-    steps start again at 0, and it is drawn as a line of its own, never joined to the
-    first run's last point."""
+    """Two runs in one progress file (a run resumed from its start, or files written by
+    an older tracklog): the second run's steps start again at 0, and it is drawn as a
+    line of its own, never joined to the first run's last point."""
     run_dir = tmp_path / "twice"
     for offset in (0.0, 100.0):
-        settings = {"run_dir": str(run_dir), "outputs": [{"type": "jsonl"}]}
+        settings = {"run_dir": str(run_dir), "resume": "auto", "outputs": [{"type": "jsonl"}]}
         with tracklog.build_logger(settings) as logger:
             for step in range(60):
                 logger.record("x", offset + step)

@@ -109,18 +109,18 @@ def test_an_unknown_format_is_refused_naming_it_and_what_is_known(tmp_path: Path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_folder_holding_sb3s_own_csv_is_refused_with_advice(tmp_path: Path) -> None:
+def test_a_folder_holding_sb3s_own_csv_is_left_alone_for_a_new_version(tmp_path: Path) -> None:
     folder = str(tmp_path / "run")
     sb3 = sb3_logger.configure(folder, ["csv"])
     sb3.record("x", 1.0)
     sb3.dump(1)
     sb3.close()
-    with pytest.raises(ValueError, match="SB3") as caught:
-        tracklog.configure(folder, ["csv"])
-    message = str(caught.value)
-    assert "progress.csv" in message
-    assert "another folder" in message or "another path or run_dir" in message
+    with tracklog.configure(folder, ["csv"]) as logger:
+        assert logger.get_dir() == f"{folder}_2"
+        logger.record("x", 2.0)
+        logger.dump(2)
     assert pd.read_csv(Path(folder) / "progress.csv")["x"].tolist() == [1.0]  # left as it was
+    assert pd.read_csv(Path(f"{folder}_2") / "progress.csv")["x"].tolist() == [2.0]
 
 
 def test_mlflow_and_wandb_formats_log_with_their_default_settings(

@@ -49,16 +49,20 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     settings_file = tmp_path / "demo.yaml"
     settings_file.write_text(yaml.safe_dump(settings))
 
-    demo = [sys.executable, "-m", "tracklog", "demo", "--settings", str(settings_file)]
-    done = subprocess.run(
-        [*demo, "--steps", "6144", "--video-every", "3072"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    def demo(steps: int, video_every: int) -> str:
+        command = [sys.executable, "-m", "tracklog", "demo", "--settings", str(settings_file)]
+        done = subprocess.run(
+            [*command, "--steps", str(steps), "--video-every", str(video_every)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    demo(6144, 3072)
 
     run_dir = tmp_path / "demo"
     rows = read_jsonl(run_dir / "progress.jsonl")
@@ -108,3 +112,12 @@ def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     assert plotted.code == 0, plotted.stderr
     assert f"1 curve(s), {len(rewards)} points" in plotted.stdout
     assert_curve(run_dir / "plot.png", BLUE)
+
+    # Run again in the same run_dir: a second, clean run in demo_2; the first is untouched.
+    again = demo(2048, 1024)
+    assert f"{run_dir} holds an earlier run; this run writes to {run_dir}_2" in again
+    assert read_jsonl(run_dir / "progress.jsonl") == rows
+    second = [row.step for row in read_jsonl(tmp_path / "demo_2" / "progress.jsonl")]
+    assert second == sorted(second)
+    assert second[-1] <= 2048 < rows[-1].step
+    assert len(client.search_runs([experiment.experiment_id])) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -369,12 +370,19 @@ def test_info_and_warn_lines_interleave_with_tables(
         assert len(lines) == 9
 
 
-def test_train_log_is_appended_when_a_run_resumes(run_dir: Path) -> None:
+def test_train_log_is_appended_when_a_run_resumes(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     with human_logger(run_dir) as logger:
         logger.info("first")
     with human_logger(run_dir) as logger:
         logger.info("second")
-    assert (run_dir / "train.log").read_text(encoding="utf-8") == "first\nsecond\n"
+    first, resumed, second = (run_dir / "train.log").read_text(encoding="utf-8").splitlines()
+    assert (first, second) == ("first", "second")
+    assert re.fullmatch(
+        rf"tracklog: resuming run [0-9a-f]{{32}} in {re.escape(str(run_dir))}", resumed
+    )
 
 
 # render_table and shorten ----------------------------------------------------------------

@@ -374,7 +374,10 @@ def test_empty_text_survives_jsonl(run_dir: Path) -> None:
 # Resume ------------------------------------------------------------------------------
 
 
-def test_resume_appends_to_jsonl_csv_and_train_log(run_dir: Path) -> None:
+def test_resume_appends_to_jsonl_csv_and_train_log(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     with files_logger(run_dir, {"type": "file"}) as logger:
         logger.info("first run")
         logger.record("a", 1)
@@ -405,7 +408,10 @@ def test_resume_appends_to_jsonl_csv_and_train_log(run_dir: Path) -> None:
     assert log.count("| a ") == 2
 
 
-def test_resume_never_overwrites_media_files(run_dir: Path) -> None:
+def test_resume_never_overwrites_media_files(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     first, second = np.arange(4), np.arange(4) * 10
     with files_logger(run_dir) as logger:
         logger.record("hist", first)
@@ -720,6 +726,7 @@ def test_media_paths_never_leave_the_media_directory(names: list[str]) -> None:
             "media",
             "progress.jsonl",
             "progress.csv",
+            "tracklog.json",
         }
 
 

@@ -645,6 +645,8 @@ def test_a_second_process_on_a_busy_run_dir_is_refused_until_the_first_ends(
             first.kill()
             first.wait()
         with build(run_dir, {"type": "jsonl"}, {"type": "csv"}) as second:
+            # Not appended to the first run's files: a run of its own, beside it.
+            assert second.get_dir() == f"{run_dir}_2"
             second.record("x", 10.0)
             second.dump(10)
     finally:
@@ -653,13 +655,12 @@ def test_a_second_process_on_a_busy_run_dir_is_refused_until_the_first_ends(
         if first.poll() is None:
             first.kill()
         first.wait()
-    for rows in (read_jsonl(run_dir / "progress.jsonl"), read_csv(run_dir / "progress.csv")):
-        assert [(row.step, row.values["x"]) for row in rows] == [
-            (0, 0.0),
-            (1, 1.0),
-            (2, 2.0),
-            (10, 10.0),
-        ]
+    for folder, expected in (
+        (run_dir, [(0, 0.0), (1, 1.0), (2, 2.0)]),
+        (Path(f"{run_dir}_2"), [(10, 10.0)]),
+    ):
+        for rows in (read_jsonl(folder / "progress.jsonl"), read_csv(folder / "progress.csv")):
+            assert [(row.step, row.values["x"]) for row in rows] == expected
 
 
 # 4. An Optuna-style loop -----------------------------------------------------------------

@@ -250,7 +250,8 @@ def test_a_typo_in_an_environment_variable_is_an_error(
 # Resuming into files left by an interrupted or foreign process -----------------------
 
 
-def test_resume_after_a_cut_off_last_line(run_dir: Path) -> None:
+def test_resume_after_a_cut_off_last_line(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     with _build(run_dir) as logger:
         logger.record("a", 1)
         logger.dump(1)
@@ -267,9 +268,12 @@ def test_resume_after_a_cut_off_last_line(run_dir: Path) -> None:
     assert len(pd.read_json(run_dir / "progress.jsonl", lines=True)) == 2
 
 
-def test_resume_refuses_a_csv_file_that_is_not_ours(run_dir: Path) -> None:
-    run_dir.mkdir()
-    (run_dir / "progress.csv").write_text("time/fps,train/loss\n100,0.5\n")  # SB3's own
+def test_resume_refuses_a_csv_file_that_is_not_ours(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _build(run_dir).close()  # a run, whose CSV file SB3's own logger then replaced
+    (run_dir / "progress.csv").write_text("time/fps,train/loss\n100,0.5\n")
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     with pytest.raises(ValueError, match="not a tracklog CSV file"):
         _build(run_dir)
     assert (run_dir / "progress.csv").read_text() == "time/fps,train/loss\n100,0.5\n"

@@ -50,6 +50,7 @@ def test_settings_from_a_model_build_every_default_output(run_dir: Path) -> None
     assert sorted(path.name for path in run_dir.iterdir()) == [
         "progress.csv",
         "progress.jsonl",
+        "tracklog.json",
         "train.log",
     ]
     assert _jsonl_rows(run_dir / "progress.jsonl")[0]["check/value"] == 1.5
@@ -302,7 +303,7 @@ def test_environment_wins_over_file_values(
     assert (settings.run_dir, settings.level) == (run_dir, "warn")
     _log_one_row(path)
     assert not file_run_dir.exists()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["progress.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["progress.jsonl", "tracklog.json"]
 
 
 def test_environment_wins_over_a_dict(monkeypatch: pytest.MonkeyPatch, run_dir: Path) -> None:

@@ -943,7 +943,10 @@ def test_sigterm_writes_every_queued_row_first(tmp_path: Path) -> None:
     assert [event.step for event in events.Images("clip")] == steps
 
 
-def test_a_resumed_run_adds_an_event_file_and_keeps_the_first(run_dir: Path) -> None:
+def test_a_resumed_run_adds_an_event_file_and_keeps_the_first(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKLOG_RESUME", "auto")
     for session, steps in enumerate([(0, 1), (2, 3)]):
         with tb_logger(run_dir) as logger:
             for step in steps:

@@ -12,9 +12,10 @@ from stable_baselines3.common.logger import KVWriter
 
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
-from tracklog._outbox import Outbox, RemoteOutput
+from tracklog._outbox import Outbox, RemoteOutput, queue_root, refuse_busy
 from tracklog._ranks import detect
 from tracklog._registry import LocalContext, backend, require
+from tracklog._runs import claim
 from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
 __all__ = ["build_logger", "configure"]
@@ -29,6 +30,12 @@ def build_logger(
     JSON file. Invalid settings raise :class:`pydantic.ValidationError` (naming the
     field path) before any file or directory exists. If an output fails to open, the
     ones already opened are closed again before the error propagates.
+
+    A run_dir that holds an earlier run is never appended to: unless ``resume`` is
+    ``auto`` or ``must`` (then the earlier run continues in every backend, with the
+    identity kept in ``<run_dir>/tracklog.json``), this run goes to ``<run_dir>_2``
+    (``_3``, …) and says so on the console; :meth:`Logger.get_dir` is where it went
+    (see docs/resume.md).
 
     In a sweep and a process group (see docs/deployment.md), MLflow and W&B runs are
     named and tagged by ``group``, the job number and the rank. A rank other than 0
@@ -46,16 +53,34 @@ def build_logger(
     resolved = resolved.model_copy(update={"outputs": [_anchor(o) for o in resolved.outputs]})
     for output in resolved.outputs:
         require(output)
-    resolved.run_dir.mkdir(parents=True, exist_ok=True)
     remote: list[tuple[int, OutputSettings]] = []
     local: list[tuple[int, OutputSettings]] = []
     for index, output in enumerate(resolved.outputs):
         (remote if backend(output).remote else local).append((index, output))
+    writes_files = any(backend(output).files for output in resolved.outputs)
+    if remote or writes_files:
+        resuming = resolved.resume != "never"
+        if writes_files or resuming:  # a live logger there: refused, not versioned
+            refuse_busy(queue_root(resolved), resolved.run_dir.absolute(), resuming=resuming)
+        run = claim(resolved, remote, files=writes_files)
+        resolved, remote = run.settings, [(i, run.settings.outputs[i]) for i, _ in remote]
+        local = [(i, run.settings.outputs[i]) for i, _ in local]
+    else:
+        run = None
+        resolved.run_dir.mkdir(parents=True, exist_ok=True)
     files = any(backend(output).files for _, output in local)
     outbox = None
     if remote or files:
         media = any(backend(output).media for _, output in local)
-        outbox = Outbox(resolved, remote, media=media, files=files, strict=resolved.strict)
+        outbox = Outbox(
+            resolved,
+            remote,
+            media=media,
+            files=files,
+            strict=resolved.strict,
+            identities=run.identities if run is not None else None,
+            resumed=run is not None and run.resumed,
+        )
     store = MediaStore(resolved.run_dir, defer=outbox is not None)
     context = LocalContext(run_dir=resolved.run_dir, media=store)
     outputs: dict[int, KVWriter] = {}
@@ -73,7 +98,7 @@ def build_logger(
     if outbox is not None:
         for index, output in remote:
             outputs[index] = RemoteOutput(output, index, outbox)
-    return Logger(
+    logger = Logger(
         folder=str(resolved.run_dir),
         output_formats=[outputs[index] for index in sorted(outputs)],
         level=resolved.level_number,
@@ -82,6 +107,9 @@ def build_logger(
         outbox=outbox,
         media=store,
     )
+    if run is not None and run.note:
+        logger.log(run.note)
+    return logger
 
 
 def _anchor(output: OutputSettings) -> OutputSettings:
@@ -138,5 +166,5 @@ def configure(folder: str | None = None, format_strings: Sequence[str] | None = 
             output["path"] = os.path.abspath(folder)
     logger = build_logger({"run_dir": folder, "outputs": outputs})
     if names and names != ["stdout"]:  # as SB3: only when files are written
-        logger.log(f"Logging to {folder}")
+        logger.log(f"Logging to {logger.get_dir()}")
     return logger

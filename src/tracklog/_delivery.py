@@ -292,6 +292,7 @@ class Delivery:
             identity=dict(self.header["identity"].get(target.consumer, {})),
             published=published,
             again=again,
+            resumed=bool(self.header.get("resumed")),
         )
         delay = self.settings.retry_initial
         while True:

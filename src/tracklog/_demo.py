@@ -203,6 +203,9 @@ def run_demo(
         )
         return 1
     with tracklog.build_logger(resolved) as logger:
+        # Run twice, the demo's second run goes to runs/demo_2: read back where it went.
+        resolved = logger.settings or resolved
+        progress = _progress_file(resolved) or progress
         mlflow_runs = [
             (output.settings.tracking_uri, output.run_id)
             for output in logger.output_formats

@@ -28,7 +28,14 @@ from tracklog._service import service
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import LoggerSettings, OutputSettings
 
-__all__ = ["DeliveryError", "Outbox", "RemoteOutput", "RunDirBusyError", "queue_root"]
+__all__ = [
+    "DeliveryError",
+    "Outbox",
+    "RemoteOutput",
+    "RunDirBusyError",
+    "queue_root",
+    "refuse_busy",
+]
 
 _log = logging.getLogger("tracklog")
 
@@ -182,13 +189,15 @@ class Outbox:
         media: bool,
         files: bool,
         strict: bool,
+        identities: Mapping[str, dict[str, str]] | None = None,
+        resumed: bool = False,
     ) -> None:
         self.strict = strict
         self.error: DeliveryError | None = None
         root = queue_root(settings)
         run_dir = settings.run_dir.absolute()
         if files:
-            _refuse_busy(root, run_dir)
+            refuse_busy(root, run_dir)
         outputs: list[dict[str, Any]] = []
         secrets: dict[str, dict[str, Any]] = {}
         identity: dict[str, dict[str, str]] = {}
@@ -199,7 +208,8 @@ class Outbox:
             public, private = split_secrets(output)
             outputs.append({"consumer": consumer, "index": index, "settings": public})
             secrets[consumer] = private
-            identity[consumer] = backend(output).identity(output)
+            chosen = identities.get(consumer) if identities is not None else None
+            identity[consumer] = chosen if chosen is not None else backend(output).identity(output)
         self.consumers: list[str] = [str(entry["consumer"]) for entry in outputs]
         self.consumers += [MEDIA] if media else []
         header = {
@@ -211,6 +221,7 @@ class Outbox:
             "files": files,
             "outputs": outputs,
             "identity": identity,
+            "resumed": resumed,
             "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
         }
         root.mkdir(parents=True, exist_ok=True)
@@ -387,8 +398,9 @@ def _free(root: Path) -> Path:
     return root / f"queue-{n}"
 
 
-def _refuse_busy(root: Path, run_dir: Path) -> None:
-    """Refuse a run_dir another live logger writes to (its files would interleave)."""
+def refuse_busy(root: Path, run_dir: Path, *, resuming: bool = False) -> None:
+    """Refuse a run_dir another live logger writes to (its files would interleave;
+    ``resuming``: whatever it writes, its runs are the ones to continue)."""
     for directory in find_queues(root):
         try:
             queue = Queue(directory)
@@ -396,7 +408,7 @@ def _refuse_busy(root: Path, run_dir: Path) -> None:
             continue
         try:
             header = queue.header()
-            if Path(header["run_dir"]) != run_dir or not header.get("files"):
+            if Path(header["run_dir"]) != run_dir or not (resuming or header.get("files")):
                 continue
             if not queue.trainer_lock().held_elsewhere():
                 continue

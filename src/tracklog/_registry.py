@@ -66,6 +66,9 @@ class RemoteContext:
     published: dict[str, str]
     #: Whether an earlier delivery of this queue may have created the run already.
     again: bool
+    #: Whether the logger continues the run of an earlier process (``resume``): the
+    #: identity is that run's, and the run exists unless it was never created.
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,8 @@ def _csv(settings: Any, context: LocalContext) -> KVWriter:
 def _tensorboard(settings: Any, context: RemoteContext) -> OutputFormat:
     from tracklog.outputs.tensorboard import TensorBoardOutputFormat
 
-    return TensorBoardOutputFormat(context.run_dir / settings.path)
+    resuming = context.resumed and not context.again  # once, at the first row it gets
+    return TensorBoardOutputFormat(context.run_dir / settings.path, resuming=resuming)
 
 
 def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
@@ -164,6 +168,7 @@ def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
         state_dir=context.state_dir,
         run_key=context.identity.get("run_key"),
         replaying=context.again,
+        resuming=context.resumed,
     )
 
 
@@ -203,8 +208,8 @@ def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
     from tracklog.outputs.wandb import WandBOutputFormat
 
     update: dict[str, object] = {"id": settings.id or context.identity["id"]}
-    if context.again:
-        update["resume"] = "allow"  # an earlier delivery of this queue may have begun it
+    if context.again or context.resumed:
+        update["resume"] = "allow"  # an earlier delivery (or process) may have begun it
     return WandBOutputFormat(settings.model_copy(update=update), run_dir=context.run_dir)
 
 

@@ -509,7 +509,18 @@ class LoggerSettings(BaseSettings):
         hide_input_in_errors=True,  # no secret of an output in an error's text
     )
 
-    run_dir: Path = Field(default=Path("runs/default"), description="file outputs go here")
+    run_dir: Path = Field(
+        default=Path("runs/default"),
+        description="file outputs go here; a run_dir that holds an earlier run is never "
+        "appended to unless `resume` says so: this run then goes to <run_dir>_2 (_3, ...)",
+    )
+    resume: Literal["never", "auto", "must"] = Field(
+        default="never",
+        description="continue the run that run_dir holds (after preemption: the same MLflow "
+        "run, W&B run and TensorBoard folder, JSONL/CSV appended): auto continues it if there "
+        "is one and starts one otherwise, must refuses to start a new one, never (default) "
+        "always starts a new run (see docs/resume.md)",
+    )
     level: Level = Field(
         default="info",
         description="debug(), info(), warn() and error() lines below this level are dropped; "

@@ -519,6 +519,7 @@ class MLFlowOutputFormat(OutputFormat):
         state_dir: Path | None = None,
         run_key: str | None = None,
         replaying: bool = False,
+        resuming: bool = False,
     ) -> None:
         self.settings = settings
         self.client: MlflowClient = _client(settings)
@@ -549,6 +550,8 @@ class MLFlowOutputFormat(OutputFormat):
         self.run_key = run_key or uuid.uuid4().hex
         self._create_attempted = replaying
         self._replaying = replaying
+        #: A process continuing an earlier one's run (``resume``): found by run_key.
+        self._resuming = resuming
         self._run_id: str | None = None
         try:
             self._ensure_run()
@@ -623,11 +626,14 @@ class MLFlowOutputFormat(OutputFormat):
             if settings_json is not None and len(settings_json) <= _MAX_TAG_LENGTH:
                 tags["tracklog.settings"] = settings_json  # too long: only the artifact
             if self.settings.run_id is not None:
-                self._run_id = self._resume(tags)
+                self._run_id = self._resume(self.settings.run_id, tags)
             else:
                 experiment = self._experiment_id()
-                found = self._find_run(experiment) if self._create_attempted else None
-                if found is None:
+                look = self._create_attempted or self._resuming
+                found = self._find_run(experiment) if look else None
+                if found is not None and self._resuming:
+                    found = self._resume(found, tags)
+                elif found is None:
                     self._create_attempted = True
                     run = self.client.create_run(
                         experiment, run_name=self.settings.run_name, tags=tags
@@ -646,11 +652,12 @@ class MLFlowOutputFormat(OutputFormat):
         )
         return str(runs[0].info.run_id) if runs else None
 
-    def _resume(self, tags: dict[str, str]) -> str:
-        assert self.settings.run_id is not None
-        run = self.client.get_run(self.settings.run_id)
+    def _resume(self, run_id: str, tags: dict[str, str]) -> str:
+        run = self.client.get_run(run_id)
         run_id = str(run.info.run_id)
-        if run.info.status == "RUNNING" and not self._replaying:
+        # A run continued through `resume` is this run's own: after a SIGKILL nobody
+        # ended it, so RUNNING is expected.
+        if run.info.status == "RUNNING" and not (self._replaying or self._resuming):
             warnings.warn(
                 f"MLflow run {run_id} is still RUNNING: if another process logs to it, "
                 "the two overwrite each other's train.log",

@@ -69,6 +69,8 @@ class _TensorBoard:
     record_writer: Callable[[IO[bytes]], _RecordWriter]
     event: _Build
     source_metadata: _Build
+    session_log: _Build
+    session_start: int
     summary: _Build
     value: _Build
     image: _Build
@@ -118,6 +120,8 @@ def _tensorboard() -> _TensorBoard:
         record_writer=record_writer.RecordWriter,
         event=event.Event,
         source_metadata=event.SourceMetadata,
+        session_log=event.SessionLog,
+        session_start=event.SessionLog.START,
         summary=summary.Summary,
         value=summary.Summary.Value,
         image=summary.Summary.Image,
@@ -185,12 +189,19 @@ class TensorBoardOutputFormat(OutputFormat):
     The rows come from the logger's queue, so a killed trainer loses none of them; a
     killed delivery process starts a new event file, which TensorBoard reads as one run
     with the folder's other files.
+
+    ``resuming`` (a process continuing an earlier one's run, ``resume: auto``): the
+    first row is preceded by a ``SessionLog.START`` event at its step, TensorBoard's
+    own restart marker: TensorBoard then shows this process's values, and not the
+    earlier process's at later steps (logged after the checkpoint this one restarted
+    from; they stay in that process's event file).
     """
 
     name = "tensorboard"
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, resuming: bool = False) -> None:
         self._tb = _tensorboard()
+        self._restart_pending = resuming
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path, file = _create_event_file(self.folder)
@@ -232,6 +243,12 @@ class TensorBoardOutputFormat(OutputFormat):
             raise failed
 
     def _write_row(self, row: Row) -> None:
+        if self._restart_pending:
+            self._restart_pending = False
+            start = self._tb.session_log(status=self._tb.session_start)
+            self._write_event(
+                self._tb.event(wall_time=row.timestamp, step=row.step, session_log=start)
+            )
         items = [item for key, value in row.values.items() for item in to_tensorboard(key, value)]
         # Before the HParams: a metric recorded in the same dump is recorded already.
         self._recorded.update(item.tag for item in items if isinstance(item, ScalarSummary))

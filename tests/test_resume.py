@@ -1,0 +1,245 @@
+"""One run across preemption (``resume``), and a reused run_dir that never merges two runs.
+
+A trainer killed with SIGTERM (SLURM's preemption) or SIGKILL, restarted from its last
+checkpoint with ``resume: auto``, is one run in every backend, read back with each
+backend's own reader: MLflow's client, the W&B offline run files, TensorBoard's
+EventAccumulator, the JSONL file. Without ``resume``, a second run in the same run_dir
+goes to ``<run_dir>_2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tracklog
+from tests.crashing import Dump, Plan, Trainer, as_float32
+from tests.tensorboard_readback import read_events, scalars
+from tracklog.readers import read_jsonl, read_wandb_offline
+
+#: The first process dumps steps 1-10 and dies; the checkpoint it restarts from was
+#: saved at step 6, so the second process dumps steps 7-15 again from there.
+FIRST = range(1, 11)
+CHECKPOINT = 6
+SECOND = range(CHECKPOINT + 1, 16)
+
+
+def _loss(step: int, process: int) -> float:
+    return step + 0.25 * process  # which process logged a point shows in its value
+
+
+def _dumps(steps: range, process: int) -> list[Dump]:
+    return [{"step": step, "scalars": {"loss": _loss(step, process)}} for step in steps]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_killed_and_restarted_from_its_checkpoint_is_one_run_in_every_backend(
+    tmp_path: Path, mlflow_sqlite_uri: str, signum: signal.Signals
+) -> None:
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    experiment = f"resume-{signum.name}"
+    first = Trainer(
+        Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(FIRST, 1), resume="auto"),
+        tmp_path / "first",
+    )
+    try:
+        first.wait_until_ready()
+        first.wait_for_dumps(len(FIRST))
+        first.signal(signum)
+        first.finish()
+        first.wait_for_delivery_exit()
+    finally:
+        first.cleanup()
+    second = Trainer(
+        Plan(
+            run_dir, mlflow_sqlite_uri, experiment, _dumps(SECOND, 2), then="close", resume="auto"
+        ),
+        tmp_path / "second",
+    )
+    try:
+        second.wait_until_ready()
+        assert second.finish() == 0, second.stderr
+        second.wait_for_delivery_exit()
+    finally:
+        second.cleanup()
+
+    everything = [(s, _loss(s, 1)) for s in FIRST] + [(s, _loss(s, 2)) for s in SECOND]
+    # MLflow: one run, FINISHED by the second process; the steps both processes logged
+    # hold both points (MLflow keeps every point; it has no way to drop one).
+    client = MlflowClient(mlflow_sqlite_uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, [run.info.run_id for run in runs]
+    assert runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted((p.step, p.value) for p in history) == sorted(everything)
+
+    # W&B: one run id in both processes' offline files; every row is kept, at its
+    # global_step (W&B's own _step only counts rows, so none is refused).
+    wandb_runs = [read_wandb_offline(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    assert len(wandb_runs) == 2
+    assert wandb_runs[0].run_id == wandb_runs[1].run_id
+    wandb_points = sorted(
+        (row.global_step, row.values["loss"]) for run in wandb_runs for row in run.rows
+    )
+    assert wandb_points == sorted(everything)
+
+    # TensorBoard: the second process marks its restart (SessionLog.START at step 7),
+    # so TensorBoard shows its points from there on, not the first process's.
+    tensorboard = scalars(read_events(run_dir / "tensorboard"), "loss")
+    shown = [(s, _loss(s, 1)) for s in range(1, CHECKPOINT + 1)] + [
+        (s, _loss(s, 2)) for s in SECOND
+    ]
+    assert tensorboard == [(step, as_float32(value)) for step, value in shown]
+
+    # JSONL: one file, both processes' rows in the order they were logged.
+    rows = read_jsonl(run_dir / "progress.jsonl")
+    assert [(row.step, row.values["loss"]) for row in rows] == everything
+
+    record = json.loads((run_dir / "tracklog.json").read_text(encoding="utf-8"))
+    assert len(record["resumed"]) == 1
+    assert not (tmp_path / "run_2").exists()
+
+
+def _build(run_dir: Path, resume: str = "never", **extra: object) -> tracklog.Logger:
+    outputs = [{"type": "jsonl"}, {"type": "csv"}, {"type": "file", "path": "train.log"}]
+    return tracklog.build_logger(
+        {"run_dir": run_dir, "resume": resume, "outputs": outputs, **extra}
+    )
+
+
+def _read(run_dir: Path) -> tuple[list[int], list[int]]:
+    """The steps in run_dir's JSONL and CSV files."""
+    jsonl = [row.step for row in read_jsonl(run_dir / "progress.jsonl")]
+    with open(run_dir / "progress.csv", newline="", encoding="utf-8") as file:
+        csv_steps = [int(row["_step"]) for row in csv.DictReader(file)]
+    return jsonl, csv_steps
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["never", "auto"]), st.integers(min_value=1, max_value=3)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_runs_in_one_run_dir_never_merge_and_resume_continues_the_first(
+    runs: list[tuple[str, int]],
+) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        base = Path(folder) / "run"
+        expected: dict[Path, list[int]] = {}
+        step = 0
+        for number, (resume, dumps) in enumerate(runs):
+            if number == 0 or resume == "auto":
+                target = base  # the first run, or a resume of it
+            else:
+                target = base.with_name(f"run_{len(expected) + 1}")  # _2, _3, ...
+            logger = _build(base, resume)
+            assert Path(logger.get_dir() or "") == target
+            for _ in range(dumps):
+                step += 1
+                logger.record("step_value", step)
+                logger.dump(step)
+            logger.close()
+            expected.setdefault(target, []).extend(range(step - dumps + 1, step + 1))
+        found = sorted(Path(folder).iterdir())
+        assert found == sorted(expected)
+        for run_dir, steps in expected.items():
+            assert _read(run_dir) == (steps, steps)
+            log = (run_dir / "train.log").read_text(encoding="utf-8")
+            assert log.count("| step_value") == len(steps)
+
+
+def test_a_second_run_says_where_it_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "run"
+    _build(base).close()
+    second = tracklog.build_logger(
+        {"run_dir": base, "outputs": [{"type": "console"}, {"type": "jsonl"}]}
+    )
+    second.close()
+    out = capsys.readouterr().out
+    assert f"{base} holds an earlier run; this run writes to {base}_2" in out
+    assert "resume: auto continues that one" in out
+
+
+def test_resume_must_refuses_a_run_dir_without_a_run_and_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"resume: must, but run_dir .* holds no tracklog run"):
+        _build(tmp_path / "run", "must")
+    assert list(tmp_path.iterdir()) == []
+    first = _build(tmp_path / "run", "auto")  # auto starts one
+    first.record("a", 1)
+    first.dump(1)
+    first.close()
+    again = _build(tmp_path / "run", "must")
+    again.record("a", 2)
+    again.dump(2)
+    again.close()
+    assert _read(tmp_path / "run") == ([1, 2], [1, 2])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "symlink", "other format"])
+def test_a_run_file_that_is_not_one_is_refused_naming_it(tmp_path: Path, damage: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "tracklog.json"
+    if damage == "garbage":
+        path.write_bytes(b"\x80not json")
+    elif damage == "symlink":
+        (tmp_path / "elsewhere.json").write_text('{"format": 1, "run": "x", "outputs": {}}')
+        os.symlink(tmp_path / "elsewhere.json", path)
+    else:
+        path.write_text('{"format": 99, "run": "x", "outputs": {}}')
+    with pytest.raises(ValueError, match=rf"{path}"):
+        _build(run_dir, "auto")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["tracklog.json"]
+    # Without resume the file is not read: the run goes to a new version.
+    logger = _build(run_dir)
+    assert logger.get_dir() == f"{run_dir}_2"
+    logger.close()
+
+
+def test_an_output_file_outside_run_dir_that_holds_an_earlier_run_is_refused(
+    tmp_path: Path,
+) -> None:
+    outside = tmp_path / "shared.jsonl"
+    settings = {
+        "run_dir": tmp_path / "run",
+        "outputs": [{"type": "csv"}, {"type": "jsonl", "path": outside}],
+    }
+    first = tracklog.build_logger(settings)
+    first.record("a", 1)
+    first.dump(1)
+    first.close()
+    with pytest.raises(
+        ValueError, match=r"outputs\.1\.jsonl\.path: .*shared\.jsonl holds an earlier run"
+    ):
+        tracklog.build_logger(settings)
+    assert [row.step for row in read_jsonl(outside)] == [1]
+
+
+def test_configure_twice_in_one_folder_gives_two_runs_with_their_own_tensorboard_files(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "sb3"
+    for step in (1, 2):
+        logger = tracklog.configure(str(folder), ["csv", "tensorboard"])
+        logger.record("x", float(step))
+        logger.dump(step)
+        logger.close()
+    assert scalars(read_events(folder), "x") == [(1, 1.0)]
+    assert scalars(read_events(Path(f"{folder}_2")), "x") == [(2, 2.0)]
