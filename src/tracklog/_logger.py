@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -43,6 +43,14 @@ _new_scalar = object.__new__
 _set_scalar: Callable[[Scalar, float], None] = Scalar.__dict__["value"].__set__
 
 Exclude = str | tuple[str, ...] | None
+
+
+def _check_step(step: object) -> None:
+    # User input: the annotation is not enforced at runtime.
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise TypeError(f"dump step must be an int, not {type(step).__name__}: {step!r}")
+    if not _MIN_STEP <= step <= _MAX_STEP:
+        raise ValueError(f"dump step must fit in a signed 64-bit integer; got {step}")
 
 
 def _exclude_tuple(exclude: Exclude) -> tuple[str, ...]:
@@ -225,11 +233,7 @@ class Logger(sb3.Logger):
     # Writing -----------------------------------------------------------------------
     def dump(self, step: int = 0) -> None:
         """Write everything recorded since the last dump to every output, at ``step``."""
-        # User input: the annotation is not enforced at runtime.
-        if isinstance(step, bool) or not isinstance(step, int | np.integer):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"dump step must be an int, not {type(step).__name__}: {step!r}")
-        if not _MIN_STEP <= step <= _MAX_STEP:
-            raise ValueError(f"dump step must fit in a signed 64-bit integer; got {step}")
+        _check_step(step)
         with self._call_lock:
             self._check_open()
             with self._values_lock:
@@ -243,6 +247,40 @@ class Logger(sb3.Logger):
             row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
             with _lifecycle.critical():
                 self._isolation.run(self._row_calls(row, excluded, legacy))
+            self._raise_background_error()
+
+    def dump_rows(
+        self, rows: Iterable[tuple[int, Mapping[str, Recordable]]], exclude: Exclude = None
+    ) -> None:
+        """Write each ``(step, values)`` as a row of its own, at its own step, in order.
+
+        For values that happen many times between two dumps (every finished episode, at
+        its own ``num_timesteps``): one call writes them all, and what was recorded for
+        the next ``dump()`` stays pending, untouched. Every step, key and value is
+        checked first: a bad one raises (naming it) before any row is written.
+        ``exclude`` applies to every value, as in ``record()``.
+        """
+        excluded = _exclude_tuple(exclude)
+        checked: list[tuple[int, dict[str, LogValue]]] = []
+        for step, values in rows:
+            _check_step(step)
+            typed: dict[str, LogValue] = {}
+            for key, value in values.items():
+                normalised = self._accepted(key, value)
+                if normalised is not None:
+                    typed[key] = normalised
+            if typed:
+                checked.append((int(step), typed))
+        with self._call_lock:
+            self._check_open()
+            if self.level == sb3.DISABLED or not checked:
+                return
+            with _lifecycle.critical():
+                for step, typed in checked:
+                    row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
+                    legacy = {key: to_sb3(value) for key, value in typed.items()}
+                    exclusions = dict.fromkeys(typed, excluded)
+                    self._isolation.run(self._row_calls(row, exclusions, legacy))
             self._raise_background_error()
 
     def _row_calls(

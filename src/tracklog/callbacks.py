@@ -7,6 +7,8 @@
   chosen metrics when it ends.
 - :class:`TracklogEvalCallback` is SB3's ``EvalCallback`` whose values land at the
   step the evaluation happened, and which moves nothing else.
+- :class:`EpisodeCallback` logs every finished episode's return, length and duration
+  at that episode's own ``num_timesteps``, for every env of a VecEnv.
 
 Every value these callbacks log is dumped at once, at the model's ``num_timesteps``
 at that moment, by :func:`dump_values`. Whatever SB3 (or other code) recorded for its
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
 __all__ = [
+    "EpisodeCallback",
     "HParamCallback",
     "TracklogEvalCallback",
     "VideoRecorderCallback",
@@ -590,3 +593,65 @@ class TracklogEvalCallback(EvalCallback):
             continue_training = super()._on_step()
         self.eval_steps.append(self.num_timesteps)
         return continue_training
+
+
+# EpisodeCallback -----------------------------------------------------------------------
+
+
+class EpisodeCallback(BaseCallback):
+    """Logs every finished episode, of every env of a VecEnv, at its own ``num_timesteps``.
+
+    SB3 logs only ``rollout/ep_rew_mean``, a mean over the last 100 episodes. This logs
+    each episode as CleanRL does: ``<prefix>/return``, ``<prefix>/length`` and
+    ``<prefix>/time`` (seconds since its env's Monitor started), read from the
+    ``info["episode"]`` that SB3's ``Monitor`` wrapper adds when an episode ends
+    (``make_vec_env`` and SB3's algorithms wrap every env in one). Several episodes
+    ending at one step are several rows at that step.
+
+    The rows are written with :meth:`tracklog.Logger.dump_rows`: one call per env step
+    for every episode that ended in it, and nothing recorded for the algorithm's next
+    dump moves. By default they skip the console and ``train.log`` (``exclude``), where
+    a table per episode would bury everything else; JSONL, CSV, TensorBoard, MLflow and
+    W&B get every one. With a plain SB3 ``Logger`` each episode is one
+    :func:`dump_values`.
+    """
+
+    def __init__(
+        self,
+        prefix: str = "episode",
+        exclude: Exclude = ("stdout", "log"),
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose=verbose)
+        check_key(prefix)
+        self.prefix = prefix
+        self.exclude = exclude
+        #: Episodes logged so far.
+        self.episodes = 0
+
+    def _on_step(self) -> bool:
+        infos: object = self.locals.get("infos")
+        if not isinstance(infos, list | tuple):
+            return True
+        rows: list[tuple[int, Mapping[str, Recordable]]] = []
+        for info in cast("Sequence[object]", infos):
+            found_info = cast("dict[str, object]", info) if isinstance(info, dict) else {}
+            episode = found_info.get("episode")
+            if not isinstance(episode, dict):
+                continue
+            found = cast("dict[str, Any]", episode)
+            values: dict[str, Recordable] = {
+                f"{self.prefix}/return": float(found["r"]),
+                f"{self.prefix}/length": int(found["l"]),
+                f"{self.prefix}/time": float(found["t"]),
+            }
+            rows.append((self.num_timesteps, values))
+        if not rows:
+            return True
+        self.episodes += len(rows)
+        if isinstance(self.logger, Logger):
+            self.logger.dump_rows(rows, exclude=self.exclude)
+        else:
+            for step, row in rows:
+                dump_values(self.logger, step, row, exclude=self.exclude)
+        return True
