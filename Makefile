@@ -61,12 +61,14 @@ test: lint typecheck pytest
 
 # Training-thread cost against the anchors, each measured interleaved in one process:
 # SB3's own Logger, the seed's per-key log_metric against a real mlflow server, and
-# wandb.Video's GIF encoding; then background delivery with all six outputs (PPO end
-# to end, and a 2-minute MLflow outage: several minutes; --quick for a smoke run).
+# wandb.Video's GIF encoding; a row per episode (EpisodeCallback); then background
+# delivery with all six outputs (PPO end to end, and a 2-minute MLflow outage: several
+# minutes; --quick for a smoke run).
 bench: install-dev
 	$(PY) bench/bench_dump.py
 	$(PY) bench/bench_mlflow.py
 	$(PY) bench/bench_video.py
+	$(PY) bench/bench_episodes.py
 	$(PY) bench/bench_delivery.py
 
 # A sweep into one mlflow server on PostgreSQL: points/s from 1, 4 and 8 processes

@@ -275,16 +275,23 @@ class Logger(sb3.Logger):
             self._check_open()
             if self.level == sb3.DISABLED or not checked:
                 return
+            calls: list[tuple[object, Callable[[], None]]] = []
+            for step, typed in checked:
+                row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
+                legacy = {key: to_sb3(value) for key, value in typed.items()}
+                exclusions = dict.fromkeys(typed, excluded)
+                calls += self._row_calls(row, exclusions, legacy, skip_empty=True)
             with _lifecycle.critical():
-                for step, typed in checked:
-                    row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
-                    legacy = {key: to_sb3(value) for key, value in typed.items()}
-                    exclusions = dict.fromkeys(typed, excluded)
-                    self._isolation.run(self._row_calls(row, exclusions, legacy))
+                self._isolation.run(calls)
             self._raise_background_error()
 
     def _row_calls(
-        self, row: Row, excluded: dict[str, tuple[str, ...]], legacy: dict[str, Any]
+        self,
+        row: Row,
+        excluded: dict[str, tuple[str, ...]],
+        legacy: dict[str, Any],
+        *,
+        skip_empty: bool = False,
     ) -> list[tuple[object, Callable[[], None]]]:
         """One call per output handing it ``row`` (filtered by ``exclude``), then one
         queue entry for everything the delivery process does with it."""
@@ -293,6 +300,8 @@ class Logger(sb3.Logger):
         for output in self.output_formats:
             if isinstance(output, OutputFormat):
                 filtered = _for_output(row, excluded, output.name) if any_excluded else row
+                if skip_empty and not filtered.values:
+                    continue  # dump_rows: the row is excluded from this output as a whole
                 write = output.check_row if isinstance(output, RemoteOutput) else output.write_row
                 calls.append((output, functools.partial(write, filtered)))
             # output_formats is a plain list users append to: it may hold a SeqWriter only.
