@@ -10,7 +10,10 @@ import csv
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any, SupportsFloat
 
+import gymnasium as gym
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given, settings
@@ -20,6 +23,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import Logger as SB3Logger
 from stable_baselines3.common.logger import make_output_format
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 import tracklog
 from tests.tensorboard_readback import read_events, scalars
@@ -171,3 +175,43 @@ def test_dump_rows_refuses_a_bad_row_before_writing_any(
     assert [(row.step, row.values) for row in read_jsonl(tmp_path / "run" / "progress.jsonl")] == [
         (5, {"pending": 1.0})
     ]
+
+
+class _ArrayEpisodeInfo(gym.Wrapper[Any, Any, Any, Any]):
+    """Puts info["episode"] in another wrapper's shape at every episode's end: the
+    return and length as 1-element arrays, and no time."""
+
+    def __init__(self, env: gym.Env[Any, Any]) -> None:
+        super().__init__(env)
+        self.total = 0.0
+        self.length = 0
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.total += float(reward)
+        self.length += 1
+        if terminated or truncated:
+            episode = {"r": np.array([self.total]), "l": np.array([self.length])}
+            info = {**info, "episode": episode}
+            self.total, self.length = 0.0, 0
+        return observation, reward, terminated, truncated, info
+
+
+def test_episode_infos_of_another_shape_are_logged_and_a_missing_monitor_is_said(
+    tmp_path: Path,
+) -> None:
+    def make() -> gym.Env[Any, Any]:
+        return _ArrayEpisodeInfo(gym.make("CartPole-v1"))
+
+    logger = _jsonl_logger(tmp_path / "run")
+    model = PPO("MlpPolicy", DummyVecEnv([make]), n_steps=256, batch_size=256, n_epochs=1)
+    model.set_logger(logger)
+    callback = EpisodeCallback()
+    with pytest.warns(UserWarning, match="no env of the training VecEnv is wrapped"):
+        model.learn(256, callback=callback)
+    logger.close()
+    path = tmp_path / "run" / "progress.jsonl"
+    rows = [row for row in read_jsonl(path) if "episode/length" in row.values]
+    assert len(rows) == callback.episodes > 3
+    assert all(row.values["episode/return"] == row.values["episode/length"] for row in rows)
+    assert all("episode/time" not in row.values for row in rows)

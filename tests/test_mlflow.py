@@ -48,6 +48,7 @@ from tests.strategies import Number, dump_sequences
 from tracklog._outbox import DeliveryError, RemoteOutput
 from tracklog._queue import Queue, find_queues
 from tracklog._row import Row
+from tracklog._runs import read_run
 from tracklog.readers import read_jsonl
 from tracklog.settings import MlflowOutput
 
@@ -957,10 +958,11 @@ def test_resume_by_run_id_continues_the_run(sqlite: Store, run_dir: Path, tmp_pa
     assert run.info.status == "FINISHED"
     assert run.data.params == {"lr": "0.1"}
     assert steps_and_values(sqlite, run_id, "loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
-    assert fetch_text(sqlite, run_id, "train.log", tmp_path).splitlines() == [
-        "first session",
-        "second session",
-    ]
+    first, resumed, second = fetch_text(sqlite, run_id, "train.log", tmp_path).splitlines()
+    assert (first, second) == ("first session", "second session")
+    record = read_run(run_dir)
+    assert record is not None
+    assert resumed == f"tracklog: resuming run {record['run']} in {run_dir}"
     notes = fetch_text(sqlite, run_id, "text/notes.txt", tmp_path).splitlines()
     assert [line.split()[-1] for line in notes] == ["one", "two"]
 

@@ -10,10 +10,14 @@ goes to ``<run_dir>_2``.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tracklog
-from tests.crashing import Dump, Plan, Trainer, as_float32
+from tests.crashing import Dump, Plan, Trainer, as_float32, child_env
 from tests.tensorboard_readback import read_events, scalars
 from tracklog.readers import read_jsonl, read_wandb_offline
 
@@ -243,3 +247,143 @@ def test_configure_twice_in_one_folder_gives_two_runs_with_their_own_tensorboard
         logger.close()
     assert scalars(read_events(folder), "x") == [(1, 1.0)]
     assert scalars(read_events(Path(f"{folder}_2")), "x") == [(2, 2.0)]
+
+
+def test_a_dump_at_step_0_before_training_does_not_hide_the_earlier_run_in_tensorboard(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    settings = {"run_dir": run_dir, "resume": "auto", "outputs": [{"type": "tensorboard"}]}
+    with tracklog.build_logger(settings) as first:
+        for step in FIRST:
+            first.record("loss", _loss(step, 1))
+            first.dump(step)
+    with tracklog.build_logger(settings) as second:
+        second.record("config/lr", 1e-3)
+        second.dump(0)  # settings logged before training restarts from step 7
+        for step in SECOND:
+            second.record("loss", _loss(step, 2))
+            second.dump(step)
+    shown = [(s, _loss(s, 1)) for s in range(1, CHECKPOINT + 1)] + [
+        (s, _loss(s, 2)) for s in SECOND
+    ]
+    assert scalars(read_events(run_dir / "tensorboard"), "loss") == [
+        (step, as_float32(value)) for step, value in shown
+    ]
+
+
+def test_an_output_added_before_mlflow_still_continues_the_same_mlflow_run(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    mlflow = {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": "added"}
+    run_dir = tmp_path / "run"
+    with tracklog.build_logger({"run_dir": run_dir, "outputs": [mlflow]}) as first:
+        first.record("a", 1.0)
+        first.dump(1)
+    resumed = {"run_dir": run_dir, "resume": "auto", "outputs": [{"type": "jsonl"}, mlflow]}
+    with tracklog.build_logger(resumed) as second:
+        second.record("a", 2.0)
+        second.dump(2)
+    client = MlflowClient(mlflow_sqlite_uri)
+    experiment = client.get_experiment_by_name("added")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "a")) == [
+        (1, 1.0),
+        (2, 2.0),
+    ]
+
+
+def test_versions_skip_names_taken_by_a_file_or_a_symlink(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    _build(base).close()
+    (tmp_path / "run_2").write_text("not a folder")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / "run_3")
+    logger = _build(base)
+    assert logger.get_dir() == str(tmp_path / "run_4")
+    logger.close()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_run_dir_of_dot_gets_a_numbered_version_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "here"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    _build(Path(".")).close()
+    logger = _build(Path("."))
+    assert logger.get_dir() == str(tmp_path / "here_2")
+    logger.close()
+
+
+def test_a_refused_build_claims_no_version(tmp_path: Path) -> None:
+    outside = tmp_path / "shared.csv"
+    settings = {"run_dir": tmp_path / "run", "outputs": [{"type": "csv", "path": outside}]}
+    tracklog.build_logger(settings).close()
+    outside.write_text("_step,_timestamp\n")  # written by that earlier run
+    for _ in range(2):
+        with pytest.raises(ValueError, match="holds an earlier run"):
+            tracklog.build_logger(settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shared.csv"]
+
+
+RESUMER = r"""
+import sys, time
+from pathlib import Path
+import tracklog
+from tracklog._outbox import RunDirBusyError
+
+run_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+settings = {"run_dir": str(run_dir), "resume": "auto", "outputs": [{"type": "jsonl"}]}
+try:
+    logger = tracklog.build_logger(settings)
+except RunDirBusyError:
+    print("busy", flush=True)
+    sys.exit(0)
+start = time.time()
+logger.record("a", 1.0)
+logger.dump(1)
+time.sleep(1.0)
+end = time.time()
+logger.close()
+print("ok", start, end, flush=True)
+"""
+
+
+def test_processes_resuming_one_run_at_once_never_hold_it_together(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _build(run_dir, "auto").close()
+    script = tmp_path / "resume.py"
+    script.write_text(RESUMER)
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(run_dir), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        for _ in range(8)
+    ]
+    time.sleep(6.0)  # every one imported tracklog and waits for the go
+    go.touch()
+    held: list[tuple[float, float]] = []
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        words = out.split()
+        if words[0] == "ok":
+            held.append((float(words[1]), float(words[2])))
+        else:
+            assert words == ["busy"]
+    assert held
+    held.sort()
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(held)), held
+    assert not (tmp_path / "run_2").exists()

@@ -15,7 +15,7 @@ from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput, queue_root, refuse_busy
 from tracklog._ranks import detect
 from tracklog._registry import LocalContext, backend, require
-from tracklog._runs import claim
+from tracklog._runs import Claim, claim, claiming, unclaim
 from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
 __all__ = ["build_logger", "configure"]
@@ -58,29 +58,35 @@ def build_logger(
     for index, output in enumerate(resolved.outputs):
         (remote if backend(output).remote else local).append((index, output))
     writes_files = any(backend(output).files for output in resolved.outputs)
-    if remote or writes_files:
-        resuming = resolved.resume != "never"
-        if writes_files or resuming:  # a live logger there: refused, not versioned
-            refuse_busy(queue_root(resolved), resolved.run_dir.absolute(), resuming=resuming)
-        run = claim(resolved, remote, files=writes_files)
-        resolved, remote = run.settings, [(i, run.settings.outputs[i]) for i, _ in remote]
-        local = [(i, run.settings.outputs[i]) for i, _ in local]
-    else:
-        run = None
-        resolved.run_dir.mkdir(parents=True, exist_ok=True)
-    files = any(backend(output).files for _, output in local)
+    run: Claim | None = None
     outbox = None
-    if remote or files:
-        media = any(backend(output).media for _, output in local)
-        outbox = Outbox(
-            resolved,
-            remote,
-            media=media,
-            files=files,
-            strict=resolved.strict,
-            identities=run.identities if run is not None else None,
-            resumed=run is not None and run.resumed,
-        )
+    files = False
+    if not (remote or writes_files):
+        resolved.run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        with claiming(resolved):  # until this logger's queue lock is taken
+            resuming = resolved.resume != "never"
+            if writes_files or resuming:  # a live logger there: refused, not versioned
+                refuse_busy(queue_root(resolved), resolved.run_dir.absolute(), resuming=resuming)
+            run = claim(resolved, remote)
+            resolved = run.settings
+            remote = [(index, resolved.outputs[index]) for index, _ in remote]
+            local = [(index, resolved.outputs[index]) for index, _ in local]
+            files = any(backend(output).files for _, output in local)
+            if remote or files:
+                try:
+                    outbox = Outbox(
+                        resolved,
+                        remote,
+                        media=any(backend(output).media for _, output in local),
+                        files=files,
+                        strict=resolved.strict,
+                        identities=run.identities,
+                        resumed=run.resumed,
+                    )
+                except BaseException:
+                    unclaim(run)
+                    raise
     store = MediaStore(resolved.run_dir, defer=outbox is not None)
     context = LocalContext(run_dir=resolved.run_dir, media=store)
     outputs: dict[int, KVWriter] = {}
@@ -94,6 +100,8 @@ def build_logger(
             opened.close()
         if outbox is not None:
             outbox.close(0.0)
+        if run is not None:
+            unclaim(run)  # the run never started: the run_dir is free for the next try
         raise
     if outbox is not None:
         for index, output in remote:

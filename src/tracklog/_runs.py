@@ -13,10 +13,13 @@ symlinks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import secrets
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
@@ -25,7 +28,7 @@ from tracklog._codec import open_nofollow
 from tracklog._registry import backend
 from tracklog.settings import LoggerSettings, OutputSettings, TensorboardOutput
 
-__all__ = ["RUN_FILE", "Claim", "claim", "read_run"]
+__all__ = ["RUN_FILE", "Claim", "claim", "claiming", "read_run", "unclaim"]
 
 RUN_FILE: Final = "tracklog.json"
 _FORMAT: Final = 1
@@ -44,27 +47,45 @@ class Claim:
     resumed: bool
     #: What build_logger says about it on the console ('' when nothing happened).
     note: str
+    #: The run_dir whose run file this claim created (None: it continues a run).
+    created: Path | None = None
 
 
-def claim(
-    settings: LoggerSettings, remote: list[tuple[int, OutputSettings]], *, files: bool
-) -> Claim:
-    """Decide and record which run ``settings`` write (creating its run_dir).
+@contextlib.contextmanager
+def claiming(settings: LoggerSettings) -> Generator[None]:
+    """Lock run_dir (``flock`` on the folder itself) while a logger decides its run and
+    takes its queue's lock: two processes starting at once on one run_dir then see each
+    other (the second is refused, or takes the next version), never both the same run."""
+    run_dir = settings.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir: {run_dir} exists and is not a folder")
+    if settings.resume == "must" and not (run_dir / RUN_FILE).exists():
+        raise _nothing_to_resume(run_dir)  # before anything is created
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def claim(settings: LoggerSettings, remote: list[tuple[int, OutputSettings]]) -> Claim:
+    """Decide and record which run ``settings`` write (creating its run_dir); call it
+    inside :func:`claiming`.
 
     Raises ValueError (naming the setting) for ``resume: must`` without a run, an
     unreadable run file, or an output file outside run_dir that holds an earlier run.
     """
     base = settings.run_dir
-    fresh = {_consumer(i, o): backend(o).identity(o) for i, o in remote}
-    if settings.resume != "never":
+    names = _stable_names(remote)
+    fresh = {names[i]: backend(o).identity(o) for i, o in remote}
+    if settings.resume != "never" or _names_its_run(remote):
         earlier = read_run(base)
         if earlier is not None:
-            return _resume(settings, earlier, fresh)
+            return _resume(settings, earlier, fresh, names)
         if settings.resume == "must":
-            raise ValueError(
-                f"resume: must, but run_dir {base} holds no tracklog run (no {RUN_FILE}); "
-                "use resume: auto to start one there"
-            )
+            raise _nothing_to_resume(base)
     run_id = secrets.token_hex(16)
     record: dict[str, Any] = {
         "format": _FORMAT,
@@ -73,23 +94,57 @@ def claim(
         "resumed": [],
         "outputs": fresh,
     }
+    if _holds_run(settings, base):
+        _refuse_written_outside(settings)  # before any version is claimed
     run_dir, n = base, 1
-    while True:
-        if not files:  # nothing would be appended to: the run_dir is simply reused
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write(run_dir, record, exclusive=False)
-            break
-        if not _holds_run(settings, run_dir) and _claim_new(run_dir, record):
-            break
+    while not _claim_new(settings, run_dir, record):
         n += 1
-        run_dir = base.with_name(f"{base.name}_{n}")
+        absolute = Path(os.path.abspath(base))  # "." has no name to number
+        run_dir = absolute.with_name(f"{absolute.name}_{n}")
     note = ""
     if run_dir != base:
-        _refuse_written_outside(settings)
         continue_it = " (resume: auto continues that one)" if settings.resume == "never" else ""
         note = f"tracklog: {base} holds an earlier run; this run writes to {run_dir}{continue_it}"
         settings = _moved(settings, run_dir)
-    return Claim(settings, run_id, fresh, resumed=False, note=note)
+    identities = {_consumer(i, o): fresh[names[i]] for i, o in remote}
+    return Claim(settings, run_id, identities, resumed=False, note=note, created=run_dir)
+
+
+def _names_its_run(remote: list[tuple[int, OutputSettings]]) -> bool:
+    """Whether an output continues a run it names itself (MLflow ``run_id``, W&B
+    ``id``): its run_dir is then continued too, as with ``resume: auto``."""
+    for _, output in remote:
+        resumed = backend(output).resumed
+        if resumed is not None and resumed(output) is not None:
+            return True
+    return False
+
+
+def _nothing_to_resume(run_dir: Path) -> ValueError:
+    return ValueError(
+        f"resume: must, but run_dir {run_dir} holds no tracklog run (no {RUN_FILE}); "
+        "use resume: auto to start one there"
+    )
+
+
+def unclaim(claimed: Claim) -> None:
+    """Take back the run file of a run that never started (build_logger failed)."""
+    if claimed.created is not None:
+        with contextlib.suppress(OSError):
+            (claimed.created / RUN_FILE).unlink()
+
+
+def _stable_names(remote: list[tuple[int, OutputSettings]]) -> dict[int, str]:
+    """Per output index, its name in the run file: its type, numbered among the outputs
+    of that type (``mlflow``, ``mlflow-2``), so adding or moving another output does
+    not change which run it continues."""
+    seen: dict[str, int] = {}
+    names: dict[int, str] = {}
+    for index, output in remote:
+        seen[output.type] = seen.get(output.type, 0) + 1
+        count = seen[output.type]
+        names[index] = output.type if count == 1 else f"{output.type}-{count}"
+    return names
 
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
@@ -133,21 +188,29 @@ def _valid(loaded: object) -> bool:
 
 
 def _resume(
-    settings: LoggerSettings, record: dict[str, Any], fresh: dict[str, dict[str, str]]
+    settings: LoggerSettings,
+    record: dict[str, Any],
+    fresh: dict[str, dict[str, str]],
+    names: dict[int, str],
 ) -> Claim:
     run_dir = settings.run_dir
     kept: dict[str, dict[str, str]] = record["outputs"]
-    identities = {consumer: kept.get(consumer, made) for consumer, made in fresh.items()}
+    chosen = {name: kept.get(name, made) for name, made in fresh.items()}
     record = {
         **record,
-        "outputs": {**kept, **identities},
-        "resumed": [*record.get("resumed", []), _now()],
+        "outputs": {**kept, **chosen},
+        "resumed": [*record.get("resumed", []), _now()][-100:],  # the latest 100
     }
     _write(run_dir, record, exclusive=False)
     added = sorted(set(fresh) - set(kept))
     extra = f"; new outputs start new runs: {', '.join(added)}" if added else ""
     note = f"tracklog: resuming run {record['run']} in {run_dir}{extra}"
+    identities = {_consumer(i, o): chosen[names[i]] for i, o in _indexed(settings, names)}
     return Claim(settings, str(record["run"]), identities, resumed=True, note=note)
+
+
+def _indexed(settings: LoggerSettings, names: dict[int, str]) -> list[tuple[int, OutputSettings]]:
+    return [(index, settings.outputs[index]) for index in names]
 
 
 def _file_outputs(settings: LoggerSettings) -> list[tuple[int, OutputSettings, Path]]:
@@ -167,6 +230,9 @@ def _inside(path: Path, folder: Path | str) -> bool:
 def _holds_run(settings: LoggerSettings, run_dir: Path) -> bool:
     """Whether ``run_dir`` (``settings.run_dir`` or a version of it) holds a run: a run
     file, or files that these outputs wrote before."""
+    is_version = run_dir != settings.run_dir
+    if is_version and (run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir())):
+        return True  # a version is never a link (or a file): the next number, then
     if (run_dir / RUN_FILE).exists() or (run_dir / RUN_FILE).is_symlink():
         return True
     base = settings.run_dir
@@ -213,7 +279,10 @@ def _written(output: OutputSettings, path: Path) -> bool:
         return False
 
 
-def _claim_new(run_dir: Path, record: dict[str, Any]) -> bool:
+def _claim_new(settings: LoggerSettings, run_dir: Path, record: dict[str, Any]) -> bool:
+    """Take ``run_dir`` for a new run: False if it holds one (or someone took it first)."""
+    if _holds_run(settings, run_dir):
+        return False
     run_dir.mkdir(parents=True, exist_ok=True)
     return _write(run_dir, record, exclusive=True)
 
@@ -234,6 +303,13 @@ def _write(run_dir: Path, record: dict[str, Any], *, exclusive: bool) -> bool:
             os.link(temporary, run_dir / RUN_FILE)
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: an exclusive create instead
+            try:
+                fd = open_nofollow(run_dir / RUN_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as file:
+                file.write(temporary.read_bytes())
         return True
     finally:
         if temporary.exists():

@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from stable_baselines3.common import logger as sb3
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 from tracklog._logger import Logger
@@ -605,8 +606,11 @@ class EpisodeCallback(BaseCallback):
     each episode as CleanRL does: ``<prefix>/return``, ``<prefix>/length`` and
     ``<prefix>/time`` (seconds since its env's Monitor started), read from the
     ``info["episode"]`` that SB3's ``Monitor`` wrapper adds when an episode ends
-    (``make_vec_env`` and SB3's algorithms wrap every env in one). Several episodes
-    ending at one step are several rows at that step.
+    (``make_vec_env`` and SB3's algorithms wrap every env in one; gymnasium's
+    ``RecordEpisodeStatistics`` works too, its ``t`` being the episode's own duration).
+    Several episodes ending at one step are several rows at that step. Training
+    without a Monitor is warned about once; an ``info["episode"]`` without a numeric
+    return is skipped (said once), never an error.
 
     The rows are written with :meth:`tracklog.Logger.dump_rows`: one call per env step
     for every episode that ended in it, and nothing recorded for the algorithm's next
@@ -628,6 +632,17 @@ class EpisodeCallback(BaseCallback):
         self.exclude = exclude
         #: Episodes logged so far.
         self.episodes = 0
+        self._said_unusable = False
+
+    def _on_training_start(self) -> None:
+        env = self.training_env
+        if not any(env.env_is_wrapped(Monitor)):
+            warnings.warn(
+                "EpisodeCallback: no env of the training VecEnv is wrapped in SB3's Monitor, "
+                "so episodes are logged only if another wrapper puts info['episode'] there",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _on_step(self) -> bool:
         infos: object = self.locals.get("infos")
@@ -639,13 +654,9 @@ class EpisodeCallback(BaseCallback):
             episode = found_info.get("episode")
             if not isinstance(episode, dict):
                 continue
-            found = cast("dict[str, Any]", episode)
-            values: dict[str, Recordable] = {
-                f"{self.prefix}/return": float(found["r"]),
-                f"{self.prefix}/length": int(found["l"]),
-                f"{self.prefix}/time": float(found["t"]),
-            }
-            rows.append((self.num_timesteps, values))
+            values = self._values(cast("dict[str, object]", episode))
+            if values:
+                rows.append((self.num_timesteps, values))
         if not rows:
             return True
         self.episodes += len(rows)
@@ -655,3 +666,37 @@ class EpisodeCallback(BaseCallback):
             for step, row in rows:
                 dump_values(self.logger, step, row, exclude=self.exclude)
         return True
+
+    def _values(self, episode: dict[str, object]) -> dict[str, Recordable]:
+        """Monitor's ``r``, ``l`` and ``t`` as numbers (also from 1-element arrays, as
+        gymnasium's RecordEpisodeStatistics gives them); an entry without a usable
+        return is skipped and said once."""
+        found = {name: _one_number(episode.get(name)) for name in ("r", "l", "t")}
+        episode_return, length, seconds = found["r"], found["l"], found["t"]
+        if episode_return is None:
+            if not self._said_unusable:
+                self._said_unusable = True
+                warnings.warn(
+                    f"EpisodeCallback: info['episode'] without a number under 'r' is skipped "
+                    f"(keys: {sorted(episode)[:8]}); said once",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return {}
+        values: dict[str, Recordable] = {f"{self.prefix}/return": episode_return}
+        if length is not None:
+            values[f"{self.prefix}/length"] = round(length)
+        if seconds is not None:
+            values[f"{self.prefix}/time"] = seconds
+        return values
+
+
+def _one_number(value: object) -> float | None:
+    """``value`` as a float if it is one number (a 0-d or 1-element array too)."""
+    if value is None or isinstance(value, str | bytes):
+        return None
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return float(array.reshape(())) if array.size == 1 else None

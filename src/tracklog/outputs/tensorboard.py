@@ -191,10 +191,11 @@ class TensorBoardOutputFormat(OutputFormat):
     with the folder's other files.
 
     ``resuming`` (a process continuing an earlier one's run, ``resume: auto``): the
-    first row is preceded by a ``SessionLog.START`` event at its step, TensorBoard's
-    own restart marker: TensorBoard then shows this process's values, and not the
-    earlier process's at later steps (logged after the checkpoint this one restarted
-    from; they stay in that process's event file).
+    first row with a positive step (a ``dump()`` at step 0 of settings or hparams
+    before training does not count) is preceded by a ``SessionLog.START`` event at its
+    step, TensorBoard's own restart marker: TensorBoard then shows this process's
+    values, and not the earlier process's at later steps (logged after the checkpoint
+    this one restarted from; they stay in that process's event file).
     """
 
     name = "tensorboard"
@@ -243,7 +244,7 @@ class TensorBoardOutputFormat(OutputFormat):
             raise failed
 
     def _write_row(self, row: Row) -> None:
-        if self._restart_pending:
+        if self._restart_pending and row.step > 0:  # not at a dump(0) of the settings
             self._restart_pending = False
             start = self._tb.session_log(status=self._tb.session_start)
             self._write_event(
