@@ -293,6 +293,7 @@ class Delivery:
             published=published,
             again=again,
             resumed=bool(self.header.get("resumed")),
+            summaries=dict(self.header.get("summaries", {})),
         )
         delay = self.settings.retry_initial
         while True:

@@ -23,6 +23,7 @@ from tracklog._isolation import Isolation
 from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput
 from tracklog._row import Row
+from tracklog._summary import Summaries
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, LoggerSettings
@@ -38,6 +39,9 @@ __all__ = ["Logger", "MeanValue"]
 _log = logging.getLogger("tracklog")
 
 _MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1
+#: Outputs the summary rows skip: W&B computes its own; files and the console get the
+#: closing table instead of a row.
+_NOT_SUMMARISED: tuple[str, ...] = ("stdout", "log", "json", "csv", "wandb")
 _new_scalar = object.__new__
 # The slot's descriptor: it sets the field without the frozen __setattr__.
 _set_scalar: Callable[[Scalar, float], None] = Scalar.__dict__["value"].__set__
@@ -109,6 +113,8 @@ class Logger(sb3.Logger):
             delivery = settings.delivery if settings is not None else DeliverySettings()
         self.delivery = delivery
         self._values: dict[str, LogValue] = {}
+        declared = settings.summaries if settings is not None else {}
+        self._summary = Summaries(declared) if declared else None
         self._valid_keys: set[str] = set()  # keys check_key accepted
         # on_bad_value: report: a refused key or value is said once per key, then skipped.
         self._report_bad_values = settings is not None and settings.on_bad_value == "report"
@@ -245,12 +251,18 @@ class Logger(sb3.Logger):
             if self.level == sb3.DISABLED or not values:
                 return
             row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
+            if self._summary is not None:
+                self._summary.add(row)
             with _lifecycle.critical():
                 self._isolation.run(self._row_calls(row, excluded, legacy))
             self._raise_background_error()
 
     def dump_rows(
-        self, rows: Iterable[tuple[int, Mapping[str, Recordable]]], exclude: Exclude = None
+        self,
+        rows: Iterable[tuple[int, Mapping[str, Recordable]]],
+        exclude: Exclude = None,
+        *,
+        summarising: bool = False,
     ) -> None:
         """Write each ``(step, values)`` as a row of its own, at its own step, in order.
 
@@ -258,7 +270,8 @@ class Logger(sb3.Logger):
         its own ``num_timesteps``): one call writes them all, and what was recorded for
         the next ``dump()`` stays pending, untouched. Every step, key and value is
         checked first: a bad one raises (naming it) before any row is written.
-        ``exclude`` applies to every value, as in ``record()``.
+        ``exclude`` applies to every value, as in ``record()``. (``summarising``: the
+        rows are the run's summaries, written by ``close()``.)
         """
         excluded = _exclude_tuple(exclude)
         checked: list[tuple[int, dict[str, LogValue]]] = []
@@ -278,6 +291,8 @@ class Logger(sb3.Logger):
             calls: list[tuple[object, Callable[[], None]]] = []
             for step, typed in checked:
                 row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
+                if self._summary is not None and not summarising:
+                    self._summary.add(row)
                 legacy = {key: to_sb3(value) for key, value in typed.items()}
                 exclusions = dict.fromkeys(typed, excluded)
                 calls += self._row_calls(row, exclusions, legacy, skip_empty=True)
@@ -418,9 +433,23 @@ class Logger(sb3.Logger):
         """
         if self._closed:
             return
+        self._write_summaries()
         with self._call_lock, _lifecycle.critical():
             self._close_outputs()
         self._raise_background_error()
+
+    def _write_summaries(self) -> None:
+        """The declared summaries: ``<key>/<kind>`` metrics for MLflow and TensorBoard
+        (W&B computes its own), and a closing table on the console and in train.log."""
+        if self._summary is None:
+            return
+        summary, self._summary = self._summary, None  # once, also if close() is retried
+        rows = summary.rows()
+        if rows:
+            self.dump_rows(rows, exclude=_NOT_SUMMARISED, summarising=True)
+        table = summary.table()
+        if table:
+            self.log(table)
 
     def _close_outputs(self) -> None:
         if not self._closed:  # another thread may have closed it while this one waited

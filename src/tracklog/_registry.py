@@ -69,6 +69,8 @@ class RemoteContext:
     #: Whether the logger continues the run of an earlier process (``resume``): the
     #: identity is that run's, and the run exists unless it was never created.
     resumed: bool = False
+    #: The logger's declared summaries, per key, as W&B's ``define_metric`` takes them.
+    summaries: dict[str, str] = field(default_factory=dict[str, str])
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +212,9 @@ def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
     update: dict[str, object] = {"id": settings.id or context.identity["id"]}
     if context.again or context.resumed:
         update["resume"] = "allow"  # an earlier delivery (or process) may have begun it
-    return WandBOutputFormat(settings.model_copy(update=update), run_dir=context.run_dir)
+    return WandBOutputFormat(
+        settings.model_copy(update=update), run_dir=context.run_dir, summaries=context.summaries
+    )
 
 
 _ID_LETTERS: Final = string.ascii_lowercase + string.digits

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 Level = Literal["debug", "info", "warn", "error", "disabled"]
+#: What a declared summary keeps of a key's values (see docs/summaries.md).
+SummaryKind = Literal["min", "max", "mean", "first", "last", "best:max", "best:min"]
 
 #: SB3's numeric levels, by the names the settings file uses.
 LEVELS: Mapping[str, int] = {"debug": 10, "info": 20, "warn": 30, "error": 40, "disabled": 50}
@@ -567,6 +569,13 @@ class LoggerSettings(BaseSettings):
         description="this run's number in its sweep; default: Hydra's job.num in a "
         "multirun, else $SLURM_ARRAY_TASK_ID",
     )
+    summaries: dict[str, SummaryKind | list[SummaryKind]] = Field(
+        default_factory=dict,
+        description="per key, what the run's summary keeps of its values: min, max, mean, "
+        "first, last, or best:max/best:min (the best value and its step); W&B's runs "
+        "table gets them through define_metric, MLflow as <key>/<kind> metrics at close, "
+        "the console as a closing table (see docs/summaries.md)",
+    )
     all_ranks: bool = Field(
         default=False,
         description="in a process group (torch.distributed, $RANK), every rank logs to a "
@@ -590,6 +599,21 @@ class LoggerSettings(BaseSettings):
                 + ", ".join(sorted(known))
             )
         return data
+
+    @model_validator(mode="after")
+    def _summaries_are_sound(self) -> LoggerSettings:
+        for key, kinds in self.summaries.items():
+            where = f"summaries.{key}"
+            if not key or key.isspace() or key.startswith("_"):
+                raise ValueError(f"{where}: not a key tracklog logs (empty, or starts with '_')")
+            listed = [kinds] if isinstance(kinds, str) else kinds
+            if not listed:
+                raise ValueError(f"{where}: name at least one summary")
+            if len(set(listed)) != len(listed):
+                raise ValueError(f"{where}: a summary is named twice in {listed}")
+            if sum(kind.startswith("best:") for kind in listed) > 1:
+                raise ValueError(f"{where}: best:max and best:min contradict each other")
+        return self
 
     @model_validator(mode="after")
     def _one_writer_per_file(self) -> LoggerSettings:

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
@@ -62,7 +63,13 @@ class WandBOutputFormat(OutputFormat):
 
     name = "wandb"
 
-    def __init__(self, settings: WandbOutput, *, run_dir: Path) -> None:
+    def __init__(
+        self,
+        settings: WandbOutput,
+        *,
+        run_dir: Path,
+        summaries: Mapping[str, str] | None = None,
+    ) -> None:
         import wandb
         from wandb.sdk.lib import runid
 
@@ -102,6 +109,9 @@ class WandBOutputFormat(OutputFormat):
         )
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
+        for key, summary in (summaries or {}).items():
+            # The logger's declared summaries ("min,max"), for W&B's runs table.
+            self.run.define_metric(key, step_metric=STEP_KEY, summary=summary)
         self._logged = 0  # history rows handed to W&B
         self._written = 0  # history rows seen in the .wandb file (offline)
         self._exited = False  # the exit record is in the .wandb file (offline)

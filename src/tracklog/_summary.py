@@ -1,0 +1,135 @@
+"""A run's summaries: per declared key, its min, max, mean, first, last or best value.
+
+Kept on the training side from every row the logger writes (``dump`` and
+``dump_rows``), so every output sees the same numbers. At ``close()`` they become rows
+of ``<key>/<kind>`` metrics (each at the step it belongs to: the step of the minimum,
+of the best value, of the last one) for MLflow and TensorBoard, and a closing table
+for the console and ``train.log``; W&B computes its own from the same declaration
+(``define_metric(summary=...)``). NaN values are left out of every summary; a key never
+logged as a number has none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from tracklog._row import Row
+from tracklog.values import Scalar
+
+__all__ = ["Summaries", "wandb_summaries"]
+
+#: W&B's define_metric aggregations for each kind (W&B has no "best": min or max).
+_WANDB: Final = {
+    "min": "min",
+    "max": "max",
+    "mean": "mean",
+    "first": "first",
+    "last": "last",
+    "best:max": "max",
+    "best:min": "min",
+}
+
+
+def kinds_of(declared: str | Sequence[str]) -> list[str]:
+    return [declared] if isinstance(declared, str) else list(declared)
+
+
+def wandb_summaries(summaries: Mapping[str, str | Sequence[str]]) -> dict[str, str]:
+    """Per key, the ``summary=`` of W&B's ``define_metric`` ("min,max", ...)."""
+    found: dict[str, str] = {}
+    for key, declared in summaries.items():
+        names = dict.fromkeys(_WANDB[kind] for kind in kinds_of(declared))
+        found[key] = ",".join(names)
+    return found
+
+
+@dataclass
+class _Key:
+    kinds: list[str]
+    count: int = 0
+    total: float = 0.0
+    first: tuple[float, int] | None = None
+    last: tuple[float, int] | None = None
+    low: tuple[float, int] | None = None  # the first step it was reached at
+    high: tuple[float, int] | None = None
+
+    def add(self, value: float, step: int) -> None:
+        if math.isnan(value):
+            return
+        self.count += 1
+        self.total += value
+        if self.first is None:
+            self.first = (value, step)
+        self.last = (value, step)
+        if self.low is None or value < self.low[0]:
+            self.low = (value, step)
+        if self.high is None or value > self.high[0]:
+            self.high = (value, step)
+
+    def result(self, kind: str) -> tuple[float, int] | None:
+        """The summary's value and the step it belongs to."""
+        if self.count == 0 or self.last is None:
+            return None
+        match kind:
+            case "min" | "best:min":
+                return self.low
+            case "max" | "best:max":
+                return self.high
+            case "first":
+                return self.first
+            case "last":
+                return self.last
+            case "mean":
+                return (self.total / self.count, self.last[1])
+            case _:
+                raise ValueError(f"unknown summary {kind!r}")
+
+
+@dataclass
+class Summaries:
+    """The summaries declared in the settings, updated from every row."""
+
+    declared: Mapping[str, str | Sequence[str]]
+    _keys: dict[str, _Key] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._keys = {key: _Key(kinds_of(kinds)) for key, kinds in self.declared.items()}
+
+    def add(self, row: Row) -> None:
+        for key, state in self._keys.items():
+            value = row.values.get(key)
+            if isinstance(value, Scalar):
+                state.add(float(value.value), row.step)
+
+    def rows(self) -> list[tuple[int, dict[str, float]]]:
+        """``<key>/<kind>`` metrics, grouped by the step each belongs to."""
+        by_step: dict[int, dict[str, float]] = {}
+        for key, state in self._keys.items():
+            for kind in state.kinds:
+                found = state.result(kind)
+                if found is not None:
+                    name = f"{key}/{kind.partition(':')[0]}"
+                    by_step.setdefault(found[1], {})[name] = found[0]
+        return sorted(by_step.items())
+
+    def table(self) -> str:
+        """The closing table: one line per key and summary ('' if nothing was logged)."""
+        lines: list[tuple[str, str, str, str]] = []
+        for key, state in self._keys.items():
+            for kind in state.kinds:
+                found = state.result(kind)
+                if found is not None:
+                    value, step = found
+                    lines.append((key, kind, f"{value:.6g}", str(step)))
+        if not lines:
+            return ""
+        header = ("key", "summary", "value", "at step")
+        widths = [max(len(line[i]) for line in [header, *lines]) for i in range(4)]
+        rendered = [
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+            for line in [header, *lines]
+        ]
+        return "summary of this run:\n" + "\n".join(rendered)
