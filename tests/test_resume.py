@@ -387,3 +387,30 @@ def test_processes_resuming_one_run_at_once_never_hold_it_together(tmp_path: Pat
     held.sort()
     assert all(end <= start for (_, end), (start, _) in itertools.pairwise(held)), held
     assert not (tmp_path / "run_2").exists()
+
+
+def test_resuming_into_another_mlflow_experiment_says_a_new_run_starts(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+
+    def settings(experiment: str) -> dict[str, object]:
+        mlflow = {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment}
+        return {"run_dir": run_dir, "resume": "auto", "outputs": [mlflow]}
+
+    with tracklog.build_logger(settings("resume-before")) as first:
+        first.record("a", 1.0)
+        first.dump(1)
+    second = tracklog.build_logger(settings("resume-after"))
+    second.record("a", 2.0)
+    second.dump(2)
+    with pytest.warns(UserWarning, match=r"not in experiment resume-after .* a new run is started"):
+        second.close()  # hears what the delivery process said
+    client = MlflowClient(mlflow_sqlite_uri)
+    for name, value in (("resume-before", 1.0), ("resume-after", 2.0)):
+        experiment = client.get_experiment_by_name(name)
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.data.metrics["a"] == value

@@ -634,6 +634,14 @@ class MLFlowOutputFormat(OutputFormat):
                 if found is not None and self._resuming:
                     found = self._resume(found, tags)
                 elif found is None:
+                    if self._resuming:
+                        warnings.warn(
+                            f"resume: the MLflow run this run_dir continues (tag "
+                            f"tracklog.run_key = {self.run_key}) is not in experiment "
+                            f"{self.settings.experiment or 'Default'} (deleted, or the "
+                            "experiment setting changed); a new run is started",
+                            stacklevel=4,
+                        )
                     self._create_attempted = True
                     run = self.client.create_run(
                         experiment, run_name=self.settings.run_name, tags=tags
