@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 import tracklog
-from tests.tensorboard_readback import read_events, scalars
+from tests.tensorboard_readback import hparams_tab, read_events, scalars
 from tracklog._row import Row
 from tracklog._summary import Summaries
 from tracklog.readers import read_jsonl, read_wandb_offline
@@ -125,3 +125,28 @@ def test_a_bad_summary_is_refused_naming_it(summaries: dict[str, object], messag
     with pytest.raises(pydantic.ValidationError, match=message) as caught:
         tracklog.load_settings({"summaries": summaries})
     assert "summaries" in str(caught.value)
+
+
+def test_summaries_are_columns_of_tensorboards_hparams_tab(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings = {
+        "run_dir": run_dir,
+        "summaries": {"loss": ["min", "last"], "eval/r": "best:max"},
+        "outputs": [{"type": "tensorboard"}],
+    }
+    with tracklog.build_logger(settings) as logger:
+        logger.record("hparams", tracklog.HParam({"lr": 0.01}))  # no metric_dict
+        logger.dump(0)
+        for step, reward, loss in DUMPS:
+            logger.record("eval/r", reward)
+            logger.record("loss", loss)
+            logger.dump(step)
+    experiment, groups = hparams_tab(run_dir / "tensorboard")
+    assert [info["name"]["tag"] for info in experiment["metricInfos"]] == [
+        "loss/min",
+        "loss/last",
+        "eval/r/best",
+    ]
+    (group,) = groups["sessionGroups"]
+    shown = {value["name"]["tag"]: value["value"] for value in group["metricValues"]}
+    assert shown == {"loss/min": 2.0, "loss/last": 4.0, "eval/r/best": 3.0}

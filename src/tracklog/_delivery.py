@@ -294,6 +294,7 @@ class Delivery:
             again=again,
             resumed=bool(self.header.get("resumed")),
             summaries=dict(self.header.get("summaries", {})),
+            summary_metrics=tuple(self.header.get("summary_metrics", ())),
         )
         delay = self.settings.retry_initial
         while True:

@@ -25,7 +25,7 @@ from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, remove, rep
 from tracklog._registry import backend, split_secrets
 from tracklog._row import Row
 from tracklog._service import service
-from tracklog._summary import wandb_summaries
+from tracklog._summary import summary_metrics, wandb_summaries
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import LoggerSettings, OutputSettings
 
@@ -224,6 +224,7 @@ class Outbox:
             "identity": identity,
             "resumed": resumed,
             "summaries": wandb_summaries(settings.summaries),
+            "summary_metrics": summary_metrics(settings.summaries),
             "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
         }
         root.mkdir(parents=True, exist_ok=True)

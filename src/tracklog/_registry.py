@@ -71,6 +71,8 @@ class RemoteContext:
     resumed: bool = False
     #: The logger's declared summaries, per key, as W&B's ``define_metric`` takes them.
     summaries: dict[str, str] = field(default_factory=dict[str, str])
+    #: Their ``<key>/<kind>`` metric names (TensorBoard's HPARAMS tab lists them).
+    summary_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,11 @@ def _tensorboard(settings: Any, context: RemoteContext) -> OutputFormat:
     from tracklog.outputs.tensorboard import TensorBoardOutputFormat
 
     resuming = context.resumed and not context.again  # once, at the first row it gets
-    return TensorBoardOutputFormat(context.run_dir / settings.path, resuming=resuming)
+    return TensorBoardOutputFormat(
+        context.run_dir / settings.path,
+        resuming=resuming,
+        summary_metrics=context.summary_metrics,
+    )
 
 
 def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:

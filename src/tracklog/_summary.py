@@ -19,7 +19,7 @@ from typing import Final
 from tracklog._row import Row
 from tracklog.values import Scalar
 
-__all__ = ["Summaries", "wandb_summaries"]
+__all__ = ["Summaries", "summary_metrics", "wandb_summaries"]
 
 #: W&B's define_metric aggregations for each kind (W&B has no "best": min or max).
 _WANDB: Final = {
@@ -35,6 +35,15 @@ _WANDB: Final = {
 
 def kinds_of(declared: str | Sequence[str]) -> list[str]:
     return [declared] if isinstance(declared, str) else list(declared)
+
+
+def summary_metrics(summaries: Mapping[str, str | Sequence[str]]) -> list[str]:
+    """The ``<key>/<kind>`` metric names the summaries are written as at close."""
+    return [
+        f"{key}/{kind.partition(':')[0]}"
+        for key, declared in summaries.items()
+        for kind in kinds_of(declared)
+    ]
 
 
 def wandb_summaries(summaries: Mapping[str, str | Sequence[str]]) -> dict[str, str]:
@@ -111,7 +120,7 @@ class Summaries:
             for kind in state.kinds:
                 found = state.result(kind)
                 if found is not None:
-                    name = f"{key}/{kind.partition(':')[0]}"
+                    name = f"{key}/{kind.partition(':')[0]}"  # as summary_metrics()
                     by_step.setdefault(found[1], {})[name] = found[0]
         return sorted(by_step.items())
 

@@ -179,7 +179,9 @@ class TensorBoardOutputFormat(OutputFormat):
 
     HPARAMS tab: the first ``HParam`` starts the run's session with its
     hyperparameters; the first one whose ``metric_dict`` names metrics declares the
-    tab's metric columns (until then TensorBoard offers every scalar as one).
+    tab's metric columns (until then TensorBoard offers every scalar as one). The
+    logger's declared summaries (``<key>/<kind>``, written when it closes) are
+    columns too, from the first ``HParam`` on.
     TensorBoard shows each metric's last scalar point, so ``metric_dict`` values are
     not drawn into a chart that is logged anyway (SB3's convention: they are
     placeholders, or the final value of that chart). Only a metric never recorded as
@@ -200,8 +202,15 @@ class TensorBoardOutputFormat(OutputFormat):
 
     name = "tensorboard"
 
-    def __init__(self, folder: str | os.PathLike[str], *, resuming: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        resuming: bool = False,
+        summary_metrics: Sequence[str] = (),
+    ) -> None:
         self._tb = _tensorboard()
+        self._summary_metrics = tuple(summary_metrics)
         self._restart_pending = resuming
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -322,10 +331,11 @@ class TensorBoardOutputFormat(OutputFormat):
             # (summary_v2 would group runs by a hash of their hyperparameters).
             start = self._tb.hparams_pb(item.hparams, trial_id="", start_time_secs=row.timestamp)
             values.extend(start.value)
-        if item.metrics and not self._experiment_written:
+        if (item.metrics or self._summary_metrics) and not self._experiment_written:
             self._experiment_written = True
             hparams, started = self._session
-            values.append(self._experiment(hparams, tuple(item.metrics), started))
+            metrics = tuple(dict.fromkeys([*item.metrics, *self._summary_metrics]))
+            values.append(self._experiment(hparams, metrics, started))
         self._hparam_points.extend(
             (row.step, row.timestamp, name, number)
             for name, number in item.metrics.items()
