@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,7 +41,9 @@ from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
 from tracklog._queue import KINDS, MEDIA, Message, Queue, remove, replay_command
 from tracklog._registry import RemoteContext, backend, parse_output
 from tracklog._row import Row
+from tracklog._system import SystemSampler
 from tracklog.outputs._base import OutputFormat
+from tracklog.outputs.jsonl import JsonlOutputFormat
 from tracklog.settings import DeliverySettings, OutputSettings
 from tracklog.values import Image, Video
 
@@ -128,6 +131,9 @@ class _Worker:
     gave_up: bool = False
     failures: int = 0
     thread: threading.Thread | None = field(default=None, repr=False)
+    #: System metrics samples for it (the watcher appends, the worker writes them).
+    side: deque[Row] = field(default_factory=lambda: deque(maxlen=256), repr=False)
+    side_failed: bool = False
 
     @property
     def label(self) -> str:
@@ -165,6 +171,15 @@ class Delivery:
         ]
         if self.header.get("media"):
             self.workers.append(_Worker(None, MEDIA))
+        self._sampler: SystemSampler | None = None
+        self._system_file: JsonlOutputFormat | None = None
+        self._next_sample = 0.0
+        trainer = self.header.get("trainer", {})
+        interval = self.header.get("system_metrics")
+        if interval and trainer.get("host") == socket.gethostname() and not trainer_gone():
+            with contextlib.suppress(Exception):  # psutil cannot read this machine
+                self._sampler = SystemSampler(int(trainer["pid"]), self.run_dir)
+                self._next_sample = time.monotonic() + float(interval)
 
     # Running ---------------------------------------------------------------------------
     def run(self) -> bool:
@@ -221,11 +236,52 @@ class Delivery:
                 _log.debug("tracklog: cannot move %s's inbox: %s", self.queue.directory, error)
                 moved = 0
             self._report_problems()
-            if moved or gone:
+            sampled = not gone and self._sample_system()
+            if moved or gone or sampled:
                 with self._arrived:
                     self._arrivals += 1
                     self._arrived.notify_all()
             time.sleep(_POLL)  # half the CPU of a timed Event.wait per wake-up, measured
+        if self._system_file is not None:
+            self._system_file.close()
+
+    def _sample_system(self) -> bool:
+        """Take a system sample if one is due: for MLflow and TensorBoard (their workers
+        write it) and system.jsonl. Best effort: a failure is logged, never retried."""
+        if self._sampler is None or time.monotonic() < self._next_sample:
+            return False
+        self._next_sample = time.monotonic() + float(self.header["system_metrics"])
+        try:
+            row = self._sampler.sample()
+            path = self.header.get("system_jsonl")
+            if path:
+                if self._system_file is None:
+                    self._system_file = JsonlOutputFormat(path)
+                self._system_file.write_row(row)
+        except Exception as error:
+            _log.debug("tracklog: system metrics: %s", error)
+            return False
+        for worker in self.workers:
+            if worker.target is not None and backend(worker.target.settings).system:
+                worker.side.append(row)
+        return True
+
+    def _write_system(self, worker: _Worker) -> None:
+        """Write the system samples waiting for this output (reported once if it cannot)."""
+        if not worker.side or worker.output is None:
+            return
+        rows: list[Row] = []
+        while worker.side:
+            rows.append(worker.side.popleft())
+        try:
+            worker.output.write_rows(rows)
+        except Exception as error:
+            if not worker.side_failed:
+                worker.side_failed = True
+                self._report(
+                    logging.WARNING,
+                    f"tracklog {worker.label}: system metrics not written: {_first_line(error)}",
+                )
 
     def _await_messages(self, seen: int) -> None:
         """Wait until the watcher brought messages after ``seen`` (or ``_IDLE``)."""
@@ -295,6 +351,8 @@ class Delivery:
             resumed=bool(self.header.get("resumed")),
             summaries=dict(self.header.get("summaries", {})),
             summary_metrics=tuple(self.header.get("summary_metrics", ())),
+            trainer_pid=self.header.get("trainer", {}).get("pid"),
+            system_metrics=self.header.get("system_metrics"),
         )
         delay = self.settings.retry_initial
         while True:
@@ -335,6 +393,7 @@ class Delivery:
 
     def _loop(self, worker: _Worker) -> None:
         while not worker.closed:
+            self._write_system(worker)
             seen = self._arrivals
             gone = self._trainer_gone()  # before reading: rows written before it count
             if gone and not self._ingest_all(worker):  # a record it left unfinished: dropped

@@ -225,6 +225,8 @@ class Outbox:
             "resumed": resumed,
             "summaries": wandb_summaries(settings.summaries),
             "summary_metrics": summary_metrics(settings.summaries),
+            "system_metrics": settings.system_metrics,
+            "system_jsonl": _system_jsonl(settings),
             "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
         }
         root.mkdir(parents=True, exist_ok=True)
@@ -392,6 +394,14 @@ def _fsync_files(folder: Path, names: list[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _system_jsonl(settings: LoggerSettings) -> str | None:
+    """``<run_dir>/system.jsonl`` when the logger has a JSONL output (the delivery
+    process writes its system samples there, beside the trainer's file)."""
+    if any(output.type == "jsonl" for output in settings.outputs):
+        return str(settings.run_dir.absolute() / "system.jsonl")
+    return None
 
 
 def _free(root: Path) -> Path:

@@ -73,6 +73,9 @@ class RemoteContext:
     summaries: dict[str, str] = field(default_factory=dict[str, str])
     #: Their ``<key>/<kind>`` metric names (TensorBoard's HPARAMS tab lists them).
     summary_metrics: tuple[str, ...] = ()
+    #: The trainer's pid, and seconds between system samples (None: no sampling).
+    trainer_pid: int | None = None
+    system_metrics: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ class Backend:
     #: made absolute: the delivery process, started once per trainer, keeps the
     #: working directory it started in (None: nothing relative to it).
     anchor: Callable[[Any], OutputSettings] | None = None
+    #: Whether it gets the delivery process's system metrics samples.
+    system: bool = False
     #: Whether an error raised while building it means "try again later".
     transient: Callable[[Exception], bool] = field(
         default=lambda error: isinstance(error, ConnectionError | TimeoutError)
@@ -219,7 +224,10 @@ def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
     if context.again or context.resumed:
         update["resume"] = "allow"  # an earlier delivery (or process) may have begun it
     return WandBOutputFormat(
-        settings.model_copy(update=update), run_dir=context.run_dir, summaries=context.summaries
+        settings.model_copy(update=update),
+        run_dir=context.run_dir,
+        summaries=context.summaries,
+        stats=(context.trainer_pid, context.system_metrics),
     )
 
 
@@ -295,6 +303,7 @@ BACKENDS: Final[dict[str, Backend]] = {
             files=True,
             build_remote=_tensorboard,
             check=_tensorboard_check,
+            system=True,
             package="tensorboard",
             extra="tensorboard",
         ),
@@ -303,6 +312,7 @@ BACKENDS: Final[dict[str, Backend]] = {
             "mlflow",
             remote=True,
             build_remote=_mlflow,
+            system=True,
             secrets=frozenset({"username", "password"}),
             masked=(("tracking_uri", mask_uri),),
             identity=_mlflow_identity,

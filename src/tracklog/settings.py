@@ -576,6 +576,16 @@ class LoggerSettings(BaseSettings):
         "table gets them through define_metric, MLflow as <key>/<kind> metrics at close, "
         "the console as a closing table (see docs/summaries.md)",
     )
+    system_metrics: float | None = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="seconds between samples of CPU, memory, the trainer's RSS, disk and "
+        "network, taken by the delivery process: system/... metrics for MLflow (its System "
+        "metrics tab) and TensorBoard, and <run_dir>/system.jsonl beside a JSONL output; "
+        "W&B samples the trainer itself at the same interval; null: off",
+    )
     all_ranks: bool = Field(
         default=False,
         description="in a process group (torch.distributed, $RANK), every rank logs to a "
@@ -617,7 +627,9 @@ class LoggerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_writer_per_file(self) -> LoggerSettings:
-        seen: dict[Path, int] = {}
+        seen: dict[Path, int | str] = {}
+        if self.system_metrics is not None and any(o.type == "jsonl" for o in self.outputs):
+            seen[self._same_file_key(Path("system.jsonl"))] = "system_metrics"
         consoles = 0
         for index, output in enumerate(self.outputs):
             if isinstance(output, ConsoleOutput):
@@ -629,10 +641,9 @@ class LoggerSettings(BaseSettings):
                 continue
             target = self._same_file_key(output.path)
             if target in seen:
-                raise ValueError(
-                    f"outputs.{index}.path: {output.path} is already written by "
-                    f"outputs.{seen[target]}"
-                )
+                writer = seen[target]
+                by = f"outputs.{writer}" if isinstance(writer, int) else writer
+                raise ValueError(f"outputs.{index}.path: {output.path} is already written by {by}")
             seen[target] = index
         return self
 

@@ -69,6 +69,7 @@ class WandBOutputFormat(OutputFormat):
         *,
         run_dir: Path,
         summaries: Mapping[str, str] | None = None,
+        stats: tuple[int | None, float | None] = (None, None),
     ) -> None:
         import wandb
         from wandb.sdk.lib import runid
@@ -85,6 +86,14 @@ class WandBOutputFormat(OutputFormat):
         options: dict[str, Any] = {}
         if "x_transaction_log_flush_interval" in wandb.Settings.model_fields:  # W&B >= 0.22
             options["x_transaction_log_flush_interval"] = WRITE_INTERVAL
+        pid, interval = stats
+        if "x_stats_pid" in wandb.Settings.model_fields and pid is not None:
+            # W&B's own system sampler, of the trainer (not of this delivery process).
+            if interval is None:
+                options["x_disable_stats"] = True
+            else:
+                options["x_stats_pid"] = pid
+                options["x_stats_sampling_interval"] = interval
         init_settings = wandb.Settings(
             console="off",  # tracklog sends its own lines; no wrapping of sys.stdout
             api_key=settings.api_key.get_secret_value() if settings.api_key else None,

@@ -1,0 +1,103 @@
+"""System metrics sampled by the delivery process, read back from MLflow, TensorBoard,
+``system.jsonl`` and the W&B run file (which gets none of tracklog's: W&B samples)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psutil
+import pydantic
+import pytest
+from mlflow import MlflowClient
+
+import tracklog
+from tests.tensorboard_readback import read_events, scalars
+from tracklog.readers import read_jsonl, read_wandb_offline
+
+
+def _settings(
+    run_dir: Path, uri: str, experiment: str, interval: float | None
+) -> dict[str, object]:
+    return {
+        "run_dir": run_dir,
+        "system_metrics": interval,
+        "outputs": [
+            {"type": "jsonl"},
+            {"type": "tensorboard"},
+            {"type": "mlflow", "tracking_uri": uri, "experiment": experiment},
+            {"type": "wandb", "project": "system", "mode": "offline"},
+        ],
+    }
+
+
+def _mlflow_run(uri: str, experiment: str) -> str:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    (run,) = client.search_runs([found.experiment_id])
+    return str(run.info.run_id)
+
+
+def test_system_metrics_reach_mlflow_tensorboard_and_system_jsonl(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    run_dir = tmp_path / "run"
+    with tracklog.build_logger(_settings(run_dir, mlflow_sqlite_uri, "system-on", 0.2)) as logger:
+        logger.record("a", 1.0)
+        logger.dump(1)
+        logger.flush()  # the delivery process is up: sampling
+        time.sleep(1.5)
+        rss = psutil.Process().memory_info().rss / 1e6  # this process is the trainer
+    client = MlflowClient(mlflow_sqlite_uri)
+    run_id = _mlflow_run(mlflow_sqlite_uri, "system-on")
+    history = client.get_metric_history(run_id, "system/trainer_rss_megabytes")
+    assert len(history) >= 4
+    assert sorted(p.step for p in history) == list(range(len(history)))
+    assert all(rss / 2 < p.value < rss * 2 for p in history), (rss, [p.value for p in history])
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) == len(history)
+    assert all(0 <= p.value <= 100 for p in cpu)
+    memory = client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    total = psutil.virtual_memory().total / 1e6
+    assert all(0 < p.value < total for p in memory)
+
+    # TensorBoard and system.jsonl got the same samples (a sample taken while the
+    # logger closed may reach only some of them).
+    events = read_events(run_dir / "tensorboard")
+    tensorboard = scalars(events, "system/trainer_rss_megabytes")
+    samples = read_jsonl(run_dir / "system.jsonl")
+    mlflow_steps = {p.step for p in history}
+    assert len(mlflow_steps & {step for step, _ in tensorboard}) >= len(history) - 1
+    assert len(mlflow_steps & {row.step for row in samples}) >= len(history) - 1
+    # The trainer's own files and the W&B run hold only what it logged.
+    assert [sorted(row.values) for row in read_jsonl(run_dir / "progress.jsonl")] == [["a"]]
+    wandb_keys = {key for row in read_wandb_offline(run_dir).rows for key in row.values}
+    assert not any(key.startswith("system/") for key in wandb_keys)
+
+
+def test_system_metrics_null_samples_nothing(tmp_path: Path, mlflow_sqlite_uri: str) -> None:
+    run_dir = tmp_path / "run"
+    with tracklog.build_logger(_settings(run_dir, mlflow_sqlite_uri, "system-off", None)) as logger:
+        logger.record("a", 1.0)
+        logger.dump(1)
+        logger.flush()
+        time.sleep(0.5)
+    run_id = _mlflow_run(mlflow_sqlite_uri, "system-off")
+    assert set(MlflowClient(mlflow_sqlite_uri).get_run(run_id).data.metrics) == {"a"}
+    assert not (run_dir / "system.jsonl").exists()
+
+
+@pytest.mark.parametrize("interval", [0, -1, float("nan"), 10_000])
+def test_a_bad_interval_is_refused_naming_the_field(interval: float) -> None:
+    with pytest.raises(pydantic.ValidationError, match="system_metrics"):
+        tracklog.load_settings({"system_metrics": interval})
+
+
+def test_an_output_writing_system_jsonl_is_refused_while_sampling_writes_it() -> None:
+    outputs = [{"type": "jsonl"}, {"type": "csv", "path": "system.jsonl"}]
+    with pytest.raises(
+        pydantic.ValidationError, match=r"system\.jsonl is already written by system_metrics"
+    ):
+        tracklog.load_settings({"outputs": outputs})
+    tracklog.load_settings({"outputs": outputs, "system_metrics": None})  # not sampled: free
