@@ -34,6 +34,7 @@ import shutil
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ Kind = Literal["row", "line", "failed", "flush", "close"]
 KINDS: Final = frozenset(("row", "line", "failed", "flush", "close"))
 #: 3: the trainer appends to the inbox; a queue of format 2 (no inbox) is read as well.
 FORMAT: Final = 3
+#: How long Lock.held_elsewhere waits before it tries a taken lock again.
+_CHECK_AGAIN: Final = 0.02
 _READABLE: Final = frozenset((2, FORMAT))
 _QUEUE: Final = "queue.db"
 _ACKS: Final = "acks.db"
@@ -136,14 +139,21 @@ class Lock:
         return True
 
     def held_elsewhere(self) -> bool:
-        """Whether another process holds it now (the check takes and drops it)."""
+        """Whether another process holds it now (the check takes and drops it).
+
+        Another process's check holds it for an instant too: a lock found taken is
+        tried again twice, 20 ms apart, before it counts as held.
+        """
         if self._connection is not None:
             return False
-        if not self.path.exists():
-            return False
-        if self.acquire():
-            self.release()
-            return False
+        for attempt in range(3):
+            if not self.path.exists():
+                return False
+            if self.acquire():
+                self.release()
+                return False
+            if attempt < 2:
+                time.sleep(_CHECK_AGAIN)
         return True
 
     def release(self) -> None:
