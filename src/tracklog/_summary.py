@@ -37,13 +37,14 @@ def kinds_of(declared: str | Sequence[str]) -> list[str]:
     return [declared] if isinstance(declared, str) else list(declared)
 
 
+def _metric(key: str, kind: str) -> str:
+    """The metric a summary is written as at close: ``<key>/<kind>`` (``best:max``: best)."""
+    return f"{key}/{kind.partition(':')[0]}"
+
+
 def summary_metrics(summaries: Mapping[str, str | Sequence[str]]) -> list[str]:
     """The ``<key>/<kind>`` metric names the summaries are written as at close."""
-    return [
-        f"{key}/{kind.partition(':')[0]}"
-        for key, declared in summaries.items()
-        for kind in kinds_of(declared)
-    ]
+    return [_metric(key, kind) for key, kinds in summaries.items() for kind in kinds_of(kinds)]
 
 
 def wandb_summaries(summaries: Mapping[str, str | Sequence[str]]) -> dict[str, str]:
@@ -120,8 +121,7 @@ class Summaries:
             for kind in state.kinds:
                 found = state.result(kind)
                 if found is not None:
-                    name = f"{key}/{kind.partition(':')[0]}"  # as summary_metrics()
-                    by_step.setdefault(found[1], {})[name] = found[0]
+                    by_step.setdefault(found[1], {})[_metric(key, kind)] = found[0]
         return sorted(by_step.items())
 
     def table(self) -> str:
