@@ -291,7 +291,7 @@ def test_value_backend_table_has_a_cell_for_every_value_type_and_output(site: Si
         assert sum(kind in column for column in columns) == 1, f"no column for type {kind}"
     assert set().union(*columns) == set(_output_types()), "a column for an unknown output"
     names = [cls.__name__ for cls in typing.get_args(LogValue)]
-    assert len(names) == 7
+    assert len(names) == 8
     first_words = [row[0].split(" ", 1)[0] for row in table.rows]
     for name in names:
         assert first_words.count(name) == 1, f"no row for {name}"

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     )
     from tracklog.settings import LoggerSettings, load_settings
     from tracklog.values import (
+        Checkpoint,
         Figure,
         Histogram,
         HParam,
@@ -66,9 +67,10 @@ _WHERE = {
         "tracklog.outputs",
     ),
     **dict.fromkeys(
-        ["Figure", "Histogram", "HParam", "Image", "LogValue", "Recordable", "Scalar"],
+        ["Checkpoint", "Figure", "Histogram", "HParam", "Image", "LogValue", "Recordable"],
         "tracklog.values",
     ),
+    "Scalar": "tracklog.values",
     "Text": "tracklog.values",
     "Video": "tracklog.values",
 }
@@ -89,6 +91,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Checkpoint",
     "CsvOutputFormat",
     "Figure",
     "FixedHumanOutputFormat",

@@ -6,16 +6,18 @@ import datetime
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from stable_baselines3.common.logger import KVWriter
 
+from tracklog._checkpoints import CheckpointStore
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput, queue_root, refuse_busy
 from tracklog._ranks import detect
 from tracklog._registry import LocalContext, backend, require
-from tracklog._runs import Claim, claim, claiming, unclaim
+from tracklog._runs import Claim, claim, claiming, read_run, unclaim
 from tracklog.settings import LoggerSettings, OutputSettings, load_settings
 
 __all__ = ["build_logger", "configure"]
@@ -88,6 +90,8 @@ def build_logger(
                     unclaim(run)
                     raise
     store = MediaStore(resolved.run_dir, defer=outbox is not None)
+    run_dir = resolved.run_dir
+    checkpoints = CheckpointStore(run_dir, lambda: _run_identity(run_dir))
     context = LocalContext(run_dir=resolved.run_dir, media=store)
     outputs: dict[int, KVWriter] = {}
     try:
@@ -114,10 +118,19 @@ def build_logger(
         settings=resolved,
         outbox=outbox,
         media=store,
+        checkpoints=checkpoints,
     )
     if run is not None and run.note:
         logger.log(run.note)
     return logger
+
+
+def _run_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The run file's content, for the checkpoints of this run (None without one)."""
+    try:
+        return read_run(run_dir)
+    except ValueError:
+        return None
 
 
 def _anchor(output: OutputSettings) -> OutputSettings:

@@ -35,12 +35,14 @@ from typing import Any, BinaryIO, Final, TypeGuard, TypeVar, assert_never, cast
 import numpy as np
 import numpy.typing as npt
 
+from tracklog._checkpoints import stored_path
 from tracklog._jsontext import float_pairs, json_float, member
 from tracklog._row import Row
 from tracklog.values import (
     CHANNELS,
     MAX_FPS,
     MIN_FPS,
+    Checkpoint,
     Figure,
     Histogram,
     HParam,
@@ -49,7 +51,11 @@ from tracklog.values import (
     Scalar,
     Text,
     Video,
+    build_checkpoint,
+    check_aliases,
+    freeze_mapping,
     mark_frozen,
+    to_plain,
 )
 
 __all__ = [
@@ -238,6 +244,16 @@ class _Writer:
                     "type": "hparam",
                     "hparams": value.plain(),
                     "metrics": dict(value.metric_dict),
+                }
+            case Checkpoint():
+                if value.stored is None:
+                    raise ValueError("a checkpoint is queued only once kept in run_dir")
+                return {
+                    "type": "checkpoint",
+                    "path": value.stored,
+                    "aliases": list(value.aliases),
+                    "metadata": to_plain(value.metadata),
+                    "files": [list(entry) for entry in value.files],
                 }
             case _:
                 assert_never(value)
@@ -497,7 +513,42 @@ class _Reader:
                 return HParam(_field(document, "hparams", dict), _field(document, "metrics", dict))
             except (TypeError, ValueError) as error:
                 raise CodecError(f"bad hparam: {error}") from None
+        if kind == "checkpoint":
+            return _checkpoint(document)
         raise CodecError(f"unknown value type {kind!r}")
+
+
+def _checkpoint(document: dict[str, object]) -> Checkpoint:
+    path: str = _field(document, "path", str)
+    aliases: list[object] = _field(document, "aliases", list)
+    files: list[object] = _field(document, "files", list)
+    try:
+        stored_path(path)
+        checked = check_aliases(aliases)
+        metadata = freeze_mapping(_field(document, "metadata", dict), "checkpoint metadata")
+    except (TypeError, ValueError) as error:
+        raise CodecError(f"bad checkpoint: {error}") from None
+    entries: list[tuple[str, int]] = []
+    for entry in files:
+        pair = cast("list[object]", entry) if isinstance(entry, list) else []
+        name, size = (pair[0], pair[1]) if len(pair) == 2 else (None, None)
+        if not (
+            isinstance(name, str)
+            and _is_file_name(name)
+            and type(size) is int
+            and 0 <= size <= _INT64_MAX
+        ):
+            raise CodecError(f"bad checkpoint file entry {str(pair)[:80]}")
+        entries.append((name, size))
+    if not entries:
+        raise CodecError("a checkpoint without files")
+    return build_checkpoint(Path(path), checked, metadata, tuple(entries), path)
+
+
+def _is_file_name(name: str) -> bool:
+    """A relative ``/``-separated path that stays inside its folder."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
 _Media = TypeVar("_Media", Image, Figure, Video)

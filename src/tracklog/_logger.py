@@ -11,6 +11,7 @@ import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, cast
 
@@ -19,6 +20,7 @@ import numpy.typing as npt
 from stable_baselines3.common import logger as sb3
 
 from tracklog import _lifecycle
+from tracklog._checkpoints import CheckpointStore
 from tracklog._isolation import Isolation
 from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput
@@ -27,7 +29,16 @@ from tracklog._summary import Summaries
 from tracklog.convert.sb3 import to_sb3
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import DeliverySettings, LoggerSettings
-from tracklog.values import Image, LogValue, Recordable, Scalar, Video, check_key, normalise
+from tracklog.values import (
+    Checkpoint,
+    Image,
+    LogValue,
+    Recordable,
+    Scalar,
+    Video,
+    check_key,
+    normalise,
+)
 
 if TYPE_CHECKING:
     from torch import Tensor as _Tensor
@@ -104,6 +115,7 @@ class Logger(sb3.Logger):
         delivery: DeliverySettings | None = None,
         outbox: Outbox | None = None,
         media: MediaStore | None = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         super().__init__(folder=folder, output_formats=list(output_formats))
         self.set_level(level)
@@ -125,6 +137,9 @@ class Logger(sb3.Logger):
         self._isolation = Isolation(strict=strict)
         self._outbox = outbox
         self._media = media
+        if checkpoints is None and folder is not None:
+            checkpoints = CheckpointStore(Path(folder), lambda: None)
+        self._checkpoints = checkpoints
         self._failed_reason: str | None = None
         self._closed = False
         self._pid = os.getpid()
@@ -250,6 +265,10 @@ class Logger(sb3.Logger):
                 self.name_to_excluded = {}
             if self.level == sb3.DISABLED or not values:
                 return
+            if any(type(value) is Checkpoint for value in values.values()):
+                values = self._keep_checkpoints(values, int(step))
+                if not values:
+                    return
             row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
             if self._summary is not None:
                 self._summary.add(row)
@@ -290,6 +309,10 @@ class Logger(sb3.Logger):
                 return
             calls: list[tuple[object, Callable[[], None]]] = []
             for step, typed in checked:
+                if any(type(value) is Checkpoint for value in typed.values()):
+                    typed = self._keep_checkpoints(typed, step)
+                    if not typed:
+                        continue
                 row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
                 if self._summary is not None and not summarising:
                     self._summary.add(row)
@@ -299,6 +322,46 @@ class Logger(sb3.Logger):
             with _lifecycle.critical():
                 self._isolation.run(calls)
             self._raise_background_error()
+
+    def checkpoint_dir(self, key: str, step: int) -> Path:
+        """A new, empty folder ``<run_dir>/checkpoints/<key>/step_<step>/`` to save into.
+
+        A ``Checkpoint`` of this folder, dumped at ``step``, is kept where it is: no
+        copy is made (for a large replay buffer, that is the difference). Do not write
+        to it after that dump.
+        """
+        check_key(key)
+        _check_step(step)
+        store = self._checkpoints
+        if store is None:
+            raise RuntimeError("this Logger has no folder to keep checkpoints in")
+        return store.new_dir(key, int(step))
+
+    def _keep_checkpoints(self, values: dict[str, LogValue], step: int) -> dict[str, LogValue]:
+        """``values`` with each checkpoint kept in run_dir (see :mod:`tracklog._checkpoints`).
+
+        One that cannot be kept (a full disk, its files gone) is reported and left out;
+        the other values of the row are written as always.
+        """
+        store = self._checkpoints
+        if store is None:
+            return values
+        kept: dict[str, LogValue] = {}
+        for key, value in values.items():
+            if type(value) is not Checkpoint:
+                kept[key] = value
+                continue
+            try:
+                kept[key] = store.keep(key, step, value)
+            except (OSError, ValueError) as error:
+                _log.error(
+                    "tracklog: checkpoint %r at step %d could not be kept in %s (%s); not logged",
+                    key,
+                    step,
+                    store.run_dir,
+                    error,
+                )
+        return kept
 
     def _row_calls(
         self,

@@ -179,6 +179,7 @@ def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
         settings,
         settings_json=context.settings_json,
         state_dir=context.state_dir,
+        run_dir=context.run_dir,
         run_key=context.identity.get("run_key"),
         replaying=context.again,
         resuming=context.resumed,

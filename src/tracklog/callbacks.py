@@ -9,6 +9,10 @@
   step the evaluation happened, and which moves nothing else.
 - :class:`EpisodeCallback` logs every finished episode's return, length and duration
   at that episode's own ``num_timesteps``, for every env of a VecEnv.
+- :class:`CheckpointCallback` is SB3's ``CheckpointCallback`` whose checkpoints (model,
+  VecNormalize statistics, replay buffer) are logged as :class:`~tracklog.Checkpoint`
+  values with the alias ``latest``; given to :class:`TracklogEvalCallback`, each new
+  best evaluation is also saved, with the alias ``best`` and its score.
 
 Every value these callbacks log is dumped at once, at the model's ``num_timesteps``
 at that moment, by :func:`dump_values`. Whatever SB3 (or other code) recorded for its
@@ -30,17 +34,19 @@ import types
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, SupportsFloat, SupportsInt, cast
 
 import numpy as np
 import numpy.typing as npt
+from stable_baselines3.common import callbacks as sb3_callbacks
 from stable_baselines3.common import logger as sb3
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
 from tracklog._logger import Logger
-from tracklog.values import HParam, HParamValue, Recordable, Video, check_key
+from tracklog.values import Checkpoint, HParam, HParamValue, Recordable, Video, check_key
 
 if TYPE_CHECKING:
     # Only for annotations: gymnasium is imported by SB3 anyway, but this module
@@ -49,6 +55,7 @@ if TYPE_CHECKING:
     from stable_baselines3.common.base_class import BaseAlgorithm
 
 __all__ = [
+    "CheckpointCallback",
     "EpisodeCallback",
     "HParamCallback",
     "TracklogEvalCallback",
@@ -570,6 +577,8 @@ class TracklogEvalCallback(EvalCallback):
         render: bool = False,
         verbose: int = 1,
         warn: bool = True,
+        *,
+        checkpoints: CheckpointCallback | None = None,
     ) -> None:
         super().__init__(
             eval_env,
@@ -585,15 +594,150 @@ class TracklogEvalCallback(EvalCallback):
             warn=warn,
         )
         self.eval_steps: list[int] = []
+        #: Saves each new best model as a checkpoint with aliases ``best`` and ``latest``.
+        self.checkpoints = checkpoints
+
+    def _init_callback(self) -> None:
+        super()._init_callback()
+        if self.checkpoints is not None and self.checkpoints.model is not self.model:
+            # Not in learn()'s callback list too: it saves only the best models.
+            self.checkpoints.init_callback(self.model)
 
     def _on_step(self) -> bool:
         # SB3's condition for an evaluation in EvalCallback._on_step.
         if not (self.eval_freq > 0 and self.n_calls % self.eval_freq == 0):
             return super()._on_step()
+        best = self.best_mean_reward
         with _set_aside(self.logger):
             continue_training = super()._on_step()
         self.eval_steps.append(self.num_timesteps)
+        if self.checkpoints is not None and self.best_mean_reward > best:
+            score = {
+                "mean_reward": float(self.best_mean_reward),
+                "n_eval_episodes": self.n_eval_episodes,
+                "deterministic": self.deterministic,
+            }
+            self.checkpoints.save(aliases=("best",), metadata=score)
         return continue_training
+
+
+# CheckpointCallback --------------------------------------------------------------------
+
+
+class CheckpointCallback(sb3_callbacks.CheckpointCallback):
+    """SB3's ``CheckpointCallback``, whose checkpoints are logged with aliases.
+
+    Every ``save_freq`` calls (as in SB3: with ``n_envs`` envs, every
+    ``save_freq * n_envs`` timesteps) it saves, into one folder:
+
+    - ``<name_prefix>.zip``, the model (``PPO.load`` reads it);
+    - ``<name_prefix>_vecnormalize.pkl``, the ``VecNormalize`` statistics, when the
+      training env has them (``save_vecnormalize``, on by default: they are easy to
+      lose, and a model without them is not the model that was trained);
+    - ``<name_prefix>_replay_buffer.pkl``, the replay buffer, with
+      ``save_replay_buffer=True`` and an off-policy algorithm;
+
+    and logs the folder as a :class:`~tracklog.Checkpoint` under ``key`` at the
+    model's ``num_timesteps`` with the alias ``latest``. Pending values do not move
+    (see :func:`dump_values`). With ``save_path=None`` (the default) and a tracklog
+    logger, the folder is ``<run_dir>/checkpoints/<key>/step_<num_timesteps>/``, kept
+    where it is; with a ``save_path``, the folders are ``<save_path>/step_<N>/`` and
+    the logger keeps a copy. With a logger that is not tracklog's, ``save_path`` is
+    needed and the files are saved, not logged.
+
+    :meth:`save` saves and logs one checkpoint now; :class:`TracklogEvalCallback`
+    calls it for each new best model. ``saved`` lists ``(num_timesteps, folder)`` of
+    every checkpoint, oldest first.
+    """
+
+    def __init__(
+        self,
+        save_freq: int,
+        save_path: str | None = None,
+        name_prefix: str = "model",
+        save_replay_buffer: bool = False,
+        save_vecnormalize: bool = True,
+        verbose: int = 0,
+        *,
+        key: str = "checkpoint",
+    ) -> None:
+        super().__init__(
+            _positive_int("save_freq", save_freq),
+            save_path or "",
+            name_prefix=name_prefix,
+            save_replay_buffer=save_replay_buffer,
+            save_vecnormalize=save_vecnormalize,
+            verbose=verbose,
+        )
+        self.key = check_key(key)
+        #: No save_path: checkpoints go to the run_dir of the (tracklog) logger.
+        self._in_run_dir = save_path is None
+        self.saved: list[tuple[int, Path]] = []
+        self._folder: Path | None = None
+
+    def _init_callback(self) -> None:
+        if not self._in_run_dir:
+            super()._init_callback()  # creates save_path
+        elif not isinstance(self.logger, Logger):
+            raise ValueError(
+                "CheckpointCallback needs a save_path when the model's logger is not a "
+                "tracklog Logger (with one, checkpoints go to <run_dir>/checkpoints)"
+            )
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.save_freq == 0:
+            self.save()
+        return True
+
+    def _checkpoint_path(self, checkpoint_type: str = "", extension: str = "") -> str:
+        """The file of one part of the checkpoint being saved (SB3's hook, same arguments)."""
+        folder = self._folder or self._new_folder()
+        part = f"_{checkpoint_type.rstrip('_')}" if checkpoint_type else ""
+        return str(folder / f"{self.name_prefix}{part}.{extension}")
+
+    def _new_folder(self) -> Path:
+        step = self.num_timesteps
+        if self._in_run_dir and isinstance(self.logger, Logger):
+            folder = self.logger.checkpoint_dir(self.key, step)
+        else:
+            base, n = Path(self.save_path), 0
+            while True:
+                folder = base / (f"step_{step}" if n == 0 else f"step_{step}-{n}")
+                try:
+                    folder.mkdir(parents=True)
+                    break
+                except FileExistsError:
+                    n += 1
+        self._folder = folder
+        return folder
+
+    def save(
+        self, aliases: Sequence[str] = (), metadata: Mapping[str, object] | None = None
+    ) -> Path:
+        """Save the model (and its VecNormalize statistics and replay buffer, as set up)
+        into a new folder, log it as a checkpoint at ``num_timesteps`` with ``latest``
+        and ``aliases``; return the folder."""
+        folder = self._new_folder()
+        try:
+            model_path = self._checkpoint_path(extension="zip")
+            self.model.save(model_path)
+            if self.verbose >= 2:
+                print(f"Saving model checkpoint to {model_path}")
+            buffer = getattr(self.model, "replay_buffer", None)
+            if self.save_replay_buffer and buffer is not None:
+                path = self._checkpoint_path("replay_buffer_", extension="pkl")
+                self.model.save_replay_buffer(path)  # type: ignore[attr-defined]  # off-policy algorithms have it
+            vec_normalize = self.model.get_vec_normalize_env()
+            if self.save_vecnormalize and vec_normalize is not None:
+                vec_normalize.save(self._checkpoint_path("vecnormalize_", extension="pkl"))
+        finally:
+            self._folder = None
+        step = self.num_timesteps
+        self.saved.append((step, folder))
+        if isinstance(self.logger, Logger):
+            checkpoint = Checkpoint(folder, aliases=aliases, metadata=metadata)
+            self.logger.dump_rows([(step, {self.key: checkpoint})])
+        return folder
 
 
 # EpisodeCallback -----------------------------------------------------------------------

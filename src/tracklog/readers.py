@@ -1,4 +1,5 @@
-"""Read what tracklog wrote back into typed rows: JSONL, CSV and W&B offline runs.
+"""Read what tracklog wrote back into typed rows: JSONL, CSV and W&B offline runs; and
+find the checkpoints a run kept (:func:`latest_checkpoint`, to restart from).
 
 The JSONL and CSV readers use only the standard library's ``json`` and ``csv``
 modules, so they return what any other tool reading the files would see. The W&B
@@ -19,11 +20,16 @@ from pathlib import Path
 from typing import Protocol, cast
 
 __all__ = [
+    "KeptCheckpoint",
     "LoggedRow",
     "Value",
+    "WandbArtifact",
+    "WandbArtifactFile",
     "WandbLogTail",
     "WandbRow",
     "WandbRun",
+    "latest_checkpoint",
+    "read_checkpoints",
     "read_csv",
     "read_jsonl",
     "read_wandb_offline",
@@ -156,7 +162,27 @@ class _Exit(Protocol):
     exit_code: int
 
 
+class _ManifestEntry(Protocol):
+    path: str
+    digest: str
+    size: int
+    local_path: str
+
+
+class _Manifest(Protocol):
+    contents: Sequence[_ManifestEntry]
+
+
+class _ArtifactRecord(Protocol):
+    name: str
+    type: str
+    aliases: Sequence[str]
+    metadata: str
+    manifest: _Manifest
+
+
 class _Record(Protocol):
+    artifact: _ArtifactRecord
     history: _Items
     config: _Updates
     summary: _Updates
@@ -183,6 +209,27 @@ class WandbRow:
 
 
 @dataclass(frozen=True, slots=True)
+class WandbArtifactFile:
+    """A file of an artifact: its size, W&B's digest (base64 MD5) and where
+    ``wandb sync`` reads it from."""
+
+    size: int
+    digest: str
+    local_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class WandbArtifact:
+    """An artifact version the run logged (a checkpoint is one of type ``model``)."""
+
+    name: str
+    type: str
+    aliases: tuple[str, ...]
+    metadata: Mapping[str, object]
+    files: Mapping[str, WandbArtifactFile]
+
+
+@dataclass(frozen=True, slots=True)
 class WandbRun:
     """What a W&B offline run holds, read from its ``.wandb`` transaction log."""
 
@@ -198,6 +245,8 @@ class WandbRun:
     summary: Mapping[str, object]
     console: str
     exit_code: int | None
+    #: Artifact versions, in the order the run logged them.
+    artifacts: tuple[WandbArtifact, ...] = ()
 
     def media_path(self, value: object) -> Path:
         """The file of a media value from :attr:`rows` (its ``path`` under ``files/``)."""
@@ -321,6 +370,7 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
     run_id = project = group = name = ""
     tags: tuple[str, ...] = ()
     exit_code: int | None = None
+    artifacts: list[WandbArtifact] = []
     for payload in wandb_records(log):
         record: _Record = record_class()
         record.ParseFromString(payload)
@@ -353,6 +403,8 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
             summary.update(_decode_items(record.summary.update))
         elif kind == "output_raw":
             console.append(record.output_raw.line)
+        elif kind == "artifact":
+            artifacts.append(_artifact(record.artifact))
         elif kind == "exit":
             exit_code = record.exit.exit_code
     config.pop("_wandb", None)
@@ -368,4 +420,101 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
         summary=summary,
         console="".join(console),
         exit_code=exit_code,
+        artifacts=tuple(artifacts),
+    )
+
+
+def _artifact(record: _ArtifactRecord) -> WandbArtifact:
+    metadata: object = json.loads(record.metadata) if record.metadata else {}
+    return WandbArtifact(
+        name=record.name,
+        type=record.type,
+        aliases=tuple(record.aliases),
+        metadata=cast("dict[str, object]", metadata) if isinstance(metadata, dict) else {},
+        files={
+            entry.path: WandbArtifactFile(entry.size, entry.digest, entry.local_path)
+            for entry in record.manifest.contents
+        },
+    )
+
+
+# Checkpoints ---------------------------------------------------------------------------
+
+_CHECKPOINT_RECORD = "tracklog-checkpoint.json"  # tracklog.values.CHECKPOINT_RECORD
+
+
+@dataclass(frozen=True, slots=True)
+class KeptCheckpoint:
+    """A checkpoint a run kept in ``<run_dir>/checkpoints/``, from its record file."""
+
+    folder: Path
+    key: str
+    step: int
+    #: When it was dumped (Unix time).
+    time: float
+    aliases: tuple[str, ...]
+    metadata: Mapping[str, object]
+    #: The run it belongs to: the content of that run_dir's ``tracklog.json``.
+    run: Mapping[str, object] | None
+
+
+def read_checkpoints(
+    run_dir: str | os.PathLike[str], key: str | None = None
+) -> list[KeptCheckpoint]:
+    """Every checkpoint kept in ``run_dir`` (of ``key``, if given), oldest dump first.
+
+    A folder whose record is missing or unreadable (a process killed while saving
+    it) is left out: its files may be incomplete.
+    """
+    found: list[KeptCheckpoint] = []
+    for record in Path(run_dir, "checkpoints").rglob(_CHECKPOINT_RECORD):
+        kept = _kept_checkpoint(record)
+        if kept is not None and (key is None or kept.key == key):
+            found.append(kept)
+    found.sort(key=lambda kept: kept.time)
+    return found
+
+
+def latest_checkpoint(
+    run_dir: str | os.PathLike[str], alias: str = "latest", key: str | None = None
+) -> KeptCheckpoint | None:
+    """The checkpoint ``alias`` points at: the last one dumped that carries it (None
+    if there is none). What to restart a preempted run from::
+
+        kept = latest_checkpoint("runs/ppo")
+        model = PPO.load(kept.folder / "model.zip", env=env)
+    """
+    carrying = [kept for kept in read_checkpoints(run_dir, key) if alias in kept.aliases]
+    return carrying[-1] if carrying else None
+
+
+def _kept_checkpoint(record: Path) -> KeptCheckpoint | None:
+    if record.is_symlink() or not record.is_file():
+        return None
+    try:
+        document: object = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    fields = cast("dict[str, object]", document)
+    key, step, time = fields.get("key"), fields.get("step"), fields.get("time")
+    aliases, metadata, run = fields.get("aliases"), fields.get("metadata"), fields.get("run")
+    if not (
+        isinstance(key, str)
+        and type(step) is int
+        and isinstance(time, int | float)
+        and isinstance(aliases, list)
+        and isinstance(metadata, dict)
+    ):
+        return None
+    names = tuple(alias for alias in cast("list[object]", aliases) if isinstance(alias, str))
+    return KeptCheckpoint(
+        folder=record.parent,
+        key=key,
+        step=step,
+        time=float(time),
+        aliases=names,
+        metadata=cast("dict[str, object]", metadata),
+        run=cast("dict[str, object]", run) if isinstance(run, dict) else None,
     )

@@ -7,7 +7,8 @@ figure after ``record()`` does not change what is logged.
 
 ``Video``, ``Image``, ``Figure`` and ``HParam`` subclass SB3's classes of the same
 name, so output formats written for SB3 (``isinstance(value, Video)``) keep working
-when appended to a tracklog logger.
+when appended to a tracklog logger. ``Checkpoint`` (saved model files) is tracklog's
+own.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import re
+import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, cast
 
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Checkpoint",
     "Figure",
     "HParam",
     "HParamValue",
@@ -329,7 +335,7 @@ class HParam(_Frozen, sb3.HParam):
             raise TypeError(
                 f"HParam hparam_dict must be a mapping, not {type(hparam_dict).__name__}"
             )
-        self.hparam_dict = _freeze_params(hparam_dict, "hparam_dict", ())
+        self.hparam_dict = _freeze_params(hparam_dict, "HParam hparam_dict", ())
         _check_flat_names(self.hparam_dict)
         if metric_dict is not None and not isinstance(metric_dict, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(
@@ -369,16 +375,22 @@ class HParam(_Frozen, sb3.HParam):
         return f"HParam({dict(self.hparam_dict)!r}, {dict(self.metric_dict)!r})"
 
 
+def freeze_mapping(params: Mapping[Any, object], where: str) -> Mapping[str, HParamValue]:
+    """``params`` as a read-only mapping of ``HParamValue`` (as ``HParam`` keeps its
+    ``hparam_dict``); raises naming ``where`` and the key of a bad entry."""
+    return _freeze_params(params, where, ())
+
+
 def _freeze_params(
     params: Mapping[Any, object], where: str, inside: tuple[int, ...]
 ) -> Mapping[str, HParamValue]:
     if id(params) in inside:
-        raise ValueError(f"HParam {where} contains itself")
+        raise ValueError(f"{where} contains itself")
     inside = (*inside, id(params))
     frozen: dict[str, HParamValue] = {}
     for name, value in params.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"HParam {where} key {name!r} must be a non-empty str")
+            raise ValueError(f"{where} key {name!r} must be a non-empty str")
         frozen[name] = _freeze_param(value, f"{where}[{name!r}]", inside)
     return MappingProxyType(frozen)
 
@@ -394,11 +406,11 @@ def _freeze_param(value: object, where: str, inside: tuple[int, ...]) -> HParamV
     if isinstance(value, list | tuple):
         items = cast("list[object] | tuple[object, ...]", value)
         if id(items) in inside:
-            raise ValueError(f"HParam {where} contains itself")
+            raise ValueError(f"{where} contains itself")
         within = (*inside, id(items))
         return tuple(_freeze_param(item, f"{where}[{i}]", within) for i, item in enumerate(items))
     raise TypeError(
-        f"HParam {where} has unsupported type {type(value).__name__}; "
+        f"{where} has unsupported type {type(value).__name__}; "
         "use bool, int, float, str, None, a list or a nested dict (or str(value))"
     )
 
@@ -444,7 +456,146 @@ def to_plain(value: HParamValue) -> object:
     return value
 
 
-LogValue: TypeAlias = Scalar | Text | Histogram | Image | Figure | Video | HParam
+#: An alias: letters, digits, ``_``, ``-`` and ``.``; W&B keeps ``v<N>`` for its versions.
+_ALIAS: Final = re.compile(r"(?!v[0-9]+$)[A-Za-z0-9_.-]{1,64}")
+
+
+class Checkpoint(_Frozen):
+    """Saved model files to keep with the run: one file or a directory of them.
+
+    ``aliases`` name it among the checkpoints of its key: each alias always points at
+    the newest checkpoint that carries it. Every checkpoint carries ``latest`` (W&B
+    gives it to each new version too); add ``best`` for the best evaluation.
+    ``metadata`` (a score, the step of the evaluation) takes what an ``HParam``'s
+    ``hparam_dict`` takes.
+
+    The files must exist when the value is made. At ``dump()`` the logger keeps a copy
+    under ``<run_dir>/checkpoints/<key>/step_<step>/`` (nothing is copied for a
+    directory from :meth:`tracklog.Logger.checkpoint_dir`), so saving over the files
+    later changes nothing that is logged; the delivery process uploads that copy.
+    """
+
+    #: The file or folder; once dumped, the folder it is kept in (relative to run_dir
+    #: when read back from the delivery queue).
+    path: Path
+    aliases: tuple[str, ...]
+    metadata: Mapping[str, HParamValue]
+    #: Every file, as a path relative to ``path`` (``/``-separated) and its size in bytes.
+    files: tuple[tuple[str, int], ...]
+    #: Where the logger keeps it, relative to ``run_dir`` (set at ``dump()``).
+    stored: str | None
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        aliases: Sequence[str] = (),
+        metadata: Mapping[str, object] | None = None,
+    ) -> None:
+        # The arguments come from user code: check them whatever their annotations say.
+        if not isinstance(path, str | os.PathLike):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"Checkpoint path must be a str or a path, not {type(path).__name__}")
+        if isinstance(aliases, str) or not isinstance(aliases, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(
+                f"Checkpoint aliases must be a list of names, not {type(aliases).__name__} "
+                "(aliases=['best'], not aliases='best')"
+            )
+        self.aliases = check_aliases(("latest", *aliases))
+        if metadata is not None and not isinstance(metadata, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"Checkpoint metadata must be a mapping, not {type(metadata).__name__}")
+        self.metadata = _freeze_params(metadata or {}, "Checkpoint metadata", ())
+        self.path = Path(os.path.abspath(os.fspath(path)))
+        self.files = checkpoint_files(self.path)
+        self.stored = None
+        self._freeze()
+
+    @property
+    def size(self) -> int:
+        """The bytes of all its files."""
+        return sum(size for _, size in self.files)
+
+    def kept(self, folder: Path, stored: str, files: tuple[tuple[str, int], ...]) -> Checkpoint:
+        """This checkpoint as the logger keeps it: in ``folder``, ``stored`` under run_dir."""
+        return build_checkpoint(folder, self.aliases, self.metadata, files, stored)
+
+    def __repr__(self) -> str:
+        where = self.stored or str(self.path)
+        return f"Checkpoint({where!r}, files={len(self.files)}, aliases={list(self.aliases)!r})"
+
+
+def build_checkpoint(
+    path: Path,
+    aliases: tuple[str, ...],
+    metadata: Mapping[str, HParamValue],
+    files: tuple[tuple[str, int], ...],
+    stored: str | None,
+) -> Checkpoint:
+    """A ``Checkpoint`` of fields already checked (the queue's reader checks them)."""
+    value = object.__new__(Checkpoint)
+    for name, field in (
+        ("path", path),
+        ("aliases", aliases),
+        ("metadata", metadata),
+        ("files", files),
+        ("stored", stored),
+    ):
+        object.__setattr__(value, name, field)
+    mark_frozen(value)
+    return value
+
+
+def _stat(path: Path, what: str) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as error:
+        problem = error.strerror or type(error).__name__
+        raise ValueError(f"Checkpoint {what} {str(path)!r} cannot be read: {problem}") from None
+
+
+def check_aliases(aliases: Sequence[object]) -> tuple[str, ...]:
+    """``aliases`` as a tuple without repeats; raises naming a bad one."""
+    checked: list[str] = []
+    for alias in aliases:
+        if not isinstance(alias, str) or _ALIAS.fullmatch(alias) is None:
+            raise ValueError(
+                f"Checkpoint alias {alias!r} must be 1 to 64 letters, digits, '_', '-' or '.' "
+                "(and not v<N>, which W&B keeps for versions)"
+            )
+        if alias not in checked:
+            checked.append(alias)
+    return tuple(checked)
+
+
+def checkpoint_files(path: Path) -> tuple[tuple[str, int], ...]:
+    """The files of a checkpoint at ``path`` (a file, or a directory walked in name
+    order, not into linked directories) with their sizes; raises naming ``path`` if it
+    is missing or holds no file."""
+    info = _stat(path, "path")
+    if stat.S_ISREG(info.st_mode):
+        return ((path.name, info.st_size),)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"Checkpoint path {str(path)!r} is neither a file nor a directory")
+    found: list[tuple[str, int]] = []
+    for folder, directories, names in os.walk(path):
+        directories.sort()
+        base = Path(folder).relative_to(path)
+        for name in sorted(names):
+            if base == Path() and name == CHECKPOINT_RECORD:
+                continue  # tracklog's own record of an earlier logging of this folder
+            entry = _stat(Path(folder, name), "file")
+            if stat.S_ISREG(entry.st_mode):
+                found.append(((base / name).as_posix(), entry.st_size))
+    if not found:
+        raise ValueError(f"Checkpoint directory {str(path)!r} holds no file")
+    return tuple(found)
+
+
+#: The file tracklog writes into each kept checkpoint: key, step, aliases, metadata and
+#: the run's identity (so a checkpoint says which run it continues).
+CHECKPOINT_RECORD: Final = "tracklog-checkpoint.json"
+
+
+LogValue: TypeAlias = Scalar | Text | Histogram | Image | Figure | Video | HParam | Checkpoint
 """Everything an output format can receive. Closed: converters match it exhaustively."""
 
 if TYPE_CHECKING:
@@ -467,6 +618,7 @@ Recordable: TypeAlias = (
     | sb3.Image
     | sb3.Figure
     | sb3.HParam
+    | Checkpoint
 )
 """What :meth:`tracklog.Logger.record` accepts; tracklog's media classes are SB3 subclasses.
 
@@ -567,7 +719,7 @@ def _reject(key: str, value: object) -> NoReturn:
     raise TypeError(
         f"cannot log {key!r}: unsupported value type {type(value).__module__}."
         f"{type(value).__qualname__}; record a number, str, numpy array, torch tensor, "
-        "or tracklog.Video/Image/Figure/HParam"
+        "or tracklog.Video/Image/Figure/HParam/Checkpoint"
     )
 
 
@@ -584,7 +736,7 @@ def normalise(key: str, value: object) -> LogValue:
                 "which JSON readers, pandas and every tracker need; record float(value)"
             )
         return Scalar(scalar)
-    if isinstance(value, Video | Image | Figure | HParam):
+    if isinstance(value, Video | Image | Figure | HParam | Checkpoint):
         return value
     if isinstance(value, str):
         _check_encodable(key, value, "the text")

@@ -1,4 +1,5 @@
-"""Values as JSONL/CSV cells: numbers and text inline, media as files under ``media/``."""
+"""Values as JSONL/CSV cells: numbers and text inline, media as files under ``media/``,
+checkpoints as their folder under ``checkpoints/``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from typing import TypeAlias, assert_never, cast
 from tracklog import _encode
 from tracklog._media import MediaStore
 from tracklog._row import Row
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+)
 
 __all__ = ["Cell", "row_cells", "to_cell"]
 
@@ -36,6 +47,8 @@ def to_cell(key: str, value: LogValue, row: Row, media: MediaStore) -> Cell:
             )
         case HParam():
             return media.save(row.seq, row.step, key, "json", lambda: _encode.hparam_json(value))
+        case Checkpoint():
+            return value.stored or str(value.path)
         case _:
             assert_never(value)
 

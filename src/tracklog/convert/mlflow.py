@@ -7,6 +7,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from posixpath import normpath
 from typing import TYPE_CHECKING, TypeAlias, assert_never
 
@@ -16,7 +17,18 @@ from tracklog import _encode
 from tracklog._media import safe_relpath
 from tracklog._names import NameMap
 from tracklog._row import Row
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    CHECKPOINT_RECORD,
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+)
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -25,6 +37,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_PARAM_LENGTH",
     "ArtifactFile",
+    "CheckpointUpload",
     "MetricPoint",
     "MlflowItem",
     "MlflowKeyCheck",
@@ -87,7 +100,23 @@ class TextAppend:
     text: str
 
 
-MlflowItem: TypeAlias = MetricPoint | ParamValue | ArtifactFile | StepImage | TextAppend
+@dataclass(frozen=True, slots=True)
+class CheckpointUpload:
+    """A kept checkpoint: its files go to the same path in the run's artifacts as in
+    run_dir (``checkpoints/<key>/step_<step>/``); once they are there, each alias tag
+    (``checkpoint/<key>/<alias>``) is set to that path."""
+
+    path: str
+    #: The folder holding the files (relative: to run_dir, as read from the queue).
+    local: Path
+    #: Relative ``/``-separated names; tracklog's record of the checkpoint last.
+    files: tuple[str, ...]
+    tags: tuple[tuple[str, str], ...]
+
+
+MlflowItem: TypeAlias = (
+    MetricPoint | ParamValue | ArtifactFile | StepImage | TextAppend | CheckpointUpload
+)
 
 
 def is_valid_name(name: str) -> bool:
@@ -145,6 +174,7 @@ class MlflowNames:
         self.param = NameMap("MLflow param", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
         self.image = NameMap("MLflow image", _is_image_name, _image_name, MAX_IMAGE_NAME_LENGTH)
         self.folder = NameMap("MLflow artifact", _is_artifact_dir, _artifact_dir, MAX_NAME_LENGTH)
+        self.tag = NameMap("MLflow tag", is_valid_name, sanitise_name, MAX_NAME_LENGTH)
 
 
 class MlflowKeyCheck:
@@ -236,5 +266,12 @@ def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[M
                 if not isinstance(row.values.get(name), Scalar)
             ]
             return [*params, *metrics]
+        case Checkpoint(stored=stored):
+            where = stored or f"checkpoints/{names.folder(key)}/step_{row.step}"
+            tags = tuple(
+                (names.tag(f"checkpoint/{key}", derived=alias), where) for alias in value.aliases
+            )
+            files = (*(name for name, _ in value.files), CHECKPOINT_RECORD)
+            return [CheckpointUpload(where, value.path, files, tags)]
         case _:
             assert_never(value)

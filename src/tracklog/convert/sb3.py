@@ -6,7 +6,17 @@ from typing import assert_never
 
 from stable_baselines3.common import logger as sb3
 
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+)
 
 __all__ = ["to_sb3"]
 
@@ -38,5 +48,7 @@ def to_sb3(value: LogValue) -> object:
             return _Sb3HParam(value.flat(), dict(value.metric_dict))
         case Image() | Figure() | Video():
             return value
+        case Checkpoint():
+            return value.stored or str(value.path)  # where it is kept, as the file outputs
         case _:
             assert_never(value)

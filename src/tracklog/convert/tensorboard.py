@@ -8,6 +8,7 @@ animated GIF, histogram buckets) run and are tested without the optional extra.
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,19 @@ import numpy.typing as npt
 
 from tracklog import _encode
 from tracklog._row import Row
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.convert.text import checkpoint_summary
+from tracklog.values import (
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+    to_plain,
+)
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -244,6 +257,17 @@ def _hparams(hparam: HParam) -> HParamsSummary:
     return HParamsSummary(values, dict(hparam.metric_dict))
 
 
+def _checkpoint_text(checkpoint: Checkpoint) -> str:
+    """The Text tab's entry (Markdown): where the checkpoint is kept, its files, aliases
+    and metadata."""
+    where = checkpoint.stored or str(checkpoint.path)
+    text = f"checkpoint `{where}`: {checkpoint_summary(checkpoint)}"
+    if checkpoint.metadata:
+        metadata = json.dumps(to_plain(checkpoint.metadata), allow_nan=True, ensure_ascii=False)
+        text += f"\n\nmetadata: `{metadata}`"
+    return text
+
+
 def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
     """What TensorBoard receives for ``value`` recorded under ``key`` (the tag, unchanged).
 
@@ -265,6 +289,8 @@ def to_tensorboard(key: str, value: LogValue) -> list[TensorboardItem]:
             return [_video(key, value)]
         case HParam():
             return [_hparams(value)]
+        case Checkpoint():
+            return [TextSummary(key, _checkpoint_text(value))]
         case _:
             assert_never(value)
 

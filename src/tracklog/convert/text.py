@@ -7,9 +7,19 @@ from typing import assert_never
 
 import numpy as np
 
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+)
 
-__all__ = ["format_number", "one_line", "to_text"]
+__all__ = ["byte_size", "checkpoint_summary", "format_number", "one_line", "to_text"]
 
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x00": "\\0"})
 
@@ -41,6 +51,29 @@ def format_number(value: bool | int | float) -> str:
     return f"{value:.4g}"
 
 
+def byte_size(size: int) -> str:
+    """``size`` bytes for a reader: ``512 B``, ``1.5 KiB``, ``2.3 GiB``."""
+    amount = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1024
+    raise AssertionError("unreachable")
+
+
+_LISTED_FILES = 3
+
+
+def checkpoint_summary(checkpoint: Checkpoint) -> str:
+    """``model.zip, vecnormalize.pkl (1.2 MiB) [latest, best]``: a checkpoint in a line."""
+    names = [name for name, _ in checkpoint.files]
+    listed = ", ".join(names[:_LISTED_FILES])
+    if len(names) > _LISTED_FILES:
+        listed += f" and {len(names) - _LISTED_FILES} more"
+    aliases = f" [{', '.join(checkpoint.aliases)}]" if checkpoint.aliases else ""
+    return one_line(f"{listed} ({byte_size(checkpoint.size)}){aliases}")
+
+
 def to_text(value: LogValue) -> str:
     """The table cell for ``value``: the number or text, or a one-line summary of media."""
     match value:
@@ -62,5 +95,7 @@ def to_text(value: LogValue) -> str:
             return f"<video {shape} @{value.fps:g}fps>"
         case HParam():
             return f"<hparam {len(value.flat())} params, {len(value.metric_dict)} metrics>"
+        case Checkpoint():
+            return f"<checkpoint {checkpoint_summary(value)}>"
         case _:
             assert_never(value)

@@ -8,16 +8,30 @@ objects (and, for a video, its file) in the delivery process.
 from __future__ import annotations
 
 import html
+import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias, assert_never
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias, assert_never, cast
 
 import numpy as np
 
 from tracklog import _encode
 from tracklog._names import NameMap
 from tracklog._row import Row
-from tracklog.values import Figure, Histogram, HParam, Image, LogValue, Scalar, Text, Video
+from tracklog.values import (
+    CHECKPOINT_RECORD,
+    Checkpoint,
+    Figure,
+    Histogram,
+    HParam,
+    Image,
+    LogValue,
+    Scalar,
+    Text,
+    Video,
+    to_plain,
+)
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -26,6 +40,7 @@ __all__ = [
     "STEP_KEY",
     "ConfigUpdate",
     "HistoryValue",
+    "ModelArtifact",
     "SummaryUpdate",
     "WandbHistogram",
     "WandbHtml",
@@ -94,7 +109,34 @@ class SummaryUpdate:
     values: dict[str, float]
 
 
-WandbItem: TypeAlias = HistoryValue | ConfigUpdate | SummaryUpdate
+@dataclass(frozen=True, slots=True)
+class ModelArtifact:
+    """A kept checkpoint as a ``wandb.Artifact`` of type ``model``, logged with its aliases.
+
+    The artifact is ``<name>-<run id>``: each checkpoint of a key is a new version of
+    it, and W&B moves an alias to the newest version that carries it.
+    """
+
+    name: str
+    #: The folder holding the files (relative: to run_dir, as read from the queue).
+    local: Path
+    #: Relative ``/``-separated names; tracklog's record of the checkpoint last.
+    files: tuple[str, ...]
+    aliases: tuple[str, ...]
+    metadata: dict[str, object]
+
+
+WandbItem: TypeAlias = HistoryValue | ConfigUpdate | SummaryUpdate | ModelArtifact
+
+#: W&B's artifact names: letters, digits, ``-``, ``_`` and ``.``, at most 128 of them
+#: (the run id and a ``-`` are appended to this part).
+_NOT_ARTIFACT_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_ARTIFACT_NAME_LENGTH = 100
+
+
+def artifact_name(key: str) -> str:
+    """The part of a checkpoint's artifact name that comes from its key."""
+    return _NOT_ARTIFACT_NAME.sub("_", key)[:_ARTIFACT_NAME_LENGTH] or "_"
 
 
 # W&B names a media file after its key: "<key>_<row>_<20 hex>.<ext>", one folder per
@@ -190,5 +232,11 @@ def to_wandb(key: str, value: LogValue, names: NameMap) -> list[WandbItem]:
         case HParam():
             metrics = {metric: float(number) for metric, number in value.metric_dict.items()}
             return [ConfigUpdate(value.flat_with_lists()), SummaryUpdate(metrics)]
+        case Checkpoint():
+            described = cast("dict[str, object]", to_plain(value.metadata))
+            if value.stored is not None:
+                described = {**described, "path": value.stored}
+            files = (*(file for file, _ in value.files), CHECKPOINT_RECORD)
+            return [ModelArtifact(artifact_name(key), value.path, files, value.aliases, described)]
         case _:
             assert_never(value)

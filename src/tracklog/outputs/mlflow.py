@@ -17,9 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from tracklog._checkpoints import checkpoint_file, stored_path
 from tracklog._row import Row
 from tracklog.convert.mlflow import (
     ArtifactFile,
+    CheckpointUpload,
     MetricPoint,
     MlflowNames,
     ParamValue,
@@ -491,9 +493,12 @@ class _Prepared:
     params: dict[str, str]
     files: list[tuple[str, ArtifactFile]]
     images: list[StepImage]
+    checkpoints: list[CheckpointUpload] = field(default_factory=list[CheckpointUpload])
     batch_sent: bool = False
     files_done: int = 0
     images_done: int = 0
+    #: Files of ``checkpoints[0]`` uploaded (the list shrinks as each one is done).
+    checkpoint_files_done: int = 0
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
@@ -517,11 +522,14 @@ class MLFlowOutputFormat(OutputFormat):
         *,
         settings_json: str | None = None,
         state_dir: Path | None = None,
+        run_dir: Path | None = None,
         run_key: str | None = None,
         replaying: bool = False,
         resuming: bool = False,
     ) -> None:
         self.settings = settings
+        #: Where kept checkpoints are (their queued paths are relative to it).
+        self._run_dir = run_dir
         self.client: MlflowClient = _client(settings)
         self._names = MlflowNames()
         self._params: dict[str, str] = {}
@@ -784,6 +792,10 @@ class MLFlowOutputFormat(OutputFormat):
                 while item.images_done < len(item.images):
                     self._log_image(item.images[item.images_done])
                     item.images_done += 1
+                while item.checkpoints:
+                    self._upload_checkpoint(item)
+                    del item.checkpoints[0]
+                    item.checkpoint_files_done = 0
             for row in rows:
                 self._prepared.pop(row.seq, None)
             self._upload_text()
@@ -817,6 +829,8 @@ class MLFlowOutputFormat(OutputFormat):
                             prepared.images.append(item)
                         case TextAppend():
                             texts.append(item)
+                        case CheckpointUpload():
+                            prepared.checkpoints.append(item)
                         case _:
                             assert_never(item)
         except BaseException:
@@ -869,6 +883,27 @@ class MLFlowOutputFormat(OutputFormat):
             timestamp=image.timestamp_ms,
             synchronous=True,
         )
+
+    def _upload_checkpoint(self, prepared: _Prepared) -> None:
+        """Upload the first checkpoint's files (those not sent yet), then point its alias
+        tags at it: a tag never names a folder whose files are not all there."""
+        from mlflow.entities import RunTag
+
+        checkpoint = prepared.checkpoints[0]
+        folder = checkpoint.local
+        if not folder.is_absolute():
+            if self._run_dir is None:
+                raise ValueError(f"checkpoint {checkpoint.path!r}: this output has no run_dir")
+            folder = self._run_dir / stored_path(checkpoint.path)
+        while prepared.checkpoint_files_done < len(checkpoint.files):
+            name = checkpoint.files[prepared.checkpoint_files_done]
+            local = checkpoint_file(folder, name)
+            parent = PurePosixPath(checkpoint.path, name).parent.as_posix()
+            self._artifact_calls.log_artifact(self.run_id, str(local), artifact_path=parent)
+            prepared.checkpoint_files_done += 1
+        if checkpoint.tags:
+            tags = [RunTag(name, value) for name, value in checkpoint.tags]
+            self.client.log_batch(self.run_id, tags=tags, synchronous=True)
 
     def _unique(self, path: str) -> str:
         """``path``, or ``stem-N.ext`` if this run already has a file there (two dumps

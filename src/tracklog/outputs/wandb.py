@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
+from tracklog._checkpoints import checkpoint_file, stored_path
 from tracklog._row import Row
 from tracklog.convert.wandb import (
     STEP_KEY,
     ConfigUpdate,
     HistoryValue,
+    ModelArtifact,
     SummaryUpdate,
     WandbHistogram,
     WandbHtml,
@@ -133,6 +135,7 @@ class WandBOutputFormat(OutputFormat):
 
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
+        artifacts: list[ModelArtifact] = []
         for key, value in row.values.items():
             for item in to_wandb(key, value, self._names):
                 match item:
@@ -148,6 +151,8 @@ class WandBOutputFormat(OutputFormat):
                         )
                     case SummaryUpdate():
                         cast("_Summary", self.run.summary).update(item.values)
+                    case ModelArtifact():
+                        artifacts.append(item)
                     case _:
                         assert_never(item)
         if history:
@@ -157,6 +162,28 @@ class WandBOutputFormat(OutputFormat):
             self._logged += 1
         for staged in self._staging.iterdir():  # wandb copied the media into the run
             staged.unlink()
+        for artifact in artifacts:
+            self._log_model(artifact, row.step)
+
+    def _log_model(self, model: ModelArtifact, step: int) -> None:
+        """Log a kept checkpoint as a new version of the run's model artifact.
+
+        The files are added by reference to where tracklog keeps them (W&B's
+        ``immutable`` policy: no copy in W&B's staging folder, which sits in the home
+        directory); an offline run's ``wandb sync`` uploads them from there.
+        """
+        import wandb
+
+        folder = model.local
+        if not folder.is_absolute():
+            folder = self._run_dir_setting / stored_path(folder.as_posix())
+        artifact = wandb.Artifact(
+            f"{model.name}-{self.run.id}", type="model", metadata={**model.metadata, "step": step}
+        )
+        for name in model.files:
+            local = checkpoint_file(folder, name)
+            artifact.add_file(str(local), name=name, policy="immutable")
+        self.run.log_artifact(artifact, aliases=list(model.aliases))
 
     def _native(self, media: WandbMedia) -> object:
         """The wandb object for converted media (a video's MP4 staged as a file)."""
