@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -101,3 +102,28 @@ def test_an_output_writing_system_jsonl_is_refused_while_sampling_writes_it() ->
     ):
         tracklog.load_settings({"outputs": outputs})
     tracklog.load_settings({"outputs": outputs, "system_metrics": None})  # not sampled: free
+
+
+def test_gpus_are_sampled_through_nvml_where_its_driver_answers(tmp_path: Path) -> None:
+    """nvidia-ml-py is installed (the ``gpu`` extra). Where NVML starts (an NVIDIA
+    driver and GPUs), every GPU is in the sample; where it does not (this CI machine:
+    no libnvidia-ml.so), GPUs are left out and the rest is sampled as always."""
+    import pynvml
+
+    from tracklog._system import SystemSampler
+
+    try:
+        pynvml.nvmlInit()
+        gpus = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError:
+        gpus = 0
+    sampler = SystemSampler(os.getpid(), tmp_path)
+    time.sleep(0.05)
+    values = sampler.sample().values
+    assert "system/cpu_utilization_percentage" in values
+    assert "system/trainer_rss_megabytes" in values
+    sampled = {key.split("_")[1] for key in values if key.startswith("system/gpu_")}
+    assert sampled == {str(i) for i in range(gpus)}
+    for i in range(gpus):
+        assert f"system/gpu_{i}_memory_usage_megabytes" in values
+        assert f"system/gpu_{i}_utilization_percentage" in values
