@@ -127,3 +127,40 @@ def test_gpus_are_sampled_through_nvml_where_its_driver_answers(tmp_path: Path) 
     for i in range(gpus):
         assert f"system/gpu_{i}_memory_usage_megabytes" in values
         assert f"system/gpu_{i}_utilization_percentage" in values
+
+
+def test_wandb_samples_the_trainer_not_the_delivery_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W&B runs in the delivery process but samples the trainer's pid (``x_stats_pid``):
+    its ``proc.memory.rssMB`` is this process's, which holds a 1 GB array."""
+    import json
+
+    import numpy as np
+
+    from tracklog.readers import wandb_records
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    held = np.ones(2**30 // 8)  # touched: resident in this (the trainer's) memory
+    settings = {
+        "run_dir": tmp_path / "run",
+        "system_metrics": 0.5,
+        "outputs": [{"type": "wandb", "project": "system", "mode": "offline"}],
+    }
+    with tracklog.build_logger(settings) as logger:
+        for step in range(8):
+            logger.record("x", float(step))
+            logger.dump(step)
+            time.sleep(0.25)
+    record_class = __import__("wandb.proto.wandb_internal_pb2", fromlist=["Record"]).Record
+    (log,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    rss: list[float] = []
+    for payload in wandb_records(log):
+        record = record_class()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "stats":
+            items = {item.key: json.loads(item.value_json) for item in record.stats.item}
+            rss += [items["proc.memory.rssMB"]] if "proc.memory.rssMB" in items else []
+    assert rss, "W&B wrote no process sample"
+    assert min(rss) > 1024  # the delivery process holds no such array
+    assert held.sum() == held.size
