@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure as sb3_configure
 from stable_baselines3.common.running_mean_std import RunningMeanStd
@@ -293,6 +294,7 @@ def test_a_queued_checkpoint_reads_back_as_it_was_written(
 
     value = build_checkpoint(
         Path("checkpoints/k/step_1"),
+        Path("checkpoints/k/step_1"),
         tuple(aliases),
         freeze_mapping({"score": score, "nested": {"x": [1, "a"]}}, "metadata"),
         tuple(files),
@@ -340,19 +342,41 @@ def test_a_queued_checkpoint_that_leaves_its_folder_is_refused(change: dict[str,
         decode_row(text, None)
 
 
-def test_a_link_planted_in_a_kept_checkpoint_is_not_uploaded(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("plant", "queued", "name"),
+    [
+        ("checkpoints/k/step_1/secret", "checkpoints/k/step_1", "secret"),
+        ("checkpoints/k/step_1/sub", "checkpoints/k/step_1", "sub/hostname"),
+        ("checkpoints/k/evil", "checkpoints/k/evil/etc", "hostname"),
+        ("checkpoints/evil", "checkpoints/evil/step_1", "hostname"),
+    ],
+)
+def test_a_link_planted_in_run_dir_is_never_followed_to_upload(
+    tmp_path: Path, plant: str, queued: str, name: str
+) -> None:
+    """What a queued checkpoint names is opened from run_dir down without following a
+    symbolic link at any depth, as the delivery process uploads it."""
     from tracklog._checkpoints import checkpoint_file
 
-    folder = tmp_path / "checkpoints/k/step_1"
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints/k/step_1"
     folder.mkdir(parents=True)
     (folder / "model.zip").write_bytes(b"m")
-    (folder / "secret").symlink_to("/etc/hostname")
-    (folder / "sub").symlink_to("/etc")
-    assert checkpoint_file(folder, "model.zip") == folder / "model.zip"
-    with pytest.raises(ValueError, match="symbolic link"):
-        checkpoint_file(folder, "secret")
-    with pytest.raises(ValueError, match="symbolic link"):
-        checkpoint_file(folder, "sub/hostname")
+    secret = tmp_path / "secret"
+    (secret / "etc" / "step_1").mkdir(parents=True)
+    (secret / "hostname").write_text("secret")
+    (secret / "etc" / "hostname").write_text("secret")
+    (secret / "step_1" / "hostname").mkdir(parents=True, exist_ok=True)
+    link = run_dir / plant
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(secret / "hostname" if name == "secret" else secret)
+    with checkpoint_file(run_dir, Path("checkpoints/k/step_1"), "model.zip") as found:
+        assert found.read_bytes() == b"m"
+    with (
+        pytest.raises(ValueError, match="checkpoint file"),
+        checkpoint_file(run_dir, Path(queued), name),
+    ):
+        pass
 
 
 # CheckpointCallback -------------------------------------------------------------------------
@@ -624,3 +648,145 @@ def test_a_ppo_run_killed_and_restarted_from_its_last_checkpoint_is_one_run(
         (r.step, as_float32(float(r.values["time/fps"]))) for r in shown if "time/fps" in r.values
     ]
     assert scalars(read_events(run_dir / "tensorboard"), "time/fps") == expected
+
+
+# Review fixes: callback order, ranks, disabled, strict, W&B names, late aliases ----------
+
+
+@pytest.mark.parametrize("order", ["eval only", "eval first", "checkpoints first"])
+def test_best_checkpoints_are_saved_at_the_models_step_whatever_the_callback_order(
+    tmp_path: Path, order: str
+) -> None:
+    run_dir = tmp_path / "run"
+    env = make_vec_env("CartPole-v1", n_envs=2, seed=0)
+    eval_env = make_vec_env("CartPole-v1", n_envs=1, seed=1)
+    with tracklog.build_logger({"run_dir": run_dir, "outputs": [{"type": "jsonl"}]}) as logger:
+        model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0)
+        model.set_logger(logger)
+        checkpoints = CheckpointCallback(save_freq=64)
+        evaluation = TracklogEvalCallback(
+            eval_env, eval_freq=32, n_eval_episodes=1, verbose=0, checkpoints=checkpoints
+        )
+        orders: dict[str, list[BaseCallback]] = {
+            "eval only": [evaluation],
+            "eval first": [evaluation, checkpoints],
+            "checkpoints first": [checkpoints, evaluation],
+        }
+        callbacks = orders[order]
+        model.learn(256, callback=callbacks)
+    env.close()
+    eval_env.close()
+    kept = read_checkpoints(run_dir)
+    best = [k.step for k in kept if "best" in k.aliases]
+    assert best
+    assert set(best) <= set(evaluation.eval_steps)  # at the model's num_timesteps
+    periodic = [k.step for k in kept if k.aliases == ("latest",)]
+    assert periodic == ([] if order == "eval only" else [128, 256])
+
+
+def test_a_logger_without_a_run_dir_saves_no_checkpoint(tmp_path: Path) -> None:
+    """A rank other than 0 (its logger writes nothing) leaves the saving to rank 0."""
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0)
+    model.set_logger(tracklog.Logger())
+    callback = CheckpointCallback(save_freq=32)
+    model.learn(64, callback=callback)
+    assert callback.saved == []
+    assert callback.save() is None
+    env.close()
+
+
+def test_a_disabled_logger_still_keeps_checkpoints_for_a_restart(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings_ = {"run_dir": run_dir, "level": "disabled", "outputs": [{"type": "jsonl"}]}
+    saved = tmp_path / "model.zip"
+    saved.write_bytes(b"m")
+    with tracklog.build_logger(settings_) as logger:
+        logger.record("ckpt", Checkpoint(saved))
+        logger.record("loss", 1.0)
+        logger.dump(7)
+    assert not read_jsonl(run_dir / "progress.jsonl")
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None
+    assert latest.step == 7
+    assert (latest.folder / "model.zip").read_bytes() == b"m"
+
+
+def test_with_strict_a_checkpoint_that_cannot_be_kept_raises_after_the_dump(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    saved = tmp_path / "model.zip"
+    saved.write_bytes(b"m")
+    settings_ = {"run_dir": run_dir, "strict": True, "outputs": [{"type": "jsonl"}]}
+    with tracklog.build_logger(settings_) as logger:
+        logger.record("ckpt", Checkpoint(saved))
+        logger.record("loss", 1.5)
+        saved.unlink()
+        with pytest.raises(FileNotFoundError, match=r"model\.zip"):
+            logger.dump(3)
+    (row,) = read_jsonl(run_dir / "progress.jsonl")
+    assert dict(row.values) == {"loss": 1.5}
+
+
+def test_keys_and_run_ids_wandb_refuses_still_name_distinct_artifacts(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    saved = tmp_path / "model.zip"
+    saved.write_bytes(b"m")
+    wandb_output = {"type": "wandb", "project": "names", "mode": "offline", "id": "exp 1+ü"}
+    settings_ = {"run_dir": run_dir, "outputs": [wandb_output]}
+    with tracklog.build_logger(settings_) as logger:
+        logger.record("a/b", Checkpoint(saved))
+        logger.record("a_b", Checkpoint(saved))
+        logger.record("x" * 150, Checkpoint(saved))
+        logger.dump(1)
+    names = [artifact.name for artifact in read_wandb_offline(run_dir).artifacts]
+    assert len(names) == len(set(names)) == 3
+    assert "a_b-exp_1_" in names  # a key W&B takes keeps its name
+    assert all(len(name) <= 128 for name in names)
+
+
+def test_an_alias_is_never_taken_back_by_a_checkpoint_dumped_before(tmp_path: Path) -> None:
+    """What a late delivery (a replay after the restart) of an older checkpoint may move."""
+    from tracklog._checkpoints import superseded
+
+    run_dir = tmp_path / "run"
+    with tracklog.build_logger({"run_dir": run_dir, "outputs": [{"type": "jsonl"}]}) as logger:
+        for step, aliases in [(1, ["best"]), (2, []), (3, ["best"]), (4, [])]:
+            saved = tmp_path / "m.zip"
+            saved.write_bytes(b"m")
+            logger.record("ckpt", Checkpoint(saved, aliases=aliases))
+            logger.dump(step)
+    assert superseded(run_dir, Path("checkpoints/ckpt/step_1")) == {"latest", "best"}
+    assert superseded(run_dir, Path("checkpoints/ckpt/step_3")) == {"latest"}
+    assert superseded(run_dir, Path("checkpoints/ckpt/step_4")) == set()
+
+
+def test_a_row_whose_checkpoint_files_are_gone_leaves_no_history_row_in_wandb(
+    tmp_path: Path,
+) -> None:
+    """The W&B output checks a checkpoint's files before it logs the row: the row fails
+    whole, so the delivery's retry of it logs no second history row."""
+    from tracklog.outputs import WandBOutputFormat
+    from tracklog.settings import WandbOutput
+    from tracklog.values import Scalar, build_checkpoint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints/ck/step_2").mkdir(parents=True)
+    output = WandBOutputFormat(WandbOutput(project="gone", mode="offline"), run_dir=run_dir)
+    gone = build_checkpoint(
+        Path("checkpoints/ck/step_2"),
+        Path("checkpoints/ck/step_2"),
+        ("latest",),
+        {},
+        (("model.zip", 1),),
+        "checkpoints/ck/step_2",
+    )
+    output.write_row(Row(step=1, timestamp=1.0, seq=0, values={"a": Scalar(1.0)}))
+    with pytest.raises(ValueError, match=r"model\.zip"):
+        output.write_row(Row(step=2, timestamp=2.0, seq=1, values={"a": Scalar(2.0), "ck": gone}))
+    output.write_row(Row(step=3, timestamp=3.0, seq=2, values={"a": Scalar(3.0)}))
+    output.close()
+    run = read_wandb_offline(run_dir)
+    assert [(row.global_step, row.values["a"]) for row in run.rows] == [(1, 1.0), (3, 3.0)]
+    assert run.artifacts == ()

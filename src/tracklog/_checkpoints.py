@@ -11,18 +11,21 @@ uploads from it: a later save over the user's files cannot change what is upload
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from tracklog._media import safe_relpath
+from tracklog.readers import read_checkpoint
 from tracklog.values import CHECKPOINT_RECORD, Checkpoint, checkpoint_files, to_plain
 
-__all__ = ["CHECKPOINTS", "CheckpointStore", "checkpoint_file", "stored_path"]
+__all__ = ["CHECKPOINTS", "CheckpointStore", "checkpoint_file", "stored_path", "superseded"]
 
 CHECKPOINTS: Final = "checkpoints"
 
@@ -41,16 +44,82 @@ def stored_path(path: str) -> PurePosixPath:
     return relative
 
 
-def checkpoint_file(folder: Path, name: str) -> Path:
-    """The file ``name`` of the checkpoint kept in ``folder``, never through a link: a
-    queue names files in run_dir, and what a link there points at is not its to upload."""
-    local = folder.joinpath(*PurePosixPath(name).parts)
-    for part in (local, *local.parents):
-        if part == folder.parent:
-            break
-        if part.is_symlink():
-            raise ValueError(f"checkpoint file {str(local)!r}: {str(part)!r} is a symbolic link")
-    return local
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY: Final = getattr(os, "O_DIRECTORY", 0)
+_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted there must not block
+
+
+@contextlib.contextmanager
+def checkpoint_file(run_dir: Path | None, folder: Path, name: str) -> Generator[Path]:
+    """The file ``name`` of the checkpoint in ``folder``, to upload by its path.
+
+    ``folder`` relative (as read from the queue) is under ``<run_dir>/checkpoints/``:
+    every part of the path below run_dir is opened without following a symbolic link,
+    the file must be a regular one, and while the block runs it is still that very
+    file (what a link planted in run_dir points at is not the queue's to upload).
+    Raises ValueError naming the file otherwise.
+    """
+    parts = PurePosixPath(name).parts
+    if not parts or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"checkpoint file {name!r} leaves its folder")
+    if folder.is_absolute():  # in the training process: the logger's own folder
+        base, below = folder, parts
+    else:
+        if run_dir is None:
+            raise ValueError(f"checkpoint {folder.as_posix()!r}: no run_dir to find it in")
+        base, below = run_dir, (*stored_path(folder.as_posix()).parts, *parts)
+    path = base.joinpath(*below)
+    fd = os.open(base, os.O_RDONLY | _DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in below[:-1]:
+            try:
+                inner = os.open(
+                    part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as error:
+                raise ValueError(
+                    f"checkpoint file {str(path)!r}: {part!r} is not a folder ({error.strerror})"
+                ) from None
+            os.close(fd)
+            fd = inner
+        try:
+            inner = os.open(
+                below[-1], os.O_RDONLY | _NOFOLLOW | _NONBLOCK | os.O_CLOEXEC, dir_fd=fd
+            )
+        except OSError as error:
+            raise ValueError(f"checkpoint file {str(path)!r}: {error.strerror}") from None
+        os.close(fd)
+        fd = inner
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ValueError(f"checkpoint file {str(path)!r} is not a regular file")
+        found = os.stat(path)
+        if (found.st_dev, found.st_ino) != (opened.st_dev, opened.st_ino):
+            raise ValueError(f"checkpoint file {str(path)!r} was replaced while read")
+        yield path
+    finally:
+        os.close(fd)
+
+
+def superseded(run_dir: Path | None, folder: Path) -> frozenset[str]:
+    """The aliases of the checkpoint kept in ``folder`` that a checkpoint of the same key
+    dumped after it carries: not to be moved back to this one (a replay of a dead job's
+    queue after the restarted job logged newer checkpoints)."""
+    if run_dir is None or folder.is_absolute():
+        return frozenset()
+    try:
+        here = run_dir.joinpath(*stored_path(folder.as_posix()).parts)
+    except ValueError:
+        return frozenset()
+    own = read_checkpoint(here)
+    if own is None:
+        return frozenset()
+    newer: set[str] = set()
+    for record in here.parent.glob(f"*/{CHECKPOINT_RECORD}"):
+        other = read_checkpoint(record.parent)
+        if other is not None and other.key == own.key and other.time > own.time:
+            newer.update(other.aliases)
+    return frozenset(newer)
 
 
 class CheckpointStore:
@@ -83,6 +152,7 @@ class CheckpointStore:
         if value.path in self._handed_out:
             folder = value.path
             self._handed_out.discard(folder)
+            _resolve_links(folder)
         else:
             folder = self.new_dir(key, step)
             self._handed_out.discard(folder)
@@ -108,11 +178,28 @@ class CheckpointStore:
 
 
 def _copy(value: Checkpoint, folder: Path) -> None:
-    if len(value.files) == 1 and value.path.is_file():
-        shutil.copyfile(value.path, folder / value.files[0][0])
-        return
     for name, _ in value.files:
-        target = folder.joinpath(*PurePosixPath(name).parts)
+        parts = PurePosixPath(name).parts
+        target = folder.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        # copyfile: the kernel copies (copy_file_range/sendfile), without Python buffers.
-        shutil.copyfile(value.path.joinpath(*PurePosixPath(name).parts), target)
+        # copyfile: the kernel copies (sendfile), without Python buffers; links are
+        # followed, so the kept folder holds files only.
+        shutil.copyfile(value.folder.joinpath(*parts), target)
+
+
+def _resolve_links(folder: Path) -> None:
+    """Replace each symbolic link in ``folder`` by a copy of what it points at: the
+    delivery process uploads files only, never through a link."""
+    for parent, directories, names in os.walk(folder):
+        for name in [*directories, *names]:
+            link = Path(parent, name)
+            if not link.is_symlink():
+                continue
+            aside = link.with_name(f".{name}.tracklog-copy")
+            if link.is_dir():
+                shutil.copytree(link, aside, symlinks=False)
+                link.unlink()
+                aside.rename(link)
+            else:
+                shutil.copyfile(link, aside)
+                os.replace(aside, link)

@@ -542,7 +542,7 @@ def _checkpoint(document: dict[str, object]) -> Checkpoint:
         entries.append((name, size))
     if not entries:
         raise CodecError("a checkpoint without files")
-    return build_checkpoint(Path(path), checked, metadata, tuple(entries), path)
+    return build_checkpoint(Path(path), Path(path), checked, metadata, tuple(entries), path)
 
 
 def _is_file_name(name: str) -> bool:

@@ -263,18 +263,23 @@ class Logger(sb3.Logger):
                 self.name_to_value = defaultdict(float)
                 self.name_to_count = defaultdict(int)
                 self.name_to_excluded = {}
-            if self.level == sb3.DISABLED or not values:
-                return
+            failed: list[Exception] = []
             if any(type(value) is Checkpoint for value in values.values()):
-                values = self._keep_checkpoints(values, int(step))
-                if not values:
-                    return
-            row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
-            if self._summary is not None:
-                self._summary.add(row)
-            with _lifecycle.critical():
-                self._isolation.run(self._row_calls(row, excluded, legacy))
+                # Also when disabled: the files were saved, and a restart finds them.
+                values = self._keep_checkpoints(values, int(step), failed)
+                for key in [key for key in legacy if key not in values]:
+                    del legacy[key]  # a checkpoint that could not be kept
+                for key, value in values.items():
+                    if type(value) is Checkpoint:  # SB3's formats see where it is kept
+                        legacy[key] = cast(float, to_sb3(value))
+            if self.level != sb3.DISABLED and values:
+                row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
+                if self._summary is not None:
+                    self._summary.add(row)
+                with _lifecycle.critical():
+                    self._isolation.run(self._row_calls(row, excluded, legacy))
             self._raise_background_error()
+            self._raise_kept(failed)
 
     def dump_rows(
         self,
@@ -305,23 +310,25 @@ class Logger(sb3.Logger):
                 checked.append((int(step), typed))
         with self._call_lock:
             self._check_open()
-            if self.level == sb3.DISABLED or not checked:
-                return
             calls: list[tuple[object, Callable[[], None]]] = []
+            failed: list[Exception] = []
             for step, typed in checked:
                 if any(type(value) is Checkpoint for value in typed.values()):
-                    typed = self._keep_checkpoints(typed, step)
-                    if not typed:
-                        continue
+                    # Also when disabled: the files were saved, and a restart finds them.
+                    typed = self._keep_checkpoints(typed, step, failed)
+                if self.level == sb3.DISABLED or not typed:
+                    continue
                 row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
                 if self._summary is not None and not summarising:
                     self._summary.add(row)
                 legacy = {key: to_sb3(value) for key, value in typed.items()}
                 exclusions = dict.fromkeys(typed, excluded)
                 calls += self._row_calls(row, exclusions, legacy, skip_empty=True)
-            with _lifecycle.critical():
-                self._isolation.run(calls)
+            if calls:
+                with _lifecycle.critical():
+                    self._isolation.run(calls)
             self._raise_background_error()
+            self._raise_kept(failed)
 
     def checkpoint_dir(self, key: str, step: int) -> Path:
         """A new, empty folder ``<run_dir>/checkpoints/<key>/step_<step>/`` to save into.
@@ -337,11 +344,13 @@ class Logger(sb3.Logger):
             raise RuntimeError("this Logger has no folder to keep checkpoints in")
         return store.new_dir(key, int(step))
 
-    def _keep_checkpoints(self, values: dict[str, LogValue], step: int) -> dict[str, LogValue]:
+    def _keep_checkpoints(
+        self, values: dict[str, LogValue], step: int, failed: list[Exception]
+    ) -> dict[str, LogValue]:
         """``values`` with each checkpoint kept in run_dir (see :mod:`tracklog._checkpoints`).
 
-        One that cannot be kept (a full disk, its files gone) is reported and left out;
-        the other values of the row are written as always.
+        One that cannot be kept (a full disk, its files gone) is reported, added to
+        ``failed`` and left out; the other values of the row are written as always.
         """
         store = self._checkpoints
         if store is None:
@@ -354,6 +363,7 @@ class Logger(sb3.Logger):
             try:
                 kept[key] = store.keep(key, step, value)
             except (OSError, ValueError) as error:
+                failed.append(error)
                 _log.error(
                     "tracklog: checkpoint %r at step %d could not be kept in %s (%s); not logged",
                     key,
@@ -362,6 +372,12 @@ class Logger(sb3.Logger):
                     error,
                 )
         return kept
+
+    def _raise_kept(self, failed: list[Exception]) -> None:
+        """With ``strict``, a checkpoint that could not be kept raises (after the rest of
+        the dump was written); otherwise it was reported."""
+        if failed and self._isolation.strict:
+            raise failed[0]
 
     def _row_calls(
         self,

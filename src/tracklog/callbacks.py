@@ -45,8 +45,19 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
+from tracklog._checkpoints import CHECKPOINTS
 from tracklog._logger import Logger
-from tracklog.values import Checkpoint, HParam, HParamValue, Recordable, Video, check_key
+from tracklog._media import safe_relpath
+from tracklog.values import (
+    Checkpoint,
+    HParam,
+    HParamValue,
+    Recordable,
+    Video,
+    check_aliases,
+    check_key,
+    freeze_mapping,
+)
 
 if TYPE_CHECKING:
     # Only for annotations: gymnasium is imported by SB3 anyway, but this module
@@ -599,8 +610,9 @@ class TracklogEvalCallback(EvalCallback):
 
     def _init_callback(self) -> None:
         super()._init_callback()
-        if self.checkpoints is not None and self.checkpoints.model is not self.model:
-            # Not in learn()'s callback list too: it saves only the best models.
+        if self.checkpoints is not None and getattr(self.checkpoints, "model", None) is None:
+            # Not (or not yet) initialised by learn()'s callback list: it may save only
+            # the best models, or come later in the list (which initialises it again).
             self.checkpoints.init_callback(self.model)
 
     def _on_step(self) -> bool:
@@ -643,7 +655,9 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
     logger, the folder is ``<run_dir>/checkpoints/<key>/step_<num_timesteps>/``, kept
     where it is; with a ``save_path``, the folders are ``<save_path>/step_<N>/`` and
     the logger keeps a copy. With a logger that is not tracklog's, ``save_path`` is
-    needed and the files are saved, not logged.
+    needed and the files are saved, not logged. Where the logger has no run_dir (a
+    rank other than 0 of a multi-process job, without ``all_ranks``), nothing is saved:
+    rank 0 saves the model.
 
     :meth:`save` saves and logs one checkpoint now; :class:`TracklogEvalCallback`
     calls it for each new best model. ``saved`` lists ``(num_timesteps, folder)`` of
@@ -672,10 +686,12 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
         self.key = check_key(key)
         #: No save_path: checkpoints go to the run_dir of the (tracklog) logger.
         self._in_run_dir = save_path is None
+        self._off = False  # a logger without a run_dir (a rank other than 0)
         self.saved: list[tuple[int, Path]] = []
         self._folder: Path | None = None
 
     def _init_callback(self) -> None:
+        self._off = False
         if not self._in_run_dir:
             super()._init_callback()  # creates save_path
         elif not isinstance(self.logger, Logger):
@@ -683,20 +699,31 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
                 "CheckpointCallback needs a save_path when the model's logger is not a "
                 "tracklog Logger (with one, checkpoints go to <run_dir>/checkpoints)"
             )
+        else:
+            run_dir = self.logger.get_dir()
+            if run_dir is None:
+                # A rank other than 0 of a multi-process job: its logger writes
+                # nothing, and rank 0 saves the (same) model.
+                self._off = True
+            else:
+                self.save_path = str(Path(run_dir, CHECKPOINTS, safe_relpath(self.key)))
 
     def _on_step(self) -> bool:
-        if self.n_calls % self.save_freq == 0:
+        if self.n_calls % self.save_freq == 0 and not self._off:
             self.save()
         return True
 
     def _checkpoint_path(self, checkpoint_type: str = "", extension: str = "") -> str:
-        """The file of one part of the checkpoint being saved (SB3's hook, same arguments)."""
-        folder = self._folder or self._new_folder()
+        """The file of one part of the checkpoint being saved, or else of the last one
+        saved (SB3's hook, same arguments: code that asks after a save finds its files)."""
+        folder = self._folder or (self.saved[-1][1] if self.saved else self._new_folder())
         part = f"_{checkpoint_type.rstrip('_')}" if checkpoint_type else ""
         return str(folder / f"{self.name_prefix}{part}.{extension}")
 
     def _new_folder(self) -> Path:
-        step = self.num_timesteps
+        # The model's count: this callback's own lags when it is called only by
+        # TracklogEvalCallback (or after it in learn()'s list).
+        step = self.model.num_timesteps
         if self._in_run_dir and isinstance(self.logger, Logger):
             folder = self.logger.checkpoint_dir(self.key, step)
         else:
@@ -713,10 +740,15 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
 
     def save(
         self, aliases: Sequence[str] = (), metadata: Mapping[str, object] | None = None
-    ) -> Path:
+    ) -> Path | None:
         """Save the model (and its VecNormalize statistics and replay buffer, as set up)
         into a new folder, log it as a checkpoint at ``num_timesteps`` with ``latest``
-        and ``aliases``; return the folder."""
+        and ``aliases``; return the folder (None where nothing is saved: a rank other
+        than 0). A bad alias or metadata raises first, before any file is written."""
+        check_aliases(aliases)
+        freeze_mapping(metadata or {}, "Checkpoint metadata")
+        if self._off:
+            return None
         folder = self._new_folder()
         try:
             model_path = self._checkpoint_path(extension="zip")
@@ -732,7 +764,7 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
                 vec_normalize.save(self._checkpoint_path("vecnormalize_", extension="pkl"))
         finally:
             self._folder = None
-        step = self.num_timesteps
+        step = self.model.num_timesteps
         self.saved.append((step, folder))
         if isinstance(self.logger, Logger):
             checkpoint = Checkpoint(folder, aliases=aliases, metadata=metadata)

@@ -29,6 +29,7 @@ __all__ = [
     "WandbRow",
     "WandbRun",
     "latest_checkpoint",
+    "read_checkpoint",
     "read_checkpoints",
     "read_csv",
     "read_jsonl",
@@ -486,6 +487,11 @@ def latest_checkpoint(
     """
     carrying = [kept for kept in read_checkpoints(run_dir, key) if alias in kept.aliases]
     return carrying[-1] if carrying else None
+
+
+def read_checkpoint(folder: str | os.PathLike[str]) -> KeptCheckpoint | None:
+    """The checkpoint kept in ``folder``, from its record; None if it has no valid one."""
+    return _kept_checkpoint(Path(folder, _CHECKPOINT_RECORD))
 
 
 def _kept_checkpoint(record: Path) -> KeptCheckpoint | None:

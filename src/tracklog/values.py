@@ -478,9 +478,11 @@ class Checkpoint(_Frozen):
     #: The file or folder; once dumped, the folder it is kept in (relative to run_dir
     #: when read back from the delivery queue).
     path: Path
+    #: The folder that holds :attr:`files`: ``path``, or a file's parent folder.
+    folder: Path
     aliases: tuple[str, ...]
     metadata: Mapping[str, HParamValue]
-    #: Every file, as a path relative to ``path`` (``/``-separated) and its size in bytes.
+    #: Every file, as a path relative to ``folder`` (``/``-separated) and its size in bytes.
     files: tuple[tuple[str, int], ...]
     #: Where the logger keeps it, relative to ``run_dir`` (set at ``dump()``).
     stored: str | None
@@ -506,6 +508,7 @@ class Checkpoint(_Frozen):
         self.metadata = _freeze_params(metadata or {}, "Checkpoint metadata", ())
         self.path = Path(os.path.abspath(os.fspath(path)))
         self.files = checkpoint_files(self.path)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
         self.stored = None
         self._freeze()
 
@@ -516,7 +519,7 @@ class Checkpoint(_Frozen):
 
     def kept(self, folder: Path, stored: str, files: tuple[tuple[str, int], ...]) -> Checkpoint:
         """This checkpoint as the logger keeps it: in ``folder``, ``stored`` under run_dir."""
-        return build_checkpoint(folder, self.aliases, self.metadata, files, stored)
+        return build_checkpoint(folder, folder, self.aliases, self.metadata, files, stored)
 
     def __repr__(self) -> str:
         where = self.stored or str(self.path)
@@ -525,6 +528,7 @@ class Checkpoint(_Frozen):
 
 def build_checkpoint(
     path: Path,
+    folder: Path,
     aliases: tuple[str, ...],
     metadata: Mapping[str, HParamValue],
     files: tuple[tuple[str, int], ...],
@@ -534,6 +538,7 @@ def build_checkpoint(
     value = object.__new__(Checkpoint)
     for name, field in (
         ("path", path),
+        ("folder", folder),
         ("aliases", aliases),
         ("metadata", metadata),
         ("files", files),

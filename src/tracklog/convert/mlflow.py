@@ -111,6 +111,7 @@ class CheckpointUpload:
     local: Path
     #: Relative ``/``-separated names; tracklog's record of the checkpoint last.
     files: tuple[str, ...]
+    #: (alias, the name of its tag), for each alias.
     tags: tuple[tuple[str, str], ...]
 
 
@@ -269,9 +270,11 @@ def to_mlflow(key: str, value: LogValue, row: Row, names: MlflowNames) -> list[M
         case Checkpoint(stored=stored):
             where = stored or f"checkpoints/{names.folder(key)}/step_{row.step}"
             tags = tuple(
-                (names.tag(f"checkpoint/{key}", derived=alias), where) for alias in value.aliases
+                (alias, names.tag(f"checkpoint/{key}", derived=alias)) for alias in value.aliases
             )
-            files = (*(name for name, _ in value.files), CHECKPOINT_RECORD)
-            return [CheckpointUpload(where, value.path, files, tags)]
+            files = tuple(name for name, _ in value.files)
+            if stored is not None:
+                files += (CHECKPOINT_RECORD,)
+            return [CheckpointUpload(where, value.folder, files, tags)]
         case _:
             assert_never(value)

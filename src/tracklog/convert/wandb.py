@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STEP_KEY",
+    "ArtifactNames",
     "ConfigUpdate",
     "HistoryValue",
     "ModelArtifact",
@@ -113,11 +114,12 @@ class SummaryUpdate:
 class ModelArtifact:
     """A kept checkpoint as a ``wandb.Artifact`` of type ``model``, logged with its aliases.
 
-    The artifact is ``<name>-<run id>``: each checkpoint of a key is a new version of
-    it, and W&B moves an alias to the newest version that carries it.
+    The artifact is ``<key>-<run id>`` (see :class:`ArtifactNames`): each checkpoint of
+    a key is a new version of it, and W&B moves an alias to the newest version that
+    carries it.
     """
 
-    name: str
+    key: str
     #: The folder holding the files (relative: to run_dir, as read from the queue).
     local: Path
     #: Relative ``/``-separated names; tracklog's record of the checkpoint last.
@@ -128,15 +130,32 @@ class ModelArtifact:
 
 WandbItem: TypeAlias = HistoryValue | ConfigUpdate | SummaryUpdate | ModelArtifact
 
-#: W&B's artifact names: letters, digits, ``-``, ``_`` and ``.``, at most 128 of them
-#: (the run id and a ``-`` are appended to this part).
+#: W&B's artifact names: letters, digits, ``-``, ``_`` and ``.``, at most 128 of them.
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _NOT_ARTIFACT_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-_ARTIFACT_NAME_LENGTH = 100
+_ARTIFACT_NAME_LENGTH = 128
 
 
-def artifact_name(key: str) -> str:
-    """The part of a checkpoint's artifact name that comes from its key."""
-    return _NOT_ARTIFACT_NAME.sub("_", key)[:_ARTIFACT_NAME_LENGTH] or "_"
+class ArtifactNames:
+    """Each checkpoint key's artifact name in one run: ``<key>-<run id>``.
+
+    A key W&B takes as it is keeps its name; any other (``a/b``, or too long) is
+    renamed as :class:`~tracklog._names.NameMap` renames, so two keys never share an
+    artifact (``a/b`` becomes ``a_b-<hash>``, never ``a_b``).
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self._suffix = "-" + (_NOT_ARTIFACT_NAME.sub("_", run_id)[:40] or "_")
+        room = _ARTIFACT_NAME_LENGTH - len(self._suffix)
+        self._names = NameMap(
+            "W&B artifact",
+            lambda name: len(name) <= room and _ARTIFACT_NAME.fullmatch(name) is not None,
+            lambda key: _NOT_ARTIFACT_NAME.sub("_", key) or "_",
+            room,
+        )
+
+    def __call__(self, key: str) -> str:
+        return self._names(key) + self._suffix
 
 
 # W&B names a media file after its key: "<key>_<row>_<20 hex>.<ext>", one folder per
@@ -235,8 +254,10 @@ def to_wandb(key: str, value: LogValue, names: NameMap) -> list[WandbItem]:
         case Checkpoint():
             described = cast("dict[str, object]", to_plain(value.metadata))
             if value.stored is not None:
-                described = {**described, "path": value.stored}
-            files = (*(file for file, _ in value.files), CHECKPOINT_RECORD)
-            return [ModelArtifact(artifact_name(key), value.path, files, value.aliases, described)]
+                described = {"path": value.stored, **described}
+            files = tuple(file for file, _ in value.files)
+            if value.stored is not None:
+                files += (CHECKPOINT_RECORD,)
+            return [ModelArtifact(key, value.folder, files, value.aliases, described)]
         case _:
             assert_never(value)

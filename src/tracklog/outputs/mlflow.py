@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from tracklog._checkpoints import checkpoint_file, stored_path
+from tracklog._checkpoints import checkpoint_file, superseded
 from tracklog._row import Row
 from tracklog.convert.mlflow import (
     ArtifactFile,
@@ -499,6 +499,8 @@ class _Prepared:
     images_done: int = 0
     #: Files of ``checkpoints[0]`` uploaded (the list shrinks as each one is done).
     checkpoint_files_done: int = 0
+    #: Everything of the row is sent.
+    complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
@@ -796,13 +798,18 @@ class MLFlowOutputFormat(OutputFormat):
                     self._upload_checkpoint(item)
                     del item.checkpoints[0]
                     item.checkpoint_files_done = 0
+                item.complete = True
             for row in rows:
                 self._prepared.pop(row.seq, None)
             self._upload_text()
         except Exception as error:
             if not is_transient(error):
+                # The batch is split and each row sent again: a row sent in full stays
+                # remembered, so sending it again sends nothing (no second upload).
                 for row in rows:
-                    self._prepared.pop(row.seq, None)
+                    done = self._prepared.get(row.seq)
+                    if done is None or not done.complete:
+                        self._prepared.pop(row.seq, None)
             raise
 
     def _prepare(self, row: Row) -> _Prepared:
@@ -890,19 +897,17 @@ class MLFlowOutputFormat(OutputFormat):
         from mlflow.entities import RunTag
 
         checkpoint = prepared.checkpoints[0]
-        folder = checkpoint.local
-        if not folder.is_absolute():
-            if self._run_dir is None:
-                raise ValueError(f"checkpoint {checkpoint.path!r}: this output has no run_dir")
-            folder = self._run_dir / stored_path(checkpoint.path)
         while prepared.checkpoint_files_done < len(checkpoint.files):
             name = checkpoint.files[prepared.checkpoint_files_done]
-            local = checkpoint_file(folder, name)
             parent = PurePosixPath(checkpoint.path, name).parent.as_posix()
-            self._artifact_calls.log_artifact(self.run_id, str(local), artifact_path=parent)
+            with checkpoint_file(self._run_dir, checkpoint.local, name) as local:
+                self._artifact_calls.log_artifact(self.run_id, str(local), artifact_path=parent)
             prepared.checkpoint_files_done += 1
-        if checkpoint.tags:
-            tags = [RunTag(name, value) for name, value in checkpoint.tags]
+        newer = superseded(self._run_dir, checkpoint.local)
+        tags = [
+            RunTag(tag, checkpoint.path) for alias, tag in checkpoint.tags if alias not in newer
+        ]
+        if tags:
             self.client.log_batch(self.run_id, tags=tags, synchronous=True)
 
     def _unique(self, path: str) -> str:

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
-from tracklog._checkpoints import checkpoint_file, stored_path
+from tracklog._checkpoints import checkpoint_file, superseded
 from tracklog._row import Row
 from tracklog.convert.wandb import (
     STEP_KEY,
+    ArtifactNames,
     ConfigUpdate,
     HistoryValue,
     ModelArtifact,
@@ -118,6 +119,7 @@ class WandBOutputFormat(OutputFormat):
             settings=init_settings,
             reinit="create_new",  # several loggers (or runs) in one process
         )
+        self._artifact_names = ArtifactNames(self.run.id)
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
         for key, summary in (summaries or {}).items():
@@ -135,7 +137,7 @@ class WandBOutputFormat(OutputFormat):
 
     def write_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
-        artifacts: list[ModelArtifact] = []
+        versions: list[tuple[Any, list[str]]] = []
         for key, value in row.values.items():
             for item in to_wandb(key, value, self._names):
                 match item:
@@ -152,7 +154,9 @@ class WandBOutputFormat(OutputFormat):
                     case SummaryUpdate():
                         cast("_Summary", self.run.summary).update(item.values)
                     case ModelArtifact():
-                        artifacts.append(item)
+                        # Checked before the row is logged: a missing file must not
+                        # leave half a row in the history, to be logged again.
+                        versions.append(self._model_version(item, row.step))
                     case _:
                         assert_never(item)
         if history:
@@ -162,28 +166,30 @@ class WandBOutputFormat(OutputFormat):
             self._logged += 1
         for staged in self._staging.iterdir():  # wandb copied the media into the run
             staged.unlink()
-        for artifact in artifacts:
-            self._log_model(artifact, row.step)
+        for artifact, aliases in versions:
+            self.run.log_artifact(artifact, aliases=aliases)
 
-    def _log_model(self, model: ModelArtifact, step: int) -> None:
-        """Log a kept checkpoint as a new version of the run's model artifact.
+    def _model_version(self, model: ModelArtifact, step: int) -> tuple[Any, list[str]]:
+        """A kept checkpoint as a new version of the run's model artifact for its key,
+        and the aliases to log it with; raises (before anything of its row is logged)
+        if a file is not there as a regular file.
 
         The files are added by reference to where tracklog keeps them (W&B's
-        ``immutable`` policy: no copy in W&B's staging folder, which sits in the home
-        directory); an offline run's ``wandb sync`` uploads them from there.
+        ``immutable`` policy: no second copy in W&B's staging folder, which sits in the
+        home directory); an offline run's ``wandb sync`` uploads them from there.
         """
         import wandb
 
-        folder = model.local
-        if not folder.is_absolute():
-            folder = self._run_dir_setting / stored_path(folder.as_posix())
         artifact = wandb.Artifact(
-            f"{model.name}-{self.run.id}", type="model", metadata={**model.metadata, "step": step}
+            self._artifact_names(model.key),
+            type="model",
+            metadata={"step": step, **model.metadata},
         )
         for name in model.files:
-            local = checkpoint_file(folder, name)
-            artifact.add_file(str(local), name=name, policy="immutable")
-        self.run.log_artifact(artifact, aliases=list(model.aliases))
+            with checkpoint_file(self._run_dir_setting, model.local, name) as local:
+                artifact.add_file(str(local), name=name, policy="immutable")
+        newer = superseded(self._run_dir_setting, model.local)
+        return artifact, [alias for alias in model.aliases if alias not in newer]
 
     def _native(self, media: WandbMedia) -> object:
         """The wandb object for converted media (a video's MP4 staged as a file)."""
