@@ -790,3 +790,29 @@ def test_a_row_whose_checkpoint_files_are_gone_leaves_no_history_row_in_wandb(
     run = read_wandb_offline(run_dir)
     assert [(row.global_step, row.values["a"]) for row in run.rows] == [(1, 1.0), (3, 3.0)]
     assert run.artifacts == ()
+
+
+def test_an_off_policy_checkpoint_keeps_its_replay_buffer(tmp_path: Path) -> None:
+    from stable_baselines3 import DQN
+
+    run_dir = tmp_path / "run"
+    env = make_vec_env("CartPole-v1", n_envs=1, seed=0)
+    with tracklog.build_logger({"run_dir": run_dir, "outputs": [{"type": "csv"}]}) as logger:
+        model = DQN("MlpPolicy", env, buffer_size=500, learning_starts=50, seed=0)
+        model.set_logger(logger)
+        model.learn(200, callback=CheckpointCallback(save_freq=100, save_replay_buffer=True))
+    kept = read_checkpoints(run_dir)
+    assert [k.step for k in kept] == [100, 200]
+    last = kept[-1].folder
+    assert {p.name for p in last.iterdir()} == {"model.zip", "model_replay_buffer.pkl", RECORD}
+    restored = DQN.load(last / "model.zip", env=env)
+    restored.load_replay_buffer(last / "model_replay_buffer.pkl")
+    assert restored.replay_buffer is not None
+    # SB3 calls callbacks after env.step() and before storing that step's transition.
+    assert restored.replay_buffer.size() == 200 - 1
+    rows = read_csv(run_dir / "progress.csv")
+    assert [row.values["checkpoint"] for row in rows if "checkpoint" in row.values] == [
+        "checkpoints/checkpoint/step_100",
+        "checkpoints/checkpoint/step_200",
+    ]
+    env.close()
