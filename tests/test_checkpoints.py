@@ -816,3 +816,39 @@ def test_an_off_policy_checkpoint_keeps_its_replay_buffer(tmp_path: Path) -> Non
         "checkpoints/checkpoint/step_200",
     ]
     env.close()
+
+
+def test_a_run_resumed_from_a_checkpoint_summarises_from_that_checkpoint_on(
+    tmp_path: Path,
+) -> None:
+    """The summaries kept with the newest checkpoint are where the resumed run's start:
+    rows of the dead job after it are not the resumed run's, rows before it are."""
+    run_dir = tmp_path / "run"
+    settings_ = {
+        "run_dir": run_dir,
+        "resume": "auto",
+        "summaries": {"eval/return": "best:max", "loss": ["min", "first"]},
+        "outputs": [{"type": "file"}],
+    }
+    saved = tmp_path / "m.zip"
+    saved.write_bytes(b"m")
+    with tracklog.build_logger(settings_) as logger:  # the job that is preempted
+        for step, reward, loss in [(1, 1.0, 0.9), (2, 9.0, 0.5), (3, 3.0, 0.7)]:
+            logger.record("eval/return", reward)
+            logger.record("loss", loss)
+            logger.dump(step)
+        logger.record("ckpt", Checkpoint(saved))
+        logger.dump(3)
+        logger.record("eval/return", 20.0)  # after the checkpoint: redone by the restart
+        logger.record("loss", 0.1)
+        logger.dump(4)
+    with tracklog.build_logger(settings_) as logger:  # restarted from step 3
+        for step, reward, loss in [(4, 5.0, 0.6), (5, 4.0, 0.4)]:
+            logger.record("eval/return", reward)
+            logger.record("loss", loss)
+            logger.dump(step)
+    table = (run_dir / "train.log").read_text().rsplit("summary of this run:", 1)[1]
+    lines = {tuple(line.split()[:2]): line.split()[2:] for line in table.strip().splitlines()}
+    assert lines[("eval/return", "best:max")] == ["9", "2"]
+    assert lines[("loss", "min")] == ["0.4", "5"]
+    assert lines[("loss", "first")] == ["0.9", "1"]

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from stable_baselines3.common.logger import KVWriter
 
-from tracklog._checkpoints import CheckpointStore
+from tracklog._checkpoints import CheckpointStore, kept_summaries
 from tracklog._logger import Logger
 from tracklog._media import MediaStore
 from tracklog._outbox import Outbox, RemoteOutput, queue_root, refuse_busy
@@ -119,6 +119,7 @@ def build_logger(
         outbox=outbox,
         media=store,
         checkpoints=checkpoints,
+        summaries=kept_summaries(run_dir) if run is not None and run.resumed else None,
     )
     if run is not None and run.note:
         logger.log(run.note)

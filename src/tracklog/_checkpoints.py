@@ -19,13 +19,20 @@ import stat
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from tracklog._media import safe_relpath
 from tracklog.readers import read_checkpoint
 from tracklog.values import CHECKPOINT_RECORD, Checkpoint, checkpoint_files, to_plain
 
-__all__ = ["CHECKPOINTS", "CheckpointStore", "checkpoint_file", "stored_path", "superseded"]
+__all__ = [
+    "CHECKPOINTS",
+    "CheckpointStore",
+    "checkpoint_file",
+    "kept_summaries",
+    "stored_path",
+    "superseded",
+]
 
 CHECKPOINTS: Final = "checkpoints"
 
@@ -146,7 +153,9 @@ class CheckpointStore:
         self._handed_out.add(folder)
         return folder
 
-    def keep(self, key: str, step: int, value: Checkpoint) -> Checkpoint:
+    def keep(
+        self, key: str, step: int, value: Checkpoint, summaries: dict[str, Any] | None = None
+    ) -> Checkpoint:
         """``value`` as kept in run_dir: its files copied (unless it is a folder from
         :meth:`new_dir`) and its record written. Raises OSError if that fails."""
         if value.path in self._handed_out:
@@ -172,6 +181,8 @@ class CheckpointStore:
             "files": [list(entry) for entry in files],
             "run": self._identity(),
         }
+        if summaries is not None:
+            record["summaries"] = summaries
         text = json.dumps(record, indent=2, allow_nan=True, ensure_ascii=False)
         (folder / CHECKPOINT_RECORD).write_text(text + "\n", encoding="utf-8")
         return value.kept(folder, relative, files)
@@ -203,3 +214,27 @@ def _resolve_links(folder: Path) -> None:
             else:
                 shutil.copyfile(link, aside)
                 os.replace(aside, link)
+
+
+def kept_summaries(run_dir: Path) -> dict[str, Any] | None:
+    """The summaries kept with the newest checkpoint of ``run_dir`` (None without one):
+    where a resumed run's summaries start."""
+    newest: tuple[float, dict[str, Any]] | None = None
+    for path in (run_dir / CHECKPOINTS).rglob(CHECKPOINT_RECORD):
+        if path.is_symlink():
+            continue
+        try:
+            record: object = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        fields = cast("dict[str, Any]", record)
+        time_, summaries = fields.get("time"), fields.get("summaries")
+        if (
+            isinstance(time_, int | float)
+            and isinstance(summaries, dict)
+            and (newest is None or time_ > newest[0])
+        ):
+            newest = (float(time_), cast("dict[str, Any]", summaries))
+    return newest[1] if newest is not None else None

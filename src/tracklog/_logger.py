@@ -116,6 +116,7 @@ class Logger(sb3.Logger):
         outbox: Outbox | None = None,
         media: MediaStore | None = None,
         checkpoints: CheckpointStore | None = None,
+        summaries: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(folder=folder, output_formats=list(output_formats))
         self.set_level(level)
@@ -127,6 +128,8 @@ class Logger(sb3.Logger):
         self._values: dict[str, LogValue] = {}
         declared = settings.summaries if settings is not None else {}
         self._summary = Summaries(declared) if declared else None
+        if self._summary is not None and summaries:
+            self._summary.restore(summaries)  # a resumed run: from its last checkpoint
         self._valid_keys: set[str] = set()  # keys check_key accepted
         # on_bad_value: report: a refused key or value is said once per key, then skipped.
         self._report_bad_values = settings is not None and settings.on_bad_value == "report"
@@ -360,8 +363,9 @@ class Logger(sb3.Logger):
             if type(value) is not Checkpoint:
                 kept[key] = value
                 continue
+            summaries = self._summary.state() if self._summary is not None else None
             try:
-                kept[key] = store.keep(key, step, value)
+                kept[key] = store.keep(key, step, value, summaries)
             except (OSError, ValueError) as error:
                 failed.append(error)
                 _log.error(

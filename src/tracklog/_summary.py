@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from tracklog._row import Row
 from tracklog.values import Scalar
@@ -79,6 +79,35 @@ class _Key:
         if self.high is None or value > self.high[0]:
             self.high = (value, step)
 
+    def state(self) -> dict[str, object]:
+        """What :meth:`restore` takes back: plain JSON data."""
+        return {
+            "count": self.count,
+            "total": self.total,
+            **{
+                name: list(point)
+                for name, point in (
+                    ("first", self.first),
+                    ("last", self.last),
+                    ("low", self.low),
+                    ("high", self.high),
+                )
+                if point is not None
+            },
+        }
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        """Continue from ``state`` (as :meth:`state` made it); ignored if it is not one."""
+        count, total = state.get("count"), state.get("total")
+        points = {name: _point(state.get(name)) for name in ("first", "last", "low", "high")}
+        if type(count) is not int or count < 1 or not isinstance(total, int | float):
+            return
+        if any(point is None for point in points.values()):
+            return
+        self.count, self.total = count, float(total)
+        self.first, self.last = points["first"], points["last"]
+        self.low, self.high = points["low"], points["high"]
+
     def result(self, kind: str) -> tuple[float, int] | None:
         """The summary's value and the step it belongs to."""
         if self.count == 0 or self.last is None:
@@ -98,6 +127,15 @@ class _Key:
                 raise ValueError(f"unknown summary {kind!r}")
 
 
+def _point(raw: object) -> tuple[float, int] | None:
+    if not isinstance(raw, list) or len(cast("list[object]", raw)) != 2:
+        return None
+    value, step = cast("list[object]", raw)
+    if isinstance(value, bool) or not isinstance(value, int | float) or type(step) is not int:
+        return None
+    return float(value), step
+
+
 @dataclass
 class Summaries:
     """The summaries declared in the settings, updated from every row."""
@@ -113,6 +151,17 @@ class Summaries:
             value = row.values.get(key)
             if isinstance(value, Scalar):
                 state.add(float(value.value), row.step)
+
+    def state(self) -> dict[str, dict[str, object]]:
+        """Per key, what was seen so far (kept with each checkpoint; see :meth:`restore`)."""
+        return {key: state.state() for key, state in self._keys.items() if state.count}
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        """Continue from ``state``: a resumed run's summaries cover the rows logged up to
+        the checkpoint it restarted from, not only its own."""
+        for key, kept in state.items():
+            if key in self._keys and isinstance(kept, dict):
+                self._keys[key].restore(cast("dict[str, object]", kept))
 
     def rows(self) -> list[tuple[int, dict[str, float]]]:
         """``<key>/<kind>`` metrics, grouped by the step each belongs to."""
