@@ -19,6 +19,35 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# `make test` runs pytest-xdist with --dist loadfile: each file runs whole on one worker
+# (module fixtures start servers, train agents or kill processes once per file), and a
+# worker that is free takes the next file in collection order. The longest files go
+# first, so that none of them starts last and leaves the other workers idle; the rest
+# keep their order. Measured wall time per file with 3 workers, longest first.
+LONGEST_FILES = (
+    "test_doc_examples.py",
+    "test_crash.py",
+    "test_resume.py",
+    "test_processes.py",
+    "test_scale.py",
+    "test_delivery.py",
+    "test_mlflow.py",
+    "test_outputs_files.py",
+    "test_wandb.py",
+    "test_packaging.py",
+    "test_tensorboard.py",
+    "test_typing.py",
+    "test_hydra.py",
+    "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):
+        return  # not an xdist worker: the usual order
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
 
 @pytest.fixture(autouse=True)
 def _no_tracklog_env(monkeypatch: pytest.MonkeyPatch) -> None:

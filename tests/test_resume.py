@@ -333,12 +333,13 @@ def test_a_refused_build_claims_no_version(tmp_path: Path) -> None:
 
 
 RESUMER = r"""
-import sys, time
+import os, sys, time
 from pathlib import Path
 import tracklog
 from tracklog._outbox import RunDirBusyError
 
 run_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
+(go.parent / f"ready-{os.getpid()}").touch()
 while not go.exists():
     time.sleep(0.001)
 settings = {"run_dir": str(run_dir), "resume": "auto", "outputs": [{"type": "jsonl"}]}
@@ -372,7 +373,11 @@ def test_processes_resuming_one_run_at_once_never_hold_it_together(tmp_path: Pat
         )
         for _ in range(8)
     ]
-    time.sleep(6.0)  # every one imported tracklog and waits for the go
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(processes):  # imported, waiting for go
+        assert all(process.poll() is None for process in processes), "a resumer exited early"
+        assert time.monotonic() < deadline, "the resumers did not all start"
+        time.sleep(0.02)
     go.touch()
     held: list[tuple[float, float]] = []
     for process in processes:
