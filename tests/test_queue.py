@@ -1493,3 +1493,27 @@ def _fill_and_append(disk: Path, queue: Queue) -> None:
     assert [m.kind for m, _ in rows] == ["row"] * len(rows)
     for message, row in rows:
         assert_same_row(decode_row(message.body, directory / BLOBS), row, {}, {})
+
+
+def test_deep_hparams_are_refused_at_the_same_depth_whatever_the_recursion_limit() -> None:
+    """Another library may raise Python's recursion limit in the delivery process: the
+    reader's refusal of deep nesting does not depend on it, nor does record()'s."""
+    import sys
+
+    from tracklog import HParam
+
+    deep = _ROW % (
+        '{"h":{"type":"hparam","hparams":' + '{"a":' * 150 + "1" + "}" * 150 + ',"metrics":{}}}'
+    )
+    nested: dict[str, object] = {"a": 1}
+    for _ in range(150):
+        nested = {"a": nested}
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(20_000)
+        with pytest.raises(CodecError, match="nested more than 100 levels"):
+            decode_row(deep, None)
+        with pytest.raises(ValueError, match="nested more than 100 levels"):
+            HParam(nested)
+    finally:
+        sys.setrecursionlimit(limit)

@@ -381,11 +381,19 @@ def freeze_mapping(params: Mapping[Any, object], where: str) -> Mapping[str, HPa
     return _freeze_params(params, where, ())
 
 
+#: How deep hyperparameters and metadata may nest: a fixed limit, not Python's recursion
+#: limit (which other libraries raise), so the queue's reader refuses the same rows
+#: whatever else the delivery process imported.
+MAX_NESTING: Final = 100
+
+
 def _freeze_params(
     params: Mapping[Any, object], where: str, inside: tuple[int, ...]
 ) -> Mapping[str, HParamValue]:
     if id(params) in inside:
         raise ValueError(f"{where} contains itself")
+    if len(inside) >= MAX_NESTING:
+        raise ValueError(f"{where} is nested more than {MAX_NESTING} levels deep")
     inside = (*inside, id(params))
     frozen: dict[str, HParamValue] = {}
     for name, value in params.items():
@@ -407,6 +415,8 @@ def _freeze_param(value: object, where: str, inside: tuple[int, ...]) -> HParamV
         items = cast("list[object] | tuple[object, ...]", value)
         if id(items) in inside:
             raise ValueError(f"{where} contains itself")
+        if len(inside) >= MAX_NESTING:
+            raise ValueError(f"{where} is nested more than {MAX_NESTING} levels deep")
         within = (*inside, id(items))
         return tuple(_freeze_param(item, f"{where}[{i}]", within) for i, item in enumerate(items))
     raise TypeError(
