@@ -17,12 +17,12 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from tracklog._media import safe_relpath
-from tracklog.readers import read_checkpoint
+from tracklog.readers import read_checkpoint, read_checkpoints
 from tracklog.values import CHECKPOINT_RECORD, Checkpoint, checkpoint_files, to_plain
 
 __all__ = [
@@ -216,25 +216,8 @@ def _resolve_links(folder: Path) -> None:
                 os.replace(aside, link)
 
 
-def kept_summaries(run_dir: Path) -> dict[str, Any] | None:
+def kept_summaries(run_dir: Path) -> Mapping[str, object] | None:
     """The summaries kept with the newest checkpoint of ``run_dir`` (None without one):
     where a resumed run's summaries start."""
-    newest: tuple[float, dict[str, Any]] | None = None
-    for path in (run_dir / CHECKPOINTS).rglob(CHECKPOINT_RECORD):
-        if path.is_symlink():
-            continue
-        try:
-            record: object = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict):
-            continue
-        fields = cast("dict[str, Any]", record)
-        time_, summaries = fields.get("time"), fields.get("summaries")
-        if (
-            isinstance(time_, int | float)
-            and isinstance(summaries, dict)
-            and (newest is None or time_ > newest[0])
-        ):
-            newest = (float(time_), cast("dict[str, Any]", summaries))
-    return newest[1] if newest is not None else None
+    with_summaries = [kept for kept in read_checkpoints(run_dir) if kept.summaries is not None]
+    return with_summaries[-1].summaries if with_summaries else None

@@ -267,7 +267,7 @@ class Logger(sb3.Logger):
                 self.name_to_count = defaultdict(int)
                 self.name_to_excluded = {}
             failed: list[Exception] = []
-            if any(type(value) is Checkpoint for value in values.values()):
+            if Checkpoint in map(type, values.values()):  # a C-level scan: every dump pays it
                 # Also when disabled: the files were saved, and a restart finds them.
                 values = self._keep_checkpoints(values, int(step), failed)
                 for key in [key for key in legacy if key not in values]:
@@ -316,7 +316,7 @@ class Logger(sb3.Logger):
             calls: list[tuple[object, Callable[[], None]]] = []
             failed: list[Exception] = []
             for step, typed in checked:
-                if any(type(value) is Checkpoint for value in typed.values()):
+                if Checkpoint in map(type, typed.values()):
                     # Also when disabled: the files were saved, and a restart finds them.
                     typed = self._keep_checkpoints(typed, step, failed)
                 if self.level == sb3.DISABLED or not typed:

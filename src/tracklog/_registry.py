@@ -229,6 +229,7 @@ def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
         run_dir=context.run_dir,
         summaries=context.summaries,
         stats=(context.trainer_pid, context.system_metrics),
+        late=context.again,
     )
 
 

@@ -457,6 +457,8 @@ class KeptCheckpoint:
     metadata: Mapping[str, object]
     #: The run it belongs to: the content of that run_dir's ``tracklog.json``.
     run: Mapping[str, object] | None
+    #: The declared summaries as they were at its dump (where a resumed run's start).
+    summaries: Mapping[str, object] | None = None
 
 
 def read_checkpoints(
@@ -506,6 +508,7 @@ def _kept_checkpoint(record: Path) -> KeptCheckpoint | None:
     fields = cast("dict[str, object]", document)
     key, step, time = fields.get("key"), fields.get("step"), fields.get("time")
     aliases, metadata, run = fields.get("aliases"), fields.get("metadata"), fields.get("run")
+    summaries = fields.get("summaries")
     if not (
         isinstance(key, str)
         and type(step) is int
@@ -523,4 +526,5 @@ def _kept_checkpoint(record: Path) -> KeptCheckpoint | None:
         aliases=names,
         metadata=cast("dict[str, object]", metadata),
         run=cast("dict[str, object]", run) if isinstance(run, dict) else None,
+        summaries=cast("dict[str, object]", summaries) if isinstance(summaries, dict) else None,
     )

@@ -903,7 +903,9 @@ class MLFlowOutputFormat(OutputFormat):
             with checkpoint_file(self._run_dir, checkpoint.local, name) as local:
                 self._artifact_calls.log_artifact(self.run_id, str(local), artifact_path=parent)
             prepared.checkpoint_files_done += 1
-        newer = superseded(self._run_dir, checkpoint.local)
+        # A live delivery sends rows in order: only one that continues an earlier
+        # delivery's queue (a replay) can come after a newer checkpoint's aliases.
+        newer = superseded(self._run_dir, checkpoint.local) if self._replaying else frozenset[str]()
         tags = [
             RunTag(tag, checkpoint.path) for alias, tag in checkpoint.tags if alias not in newer
         ]

@@ -73,11 +73,14 @@ class WandBOutputFormat(OutputFormat):
         run_dir: Path,
         summaries: Mapping[str, str] | None = None,
         stats: tuple[int | None, float | None] = (None, None),
+        late: bool = False,
     ) -> None:
         import wandb
         from wandb.sdk.lib import runid
 
         self.settings = settings
+        #: This delivery continues an earlier one's queue (see ``_model_version``).
+        self._late = late
         self._run_dir_setting = run_dir.absolute()
         self._names = wandb_names()
         self._exit_code = 0
@@ -188,7 +191,9 @@ class WandBOutputFormat(OutputFormat):
         for name in model.files:
             with checkpoint_file(self._run_dir_setting, model.local, name) as local:
                 artifact.add_file(str(local), name=name, policy="immutable")
-        newer = superseded(self._run_dir_setting, model.local)
+        # Only a delivery continuing an earlier one's queue (a replay) can come after a
+        # newer checkpoint's aliases; a live one sends rows in order.
+        newer = superseded(self._run_dir_setting, model.local) if self._late else frozenset[str]()
         return artifact, [alias for alias in model.aliases if alias not in newer]
 
     def _native(self, media: WandbMedia) -> object:
