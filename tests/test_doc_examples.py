@@ -4,7 +4,8 @@ The blocks are collected from the Markdown when the tests are collected: one tes
 per block, with the id ``<file>:<n>`` (the n-th ```python block of that file, counted
 from 1). Each runs in a fresh interpreter (``sys.executable doc_example.py``) in a fresh
 temporary directory, with no ``TRACKLOG_*``, ``MLFLOW_*`` or ``WANDB_*`` variable of the
-developer's shell, and must exit 0.
+developer's shell (only ``TRACKLOG_DELIVERY``, a longer ``close_timeout``: see
+``example_env``), and must exit 0.
 
 A block that is not a whole script on its own (it continues another block, uses a
 ``logger`` built earlier, reads a settings file shown in a ```yaml block, or only shows
@@ -574,6 +575,13 @@ def example_env(sitecustomize: Path, mlflow_url: str | None) -> dict[str, str]:
         # A 64x64 MLP trains faster on one thread, and WORKERS examples run at once.
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        # The examples read MLflow right after the logger's close(), which waits up to
+        # delivery.close_timeout (30 s) for the delivery process. Here WORKERS examples
+        # run at once beside the other pytest workers, on 2 cores, and the delivery
+        # process runs at nice 10: starved, it can take longer than that, and the reading
+        # client then raced it creating the sqlite store. An example that sets its own
+        # `delivery` keeps it (settings given in code win over the environment).
+        "TRACKLOG_DELIVERY": '{"close_timeout": 120}',
     }
     if mlflow_url is not None:
         env["MLFLOW_TRACKING_URI"] = mlflow_url

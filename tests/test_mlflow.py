@@ -1300,3 +1300,62 @@ def test_contested_names_go_to_the_key_recorded_first(sqlite: Store, run_dir: Pa
         run_id = run_id_of(logger)
     for i in range(24):
         assert steps_and_values(sqlite, run_id, f"w{i}/mean") == [(0, 100.0 + i)]
+
+
+SWEEP_JOB = """\
+import sys, time
+import tracklog
+
+job, start = int(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # all jobs start together
+settings = {
+    "run_dir": f"job{job}",
+    "outputs": [{"type": "mlflow", "tracking_uri": "sqlite:///mlflow.db", "experiment": "sweep"}],
+    "delivery": {"close_timeout": 120},
+}
+with tracklog.build_logger(settings) as logger:
+    for step in range(3):
+        logger.record("job", float(job))
+        logger.dump(step)
+"""
+
+
+def test_sweep_jobs_starting_at_once_share_one_fresh_sqlite_store(tmp_path: Path) -> None:
+    # Jobs of a sweep (Hydra's joblib launcher, submitit) logging to one new
+    # ./mlflow.db: their delivery processes open the store at the same moment. MLflow's
+    # SQLite migrations are not transactional, and without tracklog's lock two of them
+    # migrating at once both failed and left a database no client could open again.
+    jobs = 4
+    script = tmp_path / "job.py"
+    script.write_text(SWEEP_JOB)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACKLOG_", "MLFLOW_"))}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    start = time.time() + 8  # after every interpreter has imported tracklog
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(job), str(start)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for job in range(jobs)
+    ]
+    outputs = [process.communicate(timeout=240)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output
+        assert "Traceback" not in output, output
+        assert "cannot start" not in output, output
+        assert "not delivered" not in output, output
+        assert "could not be delivered" not in output, output
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.data.metrics["job"] for run in runs) == [float(job) for job in range(jobs)]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "job")
+        assert sorted(point.step for point in history) == [0, 1, 2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import re
@@ -10,7 +12,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
@@ -84,6 +86,41 @@ def _allow_file_store(settings: MlflowOutput) -> None:
     """
     if settings.allow_file_store:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+@contextlib.contextmanager
+def _creating(tracking_uri: str) -> Generator[None]:
+    """Hold, for an SQLite store, an exclusive ``flock`` on the folder of its database.
+
+    MLflow creates and migrates a new SQLite store with Alembic when a client is made,
+    and its SQLite migrations are not transactional: two processes opening one fresh
+    ``mlflow.db`` at once (the jobs of a sweep, each with its delivery process)
+    interleave them, and both fail (``table _alembic_tmp_... already exists``) and leave
+    the database half migrated, refusing every later client. Held while a delivery
+    process makes its client, the lock lets one of them create the store and the others
+    find it made. Other stores (PostgreSQL, a server) take no lock; a folder that cannot
+    be locked (some network filesystems, where SQLite is unsafe anyway) goes without.
+    """
+    if urlsplit(tracking_uri).scheme.lower() != "sqlite":
+        yield
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    try:
+        fd = os.open(Path(database).parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield  # no such folder: MLflow's own error says so
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _shown_uri(uri: str) -> str:
@@ -200,7 +237,8 @@ def _client(settings: MlflowOutput) -> MlflowClient:
 
     _allow_file_store(settings)
     if urlsplit(settings.tracking_uri).scheme.lower() not in ("http", "https"):
-        return MlflowClient(tracking_uri=settings.tracking_uri)
+        with _creating(settings.tracking_uri):  # MlflowClient() creates a new store
+            return MlflowClient(tracking_uri=settings.tracking_uri)
     connection = _Connection.of(settings)
     client = MlflowClient(tracking_uri=connection.address)
     # MlflowClient takes no store; its tracking service client is where MLflow keeps one
