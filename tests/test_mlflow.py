@@ -1359,3 +1359,58 @@ def test_sweep_jobs_starting_at_once_share_one_fresh_sqlite_store(tmp_path: Path
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "job")
         assert sorted(point.step for point in history) == [0, 1, 2]
+
+
+JOBS_IN_FOLDERS = """\
+import os, sys
+import tracklog
+
+for folder in sys.argv[1:]:
+    os.chdir(folder)  # as Hydra does with hydra.job.chdir=true, one job after another
+    settings = {
+        "run_dir": "run",
+        "outputs": [{"type": "mlflow", "tracking_uri": "sqlite:///mlflow.db", "experiment": "e"}],
+        "delivery": {"close_timeout": 120},
+    }
+    with tracklog.build_logger(settings) as logger:
+        logger.record("x", 1.0)
+        logger.log("a line for train.log")
+        logger.dump(1)
+"""
+
+
+def test_a_relative_sqlite_store_keeps_artifacts_beside_it_in_the_folder_of_each_job(
+    tmp_path: Path,
+) -> None:
+    # The delivery process starts in the folder of the trainer's first logger; a later
+    # logger built in another folder gets its store there and, as MLflow's own client
+    # would give it, its artifacts in that folder's ./mlruns, not the first one's.
+    folders = [tmp_path / "job0", tmp_path / "job1"]
+    for folder in folders:
+        folder.mkdir()
+    script = tmp_path / "jobs.py"
+    script.write_text(JOBS_IN_FOLDERS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRACKLOG_", "MLFLOW_"))}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, folders)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    for folder in folders:
+        client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("e")
+        default = client.get_experiment("0")
+        assert experiment is not None
+        assert Path(experiment.artifact_location).parent == folder / "mlruns"
+        assert Path(default.artifact_location).parent == folder / "mlruns"
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert Path(run.info.artifact_uri).is_relative_to(folder / "mlruns")
+        logged = {info.path for info in client.list_artifacts(run.info.run_id)}
+        assert "train.log" in logged
+        assert (Path(run.info.artifact_uri) / "train.log").is_file()

@@ -181,13 +181,21 @@ def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
         state_dir=context.state_dir,
         run_dir=context.run_dir,
         run_key=context.identity.get("run_key"),
+        artifact_root=context.identity.get("artifact_root"),
         replaying=context.again,
         resuming=context.resumed,
     )
 
 
 def _mlflow_identity(settings: Any) -> dict[str, str]:
-    return {"run_key": secrets.token_hex(16)}
+    identity = {"run_key": secrets.token_hex(16)}
+    if settings.tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() in _DATABASES:
+        # A database store keeps the artifacts of the experiments it creates (and of its
+        # Default one) in ./mlruns of the process that opens it: the trainer's, as with
+        # MLflow's own client, not the delivery process's, which started wherever the
+        # trainer's first logger was built, nor that of a later `tracklog replay`.
+        identity["artifact_root"] = os.path.abspath("mlruns")
+    return identity
 
 
 def _mlflow_publish(output: Any) -> dict[str, str]:
@@ -253,6 +261,9 @@ def _mlflow_name_run(settings: Any, naming: RunNaming) -> OutputSettings:
 
 def _mlflow_resumed(settings: Any) -> str | None:
     return "run_id" if settings.run_id is not None else None
+
+
+_DATABASES: Final = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def _mlflow_anchor(settings: Any) -> OutputSettings:

@@ -190,8 +190,9 @@ class MlflowOutput(_Output):
     )
     artifact_location: str | None = Field(
         default=None,
-        description="where a new experiment keeps artifacts (default: the store's own, "
-        "./mlruns for a sqlite store)",
+        description="where a new experiment keeps artifacts (default: the store's own; "
+        "for a database store such as sqlite, ./mlruns of the working directory "
+        "build_logger ran in, as MLflow's own client)",
     )
     run_name: str | None = Field(
         default=None,

@@ -227,24 +227,54 @@ class _Connection:
         )
 
 
-def _client(settings: MlflowOutput) -> MlflowClient:
+def _client(settings: MlflowOutput, artifact_root: str | None = None) -> MlflowClient:
     """A client of ``settings.tracking_uri`` that writes no environment variable.
 
     For an http(s) server, its requests carry this output's credentials, retries and
-    timeout (MLflow would read them from process-wide environment variables).
+    timeout (MLflow would read them from process-wide environment variables). For a
+    database store, ``artifact_root`` is where it keeps the artifacts of experiments it
+    creates (MLflow's default: ./mlruns of this process).
     """
     from mlflow import MlflowClient
 
     _allow_file_store(settings)
     if urlsplit(settings.tracking_uri).scheme.lower() not in ("http", "https"):
         with _creating(settings.tracking_uri):  # MlflowClient() creates a new store
-            return MlflowClient(tracking_uri=settings.tracking_uri)
+            rooted = None if artifact_root is None else _rooted_client(settings, artifact_root)
+            client = MlflowClient(tracking_uri=settings.tracking_uri)
+        if rooted is not None:
+            # As for a server below: MLflow takes no artifact root but from $MLFLOW_*.
+            client._tracking_client = rooted  # pyright: ignore[reportPrivateUsage]
+        return client
     connection = _Connection.of(settings)
     client = MlflowClient(tracking_uri=connection.address)
     # MlflowClient takes no store; its tracking service client is where MLflow keeps one
     # (a private attribute: MLflow has no public way to set it).
     client._tracking_client = _tracking_client_class()(connection)  # pyright: ignore[reportPrivateUsage]
     return client
+
+
+def _rooted_client(settings: MlflowOutput, artifact_root: str) -> Any:
+    """MLflow's tracking service client of a database store whose default artifact root
+    is ``artifact_root``; made first, it also creates a new store with that root (the
+    Default experiment's artifacts go there too)."""
+    from mlflow.tracking._tracking_service import utils
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    get_store = cast(
+        "Callable[[str, str], object]",
+        utils._get_store,  # pyright: ignore[reportPrivateUsage, reportUnknownMemberType]  # unannotated
+    )
+
+    class RootedTrackingServiceClient(TrackingServiceClient):
+        tracking_uri: str
+
+        @property
+        def store(self) -> object:
+            # MLflow caches the store by (URI, artifact root): built once per process.
+            return get_store(self.tracking_uri, artifact_root)
+
+    return RootedTrackingServiceClient(settings.tracking_uri)  # type: ignore[no-untyped-call]
 
 
 @functools.cache
@@ -564,13 +594,14 @@ class MLFlowOutputFormat(OutputFormat):
         state_dir: Path | None = None,
         run_dir: Path | None = None,
         run_key: str | None = None,
+        artifact_root: str | None = None,
         replaying: bool = False,
         resuming: bool = False,
     ) -> None:
         self.settings = settings
         #: Where kept checkpoints are (their queued paths are relative to it).
         self._run_dir = run_dir
-        self.client: MlflowClient = _client(settings)
+        self.client: MlflowClient = _client(settings, artifact_root)
         self._names = MlflowNames()
         self._params: dict[str, str] = {}
         self._status = "FINISHED"
