@@ -478,3 +478,31 @@ def test_two_loggers_dumping_in_turn_show_their_own_tables(
         assert shown == [sign * step for step in range(20)]
         assert ("second" in log) is (name == "second")
     assert capsys.readouterr().out.count("|    value ") == 40
+
+
+def test_a_table_printed_under_a_progress_bar_starts_on_a_cleared_line(run_dir: Path) -> None:
+    # SB3's learn(progress_bar=True) keeps a tqdm bar on the console: a table printed
+    # while it shows goes through tqdm.write, which clears the bar's line first and
+    # draws the bar again after; with no bar open, the table is written as it is.
+    from contextlib import redirect_stdout
+
+    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed
+
+    screen = io.StringIO()
+    with redirect_stdout(screen), human_logger(run_dir) as logger:
+        bar = tqdm(total=10, file=screen, ascii=True, mininterval=0)
+        bar.update(3)
+        logger.record("train/loss", 0.5)
+        logger.dump(1)
+        drawn = screen.getvalue()
+        bar.close()
+        after_bar = len(screen.getvalue())
+        logger.record("train/loss", 0.25)
+        logger.dump(2)
+    table = "\n".join(render_table({"train/loss": "0.5"}, 36)) + "\n"
+    cleared = drawn.index(table)
+    assert drawn[cleared - 1] == "\r"  # the bar's line was cleared: the table starts at its left
+    assert "3/10" in drawn[cleared + len(table) :]  # and the bar was drawn again below it
+    assert (
+        screen.getvalue()[after_bar:] == "\n".join(render_table({"train/loss": "0.25"}, 36)) + "\n"
+    )

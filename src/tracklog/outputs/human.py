@@ -133,6 +133,19 @@ def _render_row(row: Row, max_length: int) -> str:
     return text
 
 
+def _progress_bars() -> bool:
+    """Whether a tqdm progress bar may be on screen (SB3's ``progress_bar=True``).
+
+    Printed through ``tqdm.write`` then, which clears and redraws the bars; with none,
+    that is a plain write under a lock and a generator, a tenth of a dump's time.
+    """
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:
+        return False
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)  # every open bar
+    return bars is None or len(bars) > 0
+
+
 class FixedHumanOutputFormat(OutputFormat):
     """The table SB3 prints, without SB3's failure modes.
 
@@ -179,9 +192,8 @@ class FixedHumanOutputFormat(OutputFormat):
         if self._closed:
             return
         out = self._out
-        tqdm = sys.modules.get("tqdm")
-        if self._stream is None and tqdm is not None:
-            tqdm.tqdm.write(text, file=out, end="")  # keeps an active progress bar intact
+        if self._stream is None and _progress_bars():
+            sys.modules["tqdm"].tqdm.write(text, file=out, end="")  # keeps the bars intact
         else:
             out.write(text)
         out.flush()
