@@ -42,6 +42,9 @@ def test_examples_demo_py_is_tracklog_demo() -> None:
 def test_demo_trains_logs_and_records_videos(tmp_path: Path) -> None:
     settings = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     settings["run_dir"] = str(tmp_path / "demo")
+    # Read back right after the process ends: its close() must not give up on a delivery
+    # process that the rest of the suite starves of CPU (it runs at nice 10).
+    settings["delivery"] = {"close_timeout": 120}
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for output in settings["outputs"]:
         if output["type"] == "mlflow":

@@ -158,7 +158,14 @@ def run_sweep(cwd: Path, *overrides: str, **env: str) -> Path:
         if not name.startswith(("TRACKLOG_", "MLFLOW_", "WANDB_", "HYDRA_"))
         and name not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID")
     }
-    child_env.update(WANDB_SILENT="true", HYDRA_FULL_ERROR="1", **env)
+    # Read back right after the sweep ends: its close() must not give up on a delivery
+    # process that the rest of the suite starves of CPU (it runs at nice 10).
+    child_env.update(
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="1",
+        TRACKLOG_DELIVERY='{"close_timeout": 120}',
+        **env,
+    )
     done = subprocess.run(
         [sys.executable, str(EXAMPLE / "train.py"), "--multirun", *TINY, *overrides],
         cwd=cwd,
