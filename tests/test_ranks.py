@@ -317,7 +317,10 @@ with open(os.path.join(os.path.dirname(__file__), f"report-{rank}.json"), "w") a
 def child_env(**extra: str) -> dict[str, str]:
     dropped = ("TRACKLOG_", "MLFLOW_", *RANK_VARIABLES, "MASTER_", "TORCHELASTIC_")
     env = {name: value for name, value in os.environ.items() if not name.startswith(dropped)}
-    return {**env, "WANDB_SILENT": "true", **extra}
+    # Read back as soon as the ranks end: their close() must not give up on a delivery
+    # process that the rest of the suite starves of CPU (it runs at nice 10).
+    delivery = '{"close_timeout": 120}'
+    return {**env, "WANDB_SILENT": "true", "TRACKLOG_DELIVERY": delivery, **extra}
 
 
 def rank_settings(run_dir: Path, url: str, experiment: str, **extra: object) -> str:
