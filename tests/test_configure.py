@@ -162,6 +162,8 @@ def test_mlflow_and_wandb_formats_log_with_their_default_settings(
         ("sqlite:///sub/m.db?timeout=5", "sqlite:///{cwd}/sub/m.db?timeout=5"),
         ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
         ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("sqlite+pysqlite:///m.db", "sqlite+pysqlite:///{cwd}/m.db"),
+        ("sqlite+pysqlite:////abs/m.db", "sqlite+pysqlite:////abs/m.db"),
         ("file:./mlruns", "file://{cwd}/mlruns"),
         ("mlruns", "{cwd}/mlruns"),
         ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),

@@ -1414,3 +1414,27 @@ def test_a_relative_sqlite_store_keeps_artifacts_beside_it_in_the_folder_of_each
         logged = {info.path for info in client.list_artifacts(run.info.run_id)}
         assert "train.log" in logged
         assert (Path(run.info.artifact_uri) / "train.log").is_file()
+
+
+def test_the_store_creation_lock_is_taken_and_never_waited_for_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from tracklog.outputs import mlflow as mlflow_output
+
+    uri = f"sqlite+pysqlite:///{tmp_path / 'mlflow.db'}"
+    other = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        creating = mlflow_output._creating  # pyright: ignore[reportPrivateUsage]
+        with creating(uri), pytest.raises(BlockingIOError):  # held: others would wait
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Held by a process that hangs or is stopped: waited for only so long.
+        fcntl.flock(other, fcntl.LOCK_EX)
+        monkeypatch.setattr(mlflow_output, "_CREATING_WAIT", 0.5)
+        started = time.monotonic()
+        with creating(uri):
+            waited = time.monotonic() - started
+        assert 0.5 <= waited < 30
+    finally:
+        os.close(other)

@@ -296,6 +296,38 @@ def test_an_output_added_before_mlflow_still_continues_the_same_mlflow_run(
     ]
 
 
+def test_a_run_file_of_an_earlier_tracklog_continues_its_run_and_gains_what_it_lacked(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    # A run file written before MLflow's identity kept artifact_root: the resumed run is
+    # still the one its run_key names, and its artifacts get a root from this process.
+    from mlflow import MlflowClient
+
+    mlflow = {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": "older"}
+    run_dir = tmp_path / "run"
+    with tracklog.build_logger({"run_dir": run_dir, "outputs": [mlflow]}) as first:
+        first.record("a", 1.0)
+        first.dump(1)
+    path = run_dir / "tracklog.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    (name,) = [name for name, kept in record["outputs"].items() if "run_key" in kept]
+    run_key = record["outputs"][name]["run_key"]
+    del record["outputs"][name]["artifact_root"]
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+    with tracklog.build_logger({"run_dir": run_dir, "resume": "auto", "outputs": [mlflow]}) as log:
+        log.record("a", 2.0)
+        log.dump(2)
+    kept = json.loads(path.read_text(encoding="utf-8"))["outputs"][name]
+    assert kept == {"run_key": run_key, "artifact_root": str(tmp_path / "mlruns")}
+    client = MlflowClient(mlflow_sqlite_uri)
+    experiment = client.get_experiment_by_name("older")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["tracklog.run_key"] == run_key
+    assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "a")) == [1, 2]
+
+
 def test_versions_skip_names_taken_by_a_file_or_a_symlink(tmp_path: Path) -> None:
     base = tmp_path / "run"
     _build(base).close()

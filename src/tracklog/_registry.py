@@ -277,13 +277,14 @@ def _mlflow_anchor(settings: Any) -> OutputSettings:
 def anchored_store_uri(uri: str) -> str:
     """A sqlite or file-store ``uri`` whose path is relative, made absolute against the
     working directory (what MLflow itself resolves it against, in this process)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path, query = uri.removeprefix("sqlite:///"), ""
+    scheme, sep, rest = uri.partition(":///")
+    if sep and scheme.split("+", 1)[0].lower() == "sqlite" and not rest.startswith("/"):
+        path, query = rest, ""
         if "?" in path:
             path, query = path.split("?", 1)
             query = "?" + query
         if path and path != ":memory:":
-            return "sqlite:///" + os.path.abspath(path) + query
+            return f"{scheme}:///{os.path.abspath(path)}{query}"
         return uri
     if uri.startswith("file:") and not uri.startswith("file:/"):  # file:./mlruns
         return "file://" + os.path.abspath(uri.removeprefix("file:"))

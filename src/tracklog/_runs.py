@@ -195,7 +195,9 @@ def _resume(
 ) -> Claim:
     run_dir = settings.run_dir
     kept: dict[str, dict[str, str]] = record["outputs"]
-    chosen = {name: kept.get(name, made) for name, made in fresh.items()}
+    # What the earlier process chose wins; what it did not record yet (a setting a later
+    # tracklog keeps there, such as MLflow's artifact_root) comes from this one.
+    chosen = {name: {**made, **kept.get(name, {})} for name, made in fresh.items()}
     record = {
         **record,
         "outputs": {**kept, **chosen},

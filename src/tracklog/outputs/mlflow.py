@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, assert_never, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tracklog._checkpoints import checkpoint_file, superseded
@@ -88,6 +88,9 @@ def _allow_file_store(settings: MlflowOutput) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
+_CREATING_WAIT: Final = 300.0  # seconds; creating a new store takes 2 CPU-seconds
+
+
 @contextlib.contextmanager
 def _creating(tracking_uri: str) -> Generator[None]:
     """Hold, for an SQLite store, an exclusive ``flock`` on the folder of its database.
@@ -99,9 +102,11 @@ def _creating(tracking_uri: str) -> Generator[None]:
     the database half migrated, refusing every later client. Held while a delivery
     process makes its client, the lock lets one of them create the store and the others
     find it made. Other stores (PostgreSQL, a server) take no lock; a folder that cannot
-    be locked (some network filesystems, where SQLite is unsafe anyway) goes without.
+    be locked (some network filesystems, where SQLite is unsafe anyway) goes without,
+    and so does one whose lock another process holds for longer than ``_CREATING_WAIT``
+    (it hangs or is stopped: this delivery must not wait for it forever).
     """
-    if urlsplit(tracking_uri).scheme.lower() != "sqlite":
+    if urlsplit(tracking_uri).scheme.lower().split("+", 1)[0] != "sqlite":  # sqlite+pysqlite
         yield
         return
     from sqlalchemy.engine import make_url
@@ -116,8 +121,17 @@ def _creating(tracking_uri: str) -> Generator[None]:
         yield  # no such folder: MLflow's own error says so
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        give_up = time.monotonic() + _CREATING_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < give_up:
+                    time.sleep(0.05)
+                    continue
+            except OSError:
+                pass  # cannot be locked here
+            break
         yield
     finally:
         os.close(fd)  # releases the lock
