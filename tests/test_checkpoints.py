@@ -852,3 +852,45 @@ def test_a_run_resumed_from_a_checkpoint_summarises_from_that_checkpoint_on(
     assert lines[("eval/return", "best:max")] == ["9", "2"]
     assert lines[("loss", "min")] == ["0.4", "5"]
     assert lines[("loss", "first")] == ["0.9", "1"]
+
+
+@pytest.mark.parametrize("call", ["dump", "dump_rows"])
+def test_a_checkpoint_keeps_the_summaries_counting_the_row_it_is_dumped_with(
+    tmp_path: Path, call: str
+) -> None:
+    """A best checkpoint dumped with its own score: a restart from it keeps that score."""
+    run_dir = tmp_path / "run"
+    settings_ = {
+        "run_dir": run_dir,
+        "resume": "auto",
+        "summaries": {"eval/return": "best:max"},
+        "outputs": [{"type": "file"}],
+    }
+    saved = tmp_path / "m.zip"
+    saved.write_bytes(b"m")
+    with tracklog.build_logger(settings_) as logger:
+        logger.record("eval/return", 1.0)
+        logger.dump(1)
+        if call == "dump":
+            logger.record("eval/return", 9.0)
+            logger.record("ckpt", Checkpoint(saved, aliases=("best",)))
+            logger.dump(2)
+        else:
+            logger.dump_rows([(2, {"eval/return": 9.0, "ckpt": Checkpoint(saved)})])
+    (kept,) = read_checkpoints(run_dir)
+    assert kept.summaries == {
+        "eval/return": {
+            "count": 2,
+            "total": 10.0,
+            "first": [1.0, 1],
+            "last": [9.0, 2],
+            "low": [1.0, 1],
+            "high": [9.0, 2],
+        }
+    }
+    with tracklog.build_logger(settings_) as logger:  # restarted from that checkpoint
+        logger.record("eval/return", 4.0)
+        logger.dump(3)
+    table = (run_dir / "train.log").read_text().rsplit("summary of this run:", 1)[1]
+    lines = {tuple(line.split()[:2]): line.split()[2:] for line in table.strip().splitlines()}
+    assert lines[("eval/return", "best:max")] == ["9", "2"]

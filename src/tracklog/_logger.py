@@ -267,6 +267,10 @@ class Logger(sb3.Logger):
                 self.name_to_count = defaultdict(int)
                 self.name_to_excluded = {}
             failed: list[Exception] = []
+            if self._summary is not None and self.level != sb3.DISABLED:
+                # Before the checkpoints are kept: the summaries each one keeps count the
+                # row it is dumped with (a best checkpoint's own score).
+                self._summary.add_values(values, int(step))
             if Checkpoint in map(type, values.values()):  # a C-level scan: every dump pays it
                 # Also when disabled: the files were saved, and a restart finds them.
                 values = self._keep_checkpoints(values, int(step), failed)
@@ -277,8 +281,6 @@ class Logger(sb3.Logger):
                         legacy[key] = cast(float, to_sb3(value))
             if self.level != sb3.DISABLED and values:
                 row = Row(step=int(step), timestamp=time.time(), seq=next(self._seq), values=values)
-                if self._summary is not None:
-                    self._summary.add(row)
                 with _lifecycle.critical():
                     self._isolation.run(self._row_calls(row, excluded, legacy))
             self._raise_background_error()
@@ -316,14 +318,14 @@ class Logger(sb3.Logger):
             calls: list[tuple[object, Callable[[], None]]] = []
             failed: list[Exception] = []
             for step, typed in checked:
+                if self._summary is not None and not summarising and self.level != sb3.DISABLED:
+                    self._summary.add_values(typed, step)  # before its checkpoints: see dump()
                 if Checkpoint in map(type, typed.values()):
                     # Also when disabled: the files were saved, and a restart finds them.
                     typed = self._keep_checkpoints(typed, step, failed)
                 if self.level == sb3.DISABLED or not typed:
                     continue
                 row = Row(step=step, timestamp=time.time(), seq=next(self._seq), values=typed)
-                if self._summary is not None and not summarising:
-                    self._summary.add(row)
                 legacy = {key: to_sb3(value) for key, value in typed.items()}
                 exclusions = dict.fromkeys(typed, excluded)
                 calls += self._row_calls(row, exclusions, legacy, skip_empty=True)

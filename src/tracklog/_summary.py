@@ -147,10 +147,14 @@ class Summaries:
         self._keys = {key: _Key(kinds_of(kinds)) for key, kinds in self.declared.items()}
 
     def add(self, row: Row) -> None:
+        self.add_values(row.values, row.step)
+
+    def add_values(self, values: Mapping[str, object], step: int) -> None:
+        """The declared keys' numbers among ``values``, logged at ``step``."""
         for key, state in self._keys.items():
-            value = row.values.get(key)
+            value = values.get(key)
             if isinstance(value, Scalar):
-                state.add(float(value.value), row.step)
+                state.add(float(value.value), step)
 
     def state(self) -> dict[str, dict[str, object]]:
         """Per key, what was seen so far (kept with each checkpoint; see :meth:`restore`)."""
