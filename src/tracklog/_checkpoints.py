@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointStore",
     "checkpoint_file",
     "kept_summaries",
+    "new_step_dir",
     "stored_path",
     "superseded",
 ]
@@ -129,6 +130,19 @@ def superseded(run_dir: Path | None, folder: Path) -> frozenset[str]:
     return frozenset(newer)
 
 
+def new_step_dir(base: Path, step: int) -> Path:
+    """A new, empty folder ``<base>/step_<step>`` (``step_<step>-<n>`` if taken)."""
+    base.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        folder = base / (f"step_{step}" if n == 0 else f"step_{step}-{n}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+
+
 class CheckpointStore:
     """The ``checkpoints/`` folder of one run_dir, as one logger writes it."""
 
@@ -139,17 +153,9 @@ class CheckpointStore:
 
     def new_dir(self, key: str, step: int) -> Path:
         """A new, empty folder for the checkpoint of ``key`` at ``step``."""
-        base = self.run_dir / CHECKPOINTS / safe_relpath(key)
-        base.mkdir(parents=True, exist_ok=True)
-        n = 0
-        while True:
-            folder = base / (f"step_{step}" if n == 0 else f"step_{step}-{n}")
-            try:
-                folder.mkdir()
-                break
-            except FileExistsError:
-                n += 1
-        folder = Path(os.path.abspath(folder))
+        folder = Path(
+            os.path.abspath(new_step_dir(self.run_dir / CHECKPOINTS / safe_relpath(key), step))
+        )
         self._handed_out.add(folder)
         return folder
 

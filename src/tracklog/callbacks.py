@@ -45,7 +45,7 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
-from tracklog._checkpoints import CHECKPOINTS
+from tracklog._checkpoints import CHECKPOINTS, new_step_dir
 from tracklog._logger import Logger
 from tracklog._media import safe_relpath
 from tracklog.values import (
@@ -727,14 +727,7 @@ class CheckpointCallback(sb3_callbacks.CheckpointCallback):
         if self._in_run_dir and isinstance(self.logger, Logger):
             folder = self.logger.checkpoint_dir(self.key, step)
         else:
-            base, n = Path(self.save_path), 0
-            while True:
-                folder = base / (f"step_{step}" if n == 0 else f"step_{step}-{n}")
-                try:
-                    folder.mkdir(parents=True)
-                    break
-                except FileExistsError:
-                    n += 1
+            folder = new_step_dir(Path(self.save_path), step)
         self._folder = folder
         return folder
 
