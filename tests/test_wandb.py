@@ -632,6 +632,39 @@ def test_histogram_holds_numpys_64_bins_of_the_finite_values(
         assert same_number(read, edge), (read, edge)
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([1.0, 1.0 + 2.2e-16, 1.0]),  # too narrow for 64 distinct float64 edges
+        np.array([-1.7e308, 0.0, 1.7e308]),  # max - min overflows float64
+        np.full(3, 1e300),  # one value that NumPy's ±0.5 range cannot widen
+    ],
+    ids=["narrow", "wide", "constant-huge"],
+)
+def test_a_histogram_numpy_cannot_bucket_is_logged_in_equal_buckets_with_its_row(
+    run_dir: Path, values: npt.NDArray[np.float64]
+) -> None:
+    with wandb_logger(run_dir) as logger:
+        logger.record("weights/layer0", values)
+        logger.record("loss", 0.5)
+        logger.dump(3)
+
+    run = read_finished(run_dir)
+    assert column(run, "loss") == [(3, 0.5)]  # the row is not lost with its histogram
+    ((step, value),) = column(run, "weights/layer0")
+    assert step == 3
+    assert isinstance(value, Mapping)
+    assert value["_type"] == "histogram"
+    bins, counts = value["bins"], value["values"]
+    assert isinstance(bins, list)
+    assert isinstance(counts, list)
+    assert len(bins) == len(counts) + 1
+    assert sum(counts) == values.size
+    assert same_number(bins[0], float(values.min()))
+    assert same_number(bins[-1], float(values.max()))
+    assert bins == sorted(bins)
+
+
 def test_histogram_without_finite_values_is_skipped_with_a_warning(run_dir: Path) -> None:
     with wandb_logger(run_dir) as logger:
         logger.record("weights/bad", np.array([np.nan, np.inf, -np.inf]))

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from tracklog import _encode
 from tracklog._row import Row
+from tracklog.convert._buckets import HISTOGRAM_BINS, equal_buckets
 from tracklog.convert.text import checkpoint_summary
 from tracklog.values import (
     Checkpoint,
@@ -50,7 +51,6 @@ __all__ = [
     "to_tensorboard",
 ]
 
-HISTOGRAM_BINS = 64
 #: Browsers play a GIF frame delay under 20 ms as 100 ms; faster clips drop frames instead.
 GIF_MAX_FPS = 50.0
 
@@ -142,15 +142,8 @@ def _histogram(key: str, values: npt.NDArray[np.number | np.bool_]) -> list[Tens
         )
         return []
     low, high = float(finite.min()), float(finite.max())
-    if low == high:
-        limits, counts = [high], [float(finite.size)]
-    else:
-        # Equal buckets, computed without high - low (which overflows for ±1e308) and
-        # merged where the range is too narrow for 64 distinct float64 edges.
-        t = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-        edges = np.unique(np.clip(low * (1.0 - t) + high * t, low, high))
-        histogram, _ = np.histogram(finite, bins=edges)
-        limits, counts = edges[1:].tolist(), histogram.astype(np.float64).tolist()
+    histogram, edges = equal_buckets(finite, HISTOGRAM_BINS)
+    limits, counts = edges[1:].tolist(), histogram.astype(np.float64).tolist()
     with np.errstate(over="ignore"):  # beyond ±1.3e154 squares are inf, as they should be
         total, squares = float(finite.sum()), float(np.square(finite).sum())
     return [

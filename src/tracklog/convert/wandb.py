@@ -19,6 +19,7 @@ import numpy as np
 from tracklog import _encode
 from tracklog._names import NameMap
 from tracklog._row import Row
+from tracklog.convert._buckets import HISTOGRAM_BINS, equal_buckets
 from tracklog.values import (
     CHECKPOINT_RECORD,
     Checkpoint,
@@ -56,8 +57,6 @@ __all__ = [
 
 STEP_KEY = "global_step"
 """The history column holding the dump's step; every chart uses it as its x axis."""
-
-_HISTOGRAM_BINS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +219,11 @@ def _histogram(key: str, values: np.ndarray) -> list[WandbItem]:
             f"W&B: histogram {key!r} has no finite values; not logged to W&B", stacklevel=3
         )
         return []
-    counts, edges = np.histogram(finite, bins=_HISTOGRAM_BINS)
+    try:  # NumPy's buckets, as wandb.Histogram(values) makes them
+        with np.errstate(over="ignore", invalid="ignore"):
+            counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
+    except ValueError:  # a range too narrow for 64 distinct edges, or wider than float64
+        counts, edges = equal_buckets(finite, HISTOGRAM_BINS)
     return [HistoryValue(key, WandbHistogram(counts, edges))]
 
 
