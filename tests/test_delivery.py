@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tracklog
 import tracklog._queue
@@ -45,7 +46,7 @@ from tests.samples import random_pixels
 from tests.servers import MlflowServer
 from tracklog import cli
 from tracklog._queue import FORMAT, Queue, find_queues
-from tracklog.readers import read_jsonl
+from tracklog.readers import read_jsonl, read_wandb_offline
 
 # Fast retries: a test waits for the backend, never for the backoff.
 FAST: dict[str, object] = {"retry_initial": 0.05, "retry_max": 0.3}
@@ -944,6 +945,8 @@ def test_a_row_the_server_refuses_is_skipped_alone_and_named(
         with caplog.at_level(logging.ERROR, logger="tracklog"):
             for step in range(10):
                 logger.record("loss", _loss(step))
+                if step in (3, 8):
+                    logger.record("weights", np.arange(step, dtype=np.float64))
                 if step == 6:
                     logger.record("refused/by_server", 1.0)
                 logger.dump(step)
@@ -954,11 +957,61 @@ def test_a_row_the_server_refuses_is_skipped_alone_and_named(
     client = MlflowClient(server.url)
     run = only_run(client, experiment)
     assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(10) if s != 6]
+    # Sent again one at a time, the rows keep their files' names (no step_3-1.npy).
+    assert artifact_files(client, run.info.run_id, "histograms/weights") == [
+        "histograms/weights/step_3.npy",
+        "histograms/weights/step_8.npy",
+    ]
     assert run.info.status == "FINISHED"
     skipped = [m for m in messages(caplog.records) if "was skipped" in m]
     assert len(skipped) == 1, messages(caplog.records)
     assert "step 6" in skipped[0]
     assert "refused/by_server" in skipped[0]
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_a_row_that_fails_inside_a_batch_is_skipped_alone_and_no_row_is_written_twice(
+    run_dir: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TensorBoard and W&B write a batch row by row: when one fails, the rows before it
+    are already in the backend, and sending the batch again row by row must not write
+    them a second time. The bad row is a video no encoder takes (a GIF and H.264 are at
+    most 65535 and a few thousand pixels wide), which only the delivery process finds."""
+    wide = tracklog.Video(np.zeros((2, 1, 1, 2, 35001), np.uint8), fps=10)
+    output: dict[str, object] = {"type": kind}
+    if kind == "wandb":
+        output |= {"mode": "offline", "project": "tracklog-tests"}
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [output],
+            "delivery": {**FAST, "linger": 2.0},  # so the six rows go as one batch
+        }
+    )
+    with caplog.at_level(logging.ERROR, logger="tracklog"):
+        for step in range(6):
+            logger.record("loss", _loss(step))
+            if step == 2:
+                logger.record("eval/wide", wide)
+            logger.dump(step)
+        logger.close()
+    if kind == "wandb":
+        got = [
+            (row.global_step, row.values["loss"])
+            for row in read_wandb_offline(run_dir).rows
+            if "loss" in row.values
+        ]
+    else:
+        accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+        accumulator.Reload()
+        got = [(event.step, event.value) for event in accumulator.Scalars("loss")]
+    wanted = [(s, _loss(s)) for s in range(6) if s != 2]
+    if kind == "tensorboard":
+        wanted = [(s, float(np.float32(v))) for s, v in wanted]
+    assert sorted(got) == wanted  # each once
+    skipped = [m for m in messages(caplog.records) if "was skipped" in m]
+    assert len(skipped) == 1, messages(caplog.records)
+    assert "step 2 (keys loss, eval/wide)" in skipped[0]
 
 
 class Pwn:

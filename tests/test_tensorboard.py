@@ -48,6 +48,7 @@ from tests.tensorboard_readback import (
     scalars,
 )
 from tracklog._row import Row
+from tracklog.outputs._base import PartlyWritten
 from tracklog.outputs.tensorboard import TensorBoardOutputFormat
 from tracklog.readers import read_jsonl, read_wandb_offline
 from tracklog.settings import TensorboardOutput
@@ -1033,13 +1034,21 @@ def test_each_write_is_in_the_file_when_it_returns(tmp_path: Path) -> None:
     assert output.path == event_file
 
 
-def test_a_failing_row_does_not_take_the_batch_with_it(tmp_path: Path) -> None:
+def test_a_failing_row_stops_the_batch_and_says_how_many_rows_are_written(
+    tmp_path: Path,
+) -> None:
+    """The delivery process acknowledges the rows before the failing one and sends the
+    rest again: written here, they would be written twice."""
     output = TensorBoardOutputFormat(tmp_path / "tb")
     try:
         bad = Row(step=1, timestamp=1.0, seq=1, values={"bad": object()})  # type: ignore[dict-item]
-        with pytest.raises(AssertionError):  # assert_never: not a LogValue
+        with pytest.raises(PartlyWritten) as raised:
             output.write_rows([row(0, a=1.0), bad, row(2, a=3.0)])
+        assert raised.value.written == 1
+        assert isinstance(raised.value.error, AssertionError)  # assert_never: not a LogValue
         # Flushed even though the call raised.
+        assert scalars(read_events(tmp_path / "tb"), "a") == [(0, 1.0)]
+        output.write_rows([row(2, a=3.0)])
         assert scalars(read_events(tmp_path / "tb"), "a") == [(0, 1.0), (2, 3.0)]
     finally:
         output.close()

@@ -12,7 +12,10 @@ batch. So an output that is slow or down holds back only itself.
   ``delivery.deadline`` seconds after it ended. What is left stays in the queue for
   ``tracklog replay``.
 - Any other error of a batch splits it: the rows are sent one by one, and only the row
-  that fails again is skipped, reported with its step and keys.
+  that fails again is skipped, reported with its step and keys. An output that wrote
+  rows one after another says how many it wrote before the one that failed
+  (``PartlyWritten``): those are never sent again, and only the failing row is skipped
+  (or, for a transient error, retried with the rest).
 - A record that does not parse is reported with its position and skipped.
 - If the trainer died without ``close()``, the run is ended KILLED (FAILED when the
   queue holds the exception training died of) once everything is delivered.
@@ -42,7 +45,7 @@ from tracklog._queue import KINDS, MEDIA, Message, Queue, remove, replay_command
 from tracklog._registry import RemoteContext, backend, parse_output
 from tracklog._row import Row
 from tracklog._system import SystemSampler
-from tracklog.outputs._base import OutputFormat
+from tracklog.outputs._base import OutputFormat, PartlyWritten
 from tracklog.outputs.jsonl import JsonlOutputFormat
 from tracklog.settings import DeliverySettings, OutputSettings
 from tracklog.values import Image, Video
@@ -487,14 +490,18 @@ class Delivery:
                         logging.WARNING, f"tracklog {worker.label}: the backend is reachable again"
                     )
                 return True
-            except Exception as error:
+            except Exception as caught:
+                error, written = caught, 0
+                if isinstance(caught, PartlyWritten):  # the messages before are delivered
+                    error, written = caught.error, caught.written
+                    group = group[written:]
                 if worker.output is None or not worker.output.is_transient(error):
-                    if len(group) > 1:
+                    if written == 0 and len(group) > 1:  # which one failed: one at a time
                         return all(self._deliver(worker, [message]) for message in group)
                     self._skip(worker, group[0], error)
                     if group[0].kind == "close":
                         worker.closed = True
-                    return True
+                    return len(group) == 1 or self._deliver(worker, group[1:])
                 if self._past_deadline():
                     self._report(
                         logging.ERROR,
@@ -534,14 +541,19 @@ class Delivery:
         name = backend(worker.target.settings).exclude
         if first.kind == "row":
             rows: list[Row] = []
-            for message in group:
+            positions: list[int] = []  # each row's message in group
+            for position, message in enumerate(group):
                 decoded = self._decoded(worker, message)
                 if decoded is not None:
                     rows.append(decoded.for_output(name))
-            if len(rows) == 1:
-                output.write_row(rows[0])
-            elif rows:
-                output.write_rows(rows)
+                    positions.append(position)
+            try:
+                if len(rows) == 1:
+                    output.write_row(rows[0])
+                elif rows:
+                    output.write_rows(rows)
+            except PartlyWritten as partly:  # counted in messages: unreadable ones are done
+                raise PartlyWritten(positions[partly.written], partly.error) from partly.error
             if "run_id" not in self.queue.state(worker.consumer):
                 self._publish(worker)  # the run exists now if it did not at start
         elif first.kind == "line":

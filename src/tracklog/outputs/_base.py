@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tracklog._row import Row
 from tracklog._sb3 import KVWriter, SeqWriter
 from tracklog.values import LogValue, check_key, normalise
 
-__all__ = ["OutputFormat"]
+__all__ = ["OutputFormat", "PartlyWritten", "write_each"]
+
+
+class PartlyWritten(Exception):
+    """``write_rows`` wrote its first ``written`` rows (they are in the backend), then the
+    next row failed with ``error``: the caller must not send those rows again."""
+
+    def __init__(self, written: int, error: Exception) -> None:
+        super().__init__(f"{written} row(s) written, then {type(error).__name__}: {error}")
+        self.written = written
+        self.error = error
+
+
+def write_each(rows: list[Row], write: Callable[[Row], None]) -> None:
+    """``write`` each row in order; a failure after the first row raises
+    :class:`PartlyWritten`, naming how many rows were written before it."""
+    for index, row in enumerate(rows):
+        try:
+            write(row)
+        except Exception as error:
+            if index == 0:
+                raise
+            raise PartlyWritten(index, error) from error
 
 
 class OutputFormat(KVWriter, SeqWriter):
@@ -31,12 +54,14 @@ class OutputFormat(KVWriter, SeqWriter):
     def write_rows(self, rows: list[Row]) -> None:
         """Write several consecutive dumps; formats that can send them together override it.
 
-        The delivery process hands over a backlog this way. It may be called again with
-        the same rows after it raised an error :meth:`is_transient` accepts, so an
-        override must not send anything twice.
+        The delivery process hands over a backlog this way. If a row fails after
+        earlier rows of the call were written, raise :class:`PartlyWritten` (as this
+        loop does): the rows before it are then never sent again. A call may be repeated
+        with rows it had sent when it raised anything else, after an error
+        :meth:`is_transient` accepts or to send the rows one at a time after one it
+        does not, so an override that sends rows together must not send anything twice.
         """
-        for row in rows:
-            self.write_row(row)
+        write_each(rows, self.write_row)
 
     def write_line(self, line: str) -> None:
         """Show one text line from ``info()``/``warn()``/…; ignored unless overridden."""

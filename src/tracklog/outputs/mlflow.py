@@ -582,7 +582,6 @@ class _Prepared:
     #: Files of ``checkpoints[0]`` uploaded (the list shrinks as each one is done).
     checkpoint_files_done: int = 0
     #: Everything of the row is sent.
-    complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
@@ -840,60 +839,62 @@ class MLFlowOutputFormat(OutputFormat):
         """Send the rows' metrics and params in one ``log_batch``, then their media.
 
         Each row is converted once and remembered until it is fully sent, so a call
-        repeated after a transient error sends only what did not arrive (artifact names
-        stay the same; MLflow ignores metric points it already has).
+        repeated after an error sends only what did not arrive, under the artifact names
+        it was given (MLflow ignores metric points it already has). That holds after an
+        error that is not transient too: the delivery process then sends the rows again
+        one at a time, and a row sent in full sends nothing the second time.
         """
         from mlflow.entities import Param
 
         self._ensure_run()
-        try:
-            prepared = [self._prepare(row) for row in rows]
-            unsent = [item for item in prepared if not item.batch_sent]
-            metrics = [metric for item in unsent for metric in item.metrics]
-            params: dict[str, str] = {}
-            for item in unsent:
-                for name, value in item.params.items():
-                    if name not in params and self._is_new_param(name, value):
-                        params[name] = value
-                    elif name in params and params[name] != value:
-                        self._warn_param(name, params[name], value)
-            if metrics or params:
-                # MlflowClient.log_batch splits this into requests within MLflow's
-                # limits (1000 metrics, 100 params per request); never one per key.
-                self.client.log_batch(
-                    self.run_id,
-                    metrics=metrics,
-                    params=[Param(name, value) for name, value in params.items()],
-                    synchronous=True,
-                )
-            self._params.update(params)  # only once MLflow has them
-            for item in unsent:
-                item.batch_sent = True
-            for item in prepared:
-                while item.files_done < len(item.files):
-                    path, file = item.files[item.files_done]
-                    self._upload_fixed(path, file.encode())
-                    item.files_done += 1
-                while item.images_done < len(item.images):
-                    self._log_image(item.images[item.images_done])
-                    item.images_done += 1
-                while item.checkpoints:
-                    self._upload_checkpoint(item)
-                    del item.checkpoints[0]
-                    item.checkpoint_files_done = 0
-                item.complete = True
-            for row in rows:
-                self._prepared.pop(row.seq, None)
-            self._upload_text()
-        except Exception as error:
-            if not is_transient(error):
-                # The batch is split and each row sent again: a row sent in full stays
-                # remembered, so sending it again sends nothing (no second upload).
-                for row in rows:
-                    done = self._prepared.get(row.seq)
-                    if done is None or not done.complete:
-                        self._prepared.pop(row.seq, None)
-            raise
+        # Rows are handed over in order: one remembered from before the first of these
+        # was skipped after its last failure.
+        first = min(row.seq for row in rows)
+        for seq in [seq for seq in self._prepared if seq < first]:
+            self._forget_prepared(seq)
+        prepared = [self._prepare(row) for row in rows]
+        unsent = [item for item in prepared if not item.batch_sent]
+        metrics = [metric for item in unsent for metric in item.metrics]
+        params: dict[str, str] = {}
+        for item in unsent:
+            for name, value in item.params.items():
+                if name not in params and self._is_new_param(name, value):
+                    params[name] = value
+                elif name in params and params[name] != value:
+                    self._warn_param(name, params[name], value)
+        if metrics or params:
+            # MlflowClient.log_batch splits this into requests within MLflow's
+            # limits (1000 metrics, 100 params per request); never one per key.
+            self.client.log_batch(
+                self.run_id,
+                metrics=metrics,
+                params=[Param(name, value) for name, value in params.items()],
+                synchronous=True,
+            )
+        self._params.update(params)  # only once MLflow has them
+        for item in unsent:
+            item.batch_sent = True
+        for item in prepared:
+            while item.files_done < len(item.files):
+                path, file = item.files[item.files_done]
+                self._upload_fixed(path, file.encode())
+                item.files_done += 1
+            while item.images_done < len(item.images):
+                self._log_image(item.images[item.images_done])
+                item.images_done += 1
+            while item.checkpoints:
+                self._upload_checkpoint(item)
+                del item.checkpoints[0]
+                item.checkpoint_files_done = 0
+        for row in rows:
+            self._prepared.pop(row.seq, None)
+        self._upload_text()
+
+    def _forget_prepared(self, seq: int) -> None:
+        """Forget a row that was skipped: the names of its files that were never
+        uploaded are free again."""
+        skipped = self._prepared.pop(seq)
+        self._uploaded.difference_update(path for path, _ in skipped.files[skipped.files_done :])
 
     def _prepare(self, row: Row) -> _Prepared:
         done = self._prepared.get(row.seq)

@@ -29,7 +29,7 @@ from tracklog.convert.tensorboard import (
     TextSummary,
     to_tensorboard,
 )
-from tracklog.outputs._base import OutputFormat
+from tracklog.outputs._base import OutputFormat, write_each
 
 __all__ = ["TensorBoardOutputFormat"]
 
@@ -239,18 +239,12 @@ class TensorBoardOutputFormat(OutputFormat):
         self.write_rows([row])
 
     def write_rows(self, rows: list[Row]) -> None:
-        """Write each row as one event, then flush the file (once per call)."""
-        failed: Exception | None = None
+        """Write each row as one event, then flush the file (once per call); a row that
+        fails stops the call, and says how many rows before it were written."""
         try:
-            for row in rows:
-                try:
-                    self._write_row(row)
-                except Exception as error:  # one bad row must not take the batch with it
-                    failed = failed or error
+            write_each(rows, self._write_row)
         finally:
             self._writer.flush()
-        if failed is not None:
-            raise failed
 
     def _write_row(self, row: Row) -> None:
         if self._restart_pending and row.step > 0:  # not at a dump(0) of the settings
