@@ -227,11 +227,11 @@ class Child:
             self.process.wait()
 
 
-def replay_in_process(spool: Path) -> tuple[int, str, str]:
+def replay_in_process(spool: Path, timeout: float = 30) -> tuple[int, str, str]:
     """``tracklog replay SPOOL`` through its entry point here: (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(["replay", str(spool), "--timeout", "30"])
+        status = cli.main(["replay", str(spool), "--timeout", str(timeout)])
     return status, out.getvalue(), err.getvalue()
 
 
@@ -696,6 +696,51 @@ def test_a_second_replay_changes_nothing(outage: Outage, ending: str) -> None:
     assert "nothing to replay" in stdout
     run = only_run(outage.client, item.experiment)
     assert points(outage.client, run.info.run_id, "loss") == item.after_first_replay
+
+
+def test_replay_of_a_queue_kept_for_one_output_leaves_the_runs_the_others_ended_alone(
+    tmp_path: Path, run_dir: Path, mlflow_sqlite_uri: str
+) -> None:
+    """One output's server never answers, so the queue stays after close(); the other
+    output had delivered everything and ended its run FINISHED. Replaying the queue
+    (twice) must not open that run again, and must not end it KILLED."""
+    experiment = new_experiment()
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [
+                {"type": "mlflow", "tracking_uri": mlflow_sqlite_uri, "experiment": experiment},
+                {
+                    "type": "mlflow",
+                    "tracking_uri": "http://127.0.0.1:9",  # nothing listens on port 9
+                    "request_retries": 0,
+                    "request_timeout": 1,
+                },
+            ],
+            "delivery": {**FAST, "close_timeout": 3, "deadline": 1},
+        }
+    )
+    for step in range(3):
+        logger.record("loss", _loss(step))
+        logger.dump(step)
+    logger.close()
+    client = MlflowClient(mlflow_sqlite_uri)
+    wait_until(
+        lambda: (
+            only_run(client, experiment).info.status == "FINISHED" and bool(find_queues(run_dir))
+        ),
+        60,
+        "the first output's run FINISHED, the queue kept for the second",
+    )
+    (queue,) = find_queues(run_dir)
+    delivering = tracklog._queue.Lock(queue / "delivery.lock")
+    wait_until(lambda: not delivering.held_elsewhere(), 60, "the delivery process to give up")
+    for _ in range(2):
+        status, _, err = replay_in_process(queue, timeout=3)
+        assert status != 0, err  # the second output still cannot deliver
+        run = only_run(client, experiment)
+        assert run.info.status == "FINISHED", err
+        assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(3)]
 
 
 @pytest.mark.parametrize("ending", ["died", "closed"])

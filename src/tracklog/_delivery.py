@@ -323,9 +323,16 @@ class Delivery:
     def _work(self, worker: _Worker) -> None:
         current.report = self._report
         try:
+            if self.queue.state(worker.consumer).get("closed"):
+                # Ended by an earlier delivery (the queue stayed for another output):
+                # its run keeps the status it ended with; nothing is sent again.
+                worker.closed = True
+                return
             if worker.target is not None and not self._build(worker):
                 return
             self._loop(worker)
+            if worker.closed and not worker.gave_up:
+                self.queue.set_state(worker.consumer, {"closed": "1"})
         except BaseException as error:  # a bug: say so; the queue keeps what is left
             self._give_up(worker)
             self._report(
