@@ -50,6 +50,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 import tracklog
+import tracklog._queue
 from tests.tensorboard_readback import read_events, scalars
 from tracklog import _inbox
 from tracklog._outbox import _POLL_EVERY, DeliveryError, RemoteOutput, RunDirBusyError
@@ -721,6 +722,48 @@ def test_loggers_dropped_without_close_leave_no_process_thread_or_fd(tmp_path: P
     for number in range(100):  # every dropped logger's rows reached its event file
         events = read_events(tmp_path / f"trial-{number}" / "tensorboard")
         assert scalars(events, "x") == [(0, number), (1, number + 0.5)], number
+
+
+def test_queues_kept_for_replay_leave_no_file_open_in_the_delivery_process(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    """An output that cannot start (an unknown run_id) keeps its logger's queue for
+    ``tracklog replay``: the delivery process must close the queue's files all the same,
+    or a sweep of such loggers grows its open files without bound."""
+    unknown: dict[str, object] = {
+        "type": "mlflow",
+        "tracking_uri": mlflow_sqlite_uri,
+        "run_id": "0" * 32,
+    }
+
+    def trial(number: int) -> None:
+        logger = build(tmp_path / f"trial-{number}", unknown, delivery={"close_timeout": 30})
+        for step in range(2):
+            logger.record("x", number + step / 2)
+            logger.dump(step)
+        logger.close()
+
+    def open_files(trials: int) -> int:
+        # Each queue is kept: its delivery thread has returned once the lock is free.
+        for number in range(trials):
+            (queue,) = find_queues(tmp_path / f"trial-{number}")
+            lock = tracklog._queue.Lock(queue / "delivery.lock")
+            deadline = time.monotonic() + 60
+            while lock.held_elsewhere():
+                assert time.monotonic() < deadline, f"{queue} is still delivered"
+                time.sleep(0.05)
+        time.sleep(0.3)  # the queue's thread returns after it lets go of the lock
+        return psutil.Process(service().pid).num_fds()
+
+    for number in range(2):
+        trial(number)
+    after_2 = open_files(2)
+    for number in range(2, 8):
+        trial(number)
+    after_8 = open_files(8)
+    # Six more kept queues, each holding its inbox, queue.db (with -wal, -shm) and
+    # acks.db open, would show as 30 or more.
+    assert after_8 <= after_2 + 3, (after_2, after_8)
 
 
 # 5. The delivery process SIGKILLed -------------------------------------------------------

@@ -349,7 +349,7 @@ def _deliver(
     def report(level: int, message: str, *, warning: bool = False) -> None:
         reports.send(str(queue_dir), level, message, warning)
 
-    lock = None
+    lock = queue = None
     try:
         queue = Queue(queue_dir)
         lock = queue.delivery_lock()
@@ -362,6 +362,11 @@ def _deliver(
             logging.ERROR, f"tracklog: cannot deliver {queue_dir}: {type(error).__name__}: {error}"
         )
     finally:
+        # Also a queue kept for `tracklog replay`: this process lives as long as its
+        # trainer, which may open many more.
+        if queue is not None:
+            with contextlib.suppress(Exception):
+                queue.close()
         if lock is not None:
             lock.release()
 
