@@ -55,7 +55,7 @@ from tests.tensorboard_readback import read_events, scalars
 from tracklog import _inbox
 from tracklog._outbox import _POLL_EVERY, DeliveryError, RemoteOutput, RunDirBusyError
 from tracklog._queue import find_queues
-from tracklog._service import service
+from tracklog._service import Service, service
 from tracklog.readers import read_csv, read_jsonl
 
 REFUSED_IN_CHILD = "build a logger in the child"
@@ -764,6 +764,45 @@ def test_queues_kept_for_replay_leave_no_file_open_in_the_delivery_process(
     # Six more kept queues, each holding its inbox, queue.db (with -wal, -shm) and
     # acks.db open, would show as 30 or more.
     assert after_8 <= after_2 + 3, (after_2, after_8)
+
+
+def test_a_logger_collected_inside_a_call_on_the_delivery_process_deadlocks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A logger dropped in a reference cycle is finalized whenever the garbage collector
+    runs: possibly inside another logger's call on the delivery process's handle, with
+    its lock held. (The collection is forced there: it happens by chance otherwise.)"""
+    kept = build(tmp_path / "kept", {"type": "tensorboard"})
+    dropped = build(tmp_path / "dropped", {"type": "tensorboard"})
+    kept.record("x", 1.0)
+    kept.dump(1)
+    dropped.record("x", 2.0)
+    dropped.dump(1)
+    assert kept.flush(30)
+    cycle: list[object] = [dropped]
+    cycle.append(cycle)  # only the cyclic collector frees the dropped logger
+    del dropped, cycle
+    send = Service._send  # pyright: ignore[reportPrivateUsage]
+
+    def send_after_a_collection(handle: Service, line: bytes) -> None:
+        gc.collect()
+        send(handle, line)
+
+    monkeypatch.setattr(Service, "_send", send_after_a_collection)
+    flushed: list[bool] = []
+    flushing = threading.Thread(target=lambda: flushed.append(kept.flush(30)), daemon=True)
+    flushing.start()
+    flushing.join(60)
+    assert not flushing.is_alive(), "flush() waits forever on the dropped logger's finalizer"
+    assert flushed == [True]
+    monkeypatch.undo()
+    kept.close()
+    deadline = time.monotonic() + 60
+    while (tmp_path / "dropped" / "spool").exists():  # delivered, its queue removed
+        assert time.monotonic() < deadline, "the dropped logger's queue is never delivered"
+        time.sleep(0.05)
+    for name, value in (("kept", 1.0), ("dropped", 2.0)):
+        assert scalars(read_events(tmp_path / name / "tensorboard"), "x") == [(1, value)]
 
 
 # 5. The delivery process SIGKILLed -------------------------------------------------------

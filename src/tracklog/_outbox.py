@@ -24,7 +24,7 @@ from tracklog._codec import encode_row
 from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, remove, replay_command
 from tracklog._registry import backend, split_secrets
 from tracklog._row import Row
-from tracklog._service import service
+from tracklog._service import forget_later, service
 from tracklog._summary import summary_metrics, wandb_summaries
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import LoggerSettings, OutputSettings
@@ -325,14 +325,22 @@ class Outbox:
         return done
 
     def drop(self) -> None:
-        """Close without waiting (the logger was dropped without ``close()``)."""
+        """Close without waiting (the logger was dropped without ``close()``).
+
+        The logger's finalizer: it runs wherever the garbage collector does, maybe in
+        the middle of a call on the delivery process's handle (its lock held, a line
+        half-written), so it touches only this queue's own files and leaves telling
+        the delivery process to the handle's next call.
+        """
         if self._closed:
             return
         self._closed = True
         if self._started:
             self.queue.set_meta("closed", str(time.time()))
             self.queue.append("close")
-        self._release()
+            forget_later(self.directory)
+        self._lock.release()
+        self.queue.close()
         if not self._started:
             remove(self.directory)
 

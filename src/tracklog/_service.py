@@ -58,9 +58,12 @@ class Service:
         self._partial = b""
         self._answered: set[tuple[str, str]] = set()  # (queue, op) the process answered
         self._pid = os.getpid()
+        # Queues of loggers that were dropped without close(): forgotten at the next call.
+        self._dropped: list[str] = []
 
     def open(self, queue: Path, secrets: dict[str, dict[str, Any]], listener: Listener) -> None:
         """Have the delivery process deliver ``queue`` (starting the process if needed)."""
+        self._forget_dropped()
         line = json.dumps({"op": "open", "queue": str(queue), "secrets": secrets}).encode()
         with self._lock:
             self._opens[str(queue)] = line + b"\n"
@@ -79,12 +82,30 @@ class Service:
         request comes after those reports down the same pipe. So once ``flush()`` has
         seen its marker acknowledged, this brings what delivering it said.
         """
+        self._forget_dropped()
         self._round_trip(str(queue), "sync", wait)
 
     def forget(self, queue: Path, wait: float = 0.0) -> None:
         """The logger of ``queue`` is closed: nothing more to resend, and (after hearing,
         within ``wait``, what was reported until now) nothing more to hear."""
-        key = str(queue)
+        self._forget_dropped()
+        self._forget(str(queue), wait)
+
+    def forget_later(self, queue: Path) -> None:
+        """``forget(queue)`` at the next call on this handle. For a logger's finalizer,
+        which runs wherever the garbage collector does: maybe inside one of these calls,
+        with ``_lock`` held or a line half-written to the pipe."""
+        self._dropped.append(str(queue))
+
+    def _forget_dropped(self) -> None:
+        while self._dropped:
+            try:
+                key = self._dropped.pop()
+            except IndexError:  # another thread took the last one
+                return
+            self._forget(key, 0.0)
+
+    def _forget(self, key: str, wait: float) -> None:
         with self._lock:
             self._opens.pop(key, None)
         self._round_trip(key, "closed", wait)  # later reports of it go to stderr
@@ -111,6 +132,7 @@ class Service:
 
     def poll(self) -> None:
         """Show what the delivery process reported; restart it if it died."""
+        self._forget_dropped()
         process = self._process
         if process is None:
             return
@@ -244,6 +266,15 @@ def service() -> Service:
         if _service is None or _service._pid != os.getpid():  # pyright: ignore[reportPrivateUsage]
             _service = Service()
         return _service
+
+
+def forget_later(queue: Path) -> None:
+    """``service().forget(queue)`` at this process's next call on its delivery process
+    (see ``Service.forget_later``); takes no lock, as a finalizer may run inside
+    ``service()`` itself."""
+    handle = _service
+    if handle is not None and handle._pid == os.getpid():  # pyright: ignore[reportPrivateUsage]
+        handle.forget_later(queue)
 
 
 def _forked() -> None:
