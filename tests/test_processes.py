@@ -35,6 +35,7 @@ import textwrap
 import threading
 import time
 import traceback
+import types
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -536,6 +537,43 @@ def fast_thread_switches() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_mark_failed_while_another_thread_dumps_loses_neither_a_row_nor_the_failure(
+    run_dir: Path, client: MlflowClient, mlflow_sqlite_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training loop dumps on a thread of its own while the main thread's excepthook
+    marks the run failed. Each inbox write is made slow (a busy disk) so that the two
+    meet inside one: both messages must get numbers of their own."""
+    write = os.write
+
+    def slow_write(fd: int, data: bytes) -> int:
+        time.sleep(0.002)
+        return write(fd, data)
+
+    slow_os = types.SimpleNamespace(**vars(os))  # the inbox's os module only
+    slow_os.write = slow_write
+    monkeypatch.setattr(_inbox, "os", slow_os)
+    experiment = new_experiment()
+    logger = build(run_dir, mlflow_output(mlflow_sqlite_uri, experiment))
+
+    def train() -> None:
+        for step in range(100):
+            logger.record("x", float(step))
+            logger.dump(step)
+
+    training = threading.Thread(target=train)
+    training.start()
+    time.sleep(0.05)
+    logger.mark_failed("RuntimeError")
+    training.join()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the failure's "View run" warnings, if any
+        logger.close()
+    (run,) = runs_of(client, experiment)
+    assert len(client.get_metric_history(run.info.run_id, "x")) == 100
+    assert run.info.status == "FAILED"
 
 
 def test_threads_dumping_at_once_write_whole_rows_and_lose_no_value(
