@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import queue
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -699,7 +700,7 @@ def test_a_second_replay_changes_nothing(outage: Outage, ending: str) -> None:
 
 
 def test_replay_of_a_queue_kept_for_one_output_leaves_the_runs_the_others_ended_alone(
-    tmp_path: Path, run_dir: Path, mlflow_sqlite_uri: str
+    tmp_path: Path, run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One output's server never answers, so the queue stays after close(); the other
     output had delivered everything and ended its run FINISHED. Replaying the queue
@@ -741,6 +742,22 @@ def test_replay_of_a_queue_kept_for_one_output_leaves_the_runs_the_others_ended_
         run = only_run(client, experiment)
         assert run.info.status == "FINISHED", err
         assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(3)]
+    # Each output's state folder replaced with a symlink to a folder of someone else's:
+    # replay must neither write there nor empty it.
+    for number, state in enumerate(sorted(queue.glob("state-*"))):
+        victim = tmp_path / f"victim-{number}"
+        (victim / "staging").mkdir(parents=True)
+        (victim / "staging" / "precious.txt").write_text("not tracklog's")
+        shutil.rmtree(state)
+        state.symlink_to(victim)
+    with caplog.at_level(logging.ERROR, logger="tracklog"):
+        status, _, _ = replay_in_process(queue, timeout=3)
+    assert status != 0
+    refused = [m for m in messages(caplog.records) if "(a symlink?); refused" in m]
+    assert len(refused) == 1, messages(caplog.records)  # output 0 had ended: not started
+    for victim in tmp_path.glob("victim-*"):
+        assert [path.name for path in victim.rglob("*")] == ["staging", "precious.txt"]
+    assert only_run(client, experiment).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("ending", ["died", "closed"])

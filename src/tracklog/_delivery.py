@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import traceback
@@ -347,7 +348,19 @@ class Delivery:
         entry = backend(target.settings)
         assert entry.build_remote is not None
         state_dir = self.queue.directory / f"state-{target.consumer}"
-        state_dir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(state_dir).st_mode):
+                # Written to and emptied as this output's own: never through a link.
+                self._give_up(worker)
+                self._report(
+                    logging.ERROR,
+                    f"tracklog {target.label}: cannot start: {state_dir} is not a folder "
+                    "(a symlink?); refused. Its rows stay in the queue.",
+                    warning=False,
+                )
+                return False
         published = self.queue.state(target.consumer)
         again = published.pop("built", None) is not None
         self.queue.set_state(target.consumer, {"built": "1"})
