@@ -620,6 +620,31 @@ def test_image_from_a_png_path(tmp_path: Path, mode: str, channels: int) -> None
     np.testing.assert_array_equal(image.image[0], expected)
 
 
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped(
+    logger: tracklog.Logger, run_dir: Path, tmp_path: Path
+) -> None:
+    """A depth map saved as a 16-bit PNG: Pillow's own convert("RGB") clips every value
+    above 255 to white."""
+    depth = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    PILImage.fromarray(depth).save(path)
+    logger.record("eval/depth", Image(str(path)))
+    row = _dumped(logger, run_dir)
+    with PILImage.open(run_dir / row["eval/depth"]) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    expected = ((depth.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], expected)
+    assert len(np.unique(pixels)) == 256
+
+
+def test_a_floating_point_image_file_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "heat.tiff"
+    PILImage.fromarray(np.ones((4, 5), np.float32) * 7.5).save(path)
+    with pytest.raises(ValueError, match=r"heat\.tiff.*floating-point pixels"):
+        Image(str(path))
+
+
 def test_sb3_image_is_accepted_and_written_as_png(logger: tracklog.Logger, run_dir: Path) -> None:
     chw = _marked((3, 4, 5), (1, 2, 3))
     logger.record("eval/image", sb3.Image(chw, "CHW"))

@@ -264,6 +264,21 @@ def _read_image_file(path: str) -> npt.NDArray[np.uint8]:
     from PIL import Image as PILImage
 
     with PILImage.open(path) as picture:
+        if picture.mode.startswith("I"):  # 16-bit greyscale (a depth map): I;16*, or I
+            grey = np.asarray(picture).astype(np.int64)
+            if grey.size and (grey.min() < 0 or grey.max() > 65535):
+                raise ValueError(
+                    f"Image file {path!r} holds {picture.mode} pixels beyond 0..65535; "
+                    "load it and pass a uint8 array, or floats in [0, 1]"
+                )
+            # Scaled to 8 bits (Pillow's convert() would clip everything above 255).
+            eight = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+            return np.repeat(eight[..., None], 3, axis=2)
+        if picture.mode == "F":
+            raise ValueError(
+                f"Image file {path!r} holds floating-point pixels, whose range it does not "
+                "say; load it and pass floats in [0, 1]"
+            )
         return np.asarray(picture.convert("RGBA" if "A" in picture.getbands() else "RGB"))
 
 
