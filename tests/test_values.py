@@ -620,6 +620,22 @@ def test_image_from_a_png_path(tmp_path: Path, mode: str, channels: int) -> None
     np.testing.assert_array_equal(image.image[0], expected)
 
 
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((1, 2, 3, 4, 16385), "16385x4 pixels;"), ((3, 2, 1, 2, 5462), "16386x2 pixels with its 3")],
+)
+def test_a_video_no_encoder_takes_is_refused_where_it_is_made(
+    shape: tuple[int, ...], size: str
+) -> None:
+    """H.264 frames are at most 16384 pixels on a side (a batch is tiled side by side):
+    refused here, not found by the delivery process, where the row would be lost."""
+    with pytest.raises(ValueError, match=f"Video frames are {size}"):
+        Video(np.zeros(shape, np.uint8), fps=10)
+    with pytest.raises(ValueError, match=f"cannot log 'eval/clips': Video frames are {size}"):
+        normalise("eval/clips", sb3.Video(torch.zeros(shape, dtype=torch.uint8), fps=10))
+    Video(np.zeros((shape[0], 2, 1, 2, 16384 // shape[0]), np.uint8), fps=10)  # the widest
+
+
 def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped(
     logger: tracklog.Logger, run_dir: Path, tmp_path: Path
 ) -> None:

@@ -142,6 +142,8 @@ CHANNELS: Final = (1, 3, 4)
 # faster than 1000 frames a second (more than any display or encoder preset shows).
 MIN_FPS: Final = 0.01
 MAX_FPS: Final = 1000.0
+# The largest frame side H.264 (libx264) encodes; a batch of clips is tiled left to right.
+MAX_VIDEO_SIDE: Final = 16384
 
 
 class Video(_Frozen, sb3.Video):
@@ -170,6 +172,13 @@ class Video(_Frozen, sb3.Video):
             raise ValueError(
                 f"Video frames must have 1, 3 or 4 channels on axis C; got shape {array.shape} "
                 "(is it (T,H,W,C)? use frames.transpose(0, 3, 1, 2))"
+            )
+        if n * w > MAX_VIDEO_SIDE or h > MAX_VIDEO_SIDE:
+            tiled = f" with its {n} clips side by side" if n > 1 else ""
+            raise ValueError(
+                f"Video frames are {n * w}x{h} pixels{tiled}; an MP4 (H.264) frame is at "
+                f"most {MAX_VIDEO_SIDE} pixels on a side: log fewer clips at once, or "
+                "smaller frames"
             )
         # fps comes from the caller, whatever its annotation says: check it at run time.
         if isinstance(fps, bool) or not isinstance(fps, int | float | np.number):  # pyright: ignore[reportUnnecessaryIsInstance]
