@@ -909,6 +909,44 @@ def test_a_killed_delivery_process_is_reported_replaced_and_nothing_is_lost_or_d
     assert len(errors) == 1, errors  # the report of the death, nothing else
 
 
+def test_a_queue_whose_close_timed_out_is_finished_by_the_delivery_process_that_replaces_a_dead_one(
+    tmp_path: Path,
+) -> None:
+    """close() gave up waiting (the delivery process was stopped), then the delivery
+    process died while the trainer lived on: its replacement delivers the closed
+    logger's rows too, as close() said would happen."""
+    closed = build(tmp_path / "closed", {"type": "tensorboard"}, delivery={"close_timeout": 0.5})
+    living = build(tmp_path / "living", {"type": "tensorboard"})
+    living.record("x", 0.0)
+    living.dump(0)
+    assert living.flush(timeout=60)
+    old = service().pid
+    assert old is not None
+    os.kill(old, signal.SIGSTOP)
+    try:
+        for step in range(3):
+            closed.record("x", float(step))
+            closed.dump(step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            closed.close()  # times out: "the delivery process goes on with them"
+    finally:
+        os.kill(old, signal.SIGKILL)
+        os.kill(old, signal.SIGCONT)
+    wait_until_exited(old)
+    time.sleep(_POLL_EVERY + 0.01)
+    living.record("x", 1.0)
+    living.dump(1)  # sees the dead process and starts another
+    assert living.flush(timeout=120)
+    living.close()
+    deadline = time.monotonic() + 120
+    while (tmp_path / "closed" / "spool").exists():
+        assert time.monotonic() < deadline, "the closed logger's queue is never delivered"
+        time.sleep(0.05)
+    events = read_events(tmp_path / "closed" / "tensorboard")
+    assert scalars(events, "x") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
 # 6. What the delivery process is -----------------------------------------------------------
 
 

@@ -317,7 +317,9 @@ class Outbox:
                 self.directory,
                 replay_command(self.directory),
             )
-        self._release(hear=_hear_within(deadline))  # what its outputs' close() said
+        # What its outputs' close() said. Not delivered yet: a delivery process that dies
+        # while this trainer lives is replaced by one that goes on with it too.
+        self._release(hear=_hear_within(deadline), resume=not done)
         # Once delivered, the delivery process removes the queue: wait for that too, so
         # the run_dir is left alone by the time close() returns.
         while done and not kept and _being_removed(self.directory) and time.monotonic() < deadline:
@@ -358,10 +360,10 @@ class Outbox:
         self._started = True
         service().open(self.directory, self._secrets, self._on_report)
 
-    def _release(self, hear: float = 0.0) -> None:
+    def _release(self, hear: float = 0.0, *, resume: bool = False) -> None:
         self.poll()
         if self._started:
-            service().forget(self.directory, wait=hear)
+            service().forget(self.directory, wait=hear, resume=resume)
         self._lock.release()
         self.queue.close()
 

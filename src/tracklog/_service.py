@@ -85,11 +85,12 @@ class Service:
         self._forget_dropped()
         self._round_trip(str(queue), "sync", wait)
 
-    def forget(self, queue: Path, wait: float = 0.0) -> None:
-        """The logger of ``queue`` is closed: nothing more to resend, and (after hearing,
-        within ``wait``, what was reported until now) nothing more to hear."""
+    def forget(self, queue: Path, wait: float = 0.0, *, resume: bool = False) -> None:
+        """The logger of ``queue`` is closed: (after hearing, within ``wait``, what was
+        reported until now) nothing more to hear, and, unless ``resume`` (its close()
+        timed out), nothing to send to a delivery process that replaces this one."""
         self._forget_dropped()
-        self._forget(str(queue), wait)
+        self._forget(str(queue), wait, resume=resume)
 
     def forget_later(self, queue: Path) -> None:
         """``forget(queue)`` at the next call on this handle. For a logger's finalizer,
@@ -105,9 +106,10 @@ class Service:
                 return
             self._forget(key, 0.0)
 
-    def _forget(self, key: str, wait: float) -> None:
-        with self._lock:
-            self._opens.pop(key, None)
+    def _forget(self, key: str, wait: float, *, resume: bool = False) -> None:
+        if not resume:
+            with self._lock:
+                self._opens.pop(key, None)
         self._round_trip(key, "closed", wait)  # later reports of it go to stderr
         with self._lock:
             self._listeners.pop(key, None)
@@ -179,8 +181,11 @@ class Service:
         assert self._process.stdout is not None
         os.set_blocking(self._process.stdout.fileno(), False)
         self._partial = b""
-        for line in self._opens.values():
-            self._send(line)
+        for key, line in list(self._opens.items()):
+            if Path(key).is_dir():
+                self._send(line)
+            else:  # a closed logger's queue, delivered and removed since
+                del self._opens[key]
 
     def _send(self, line: bytes) -> None:
         process = self._process
@@ -211,6 +216,8 @@ class Service:
                 listener = self._listeners.get(report["queue"])
                 if listener is not None:
                     listener(int(report["level"]), str(report["message"]), bool(report["warning"]))
+                else:  # its logger is closed (a queue delivered on after close() timed out)
+                    _log.log(int(report["level"]), "%s", str(report["message"]))
             except (ValueError, KeyError, TypeError):
                 continue
         if lines and len(chunk) == 1 << 16:
