@@ -539,6 +539,56 @@ def fast_thread_switches() -> Iterator[None]:
         sys.setswitchinterval(interval)
 
 
+# SIGTERM arrives while the main thread holds a logging handler's lock, and a dump()
+# on the training thread needs that lock (tracklog reports a checkpoint it cannot keep).
+SIGTERM_IN_A_HANDLER = """
+import logging, os, signal, sys, threading, time
+from pathlib import Path
+import tracklog
+
+base = Path(sys.argv[1])
+
+class SlowHandler(logging.StreamHandler):
+    def emit(self, record):
+        if record.name == "app":
+            time.sleep(1.0)  # the main thread holds this handler's lock meanwhile
+        super().emit(record)
+
+logging.basicConfig(handlers=[SlowHandler(sys.stderr)], level=logging.INFO)
+logger = tracklog.build_logger({"run_dir": str(base / "run"), "outputs": [{"type": "jsonl"}]})
+model = base / "model.bin"
+model.write_bytes(b"weights")
+checkpoint = tracklog.Checkpoint(model)
+model.unlink()  # dump() cannot keep it, and says so through logging
+
+def train():
+    time.sleep(0.2)
+    logger.record("model", checkpoint)
+    logger.dump(1)
+    print("dumped", flush=True)
+
+threading.Thread(target=train, daemon=True).start()
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+try:
+    logging.getLogger("app").warning("the main thread logs")  # SIGTERM comes in here
+except SystemExit as stop:
+    print(f"exit {stop.code}", flush=True)
+"""
+
+
+def test_sigterm_while_another_thread_dumps_never_deadlocks(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SIGTERM_IN_A_HANDLER), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    # (Two threads print: the words, not the lines, are whole.)
+    assert "exit 143" in done.stdout, done.stderr  # SIGTERM's exit, not a hang
+    assert "dumped" in done.stdout, done.stderr
+
+
 def test_mark_failed_while_another_thread_dumps_loses_neither_a_row_nor_the_failure(
     run_dir: Path, client: MlflowClient, mlflow_sqlite_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -514,6 +514,8 @@ class Delivery:
                 error, written = caught, 0
                 if isinstance(caught, PartlyWritten):  # the messages before are delivered
                     error, written = caught.error, caught.written
+                    worker.cursor = group[written - 1].seq  # never sent again, by anyone
+                    self.queue.ack(worker.consumer, worker.cursor)
                     group = group[written:]
                 if worker.output is None or not worker.output.is_transient(error):
                     if written == 0 and len(group) > 1:  # which one failed: one at a time

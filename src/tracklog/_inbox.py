@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,10 @@ class InboxWriter:
         self._fd = self._open(segment)
         self._size = os.fstat(self._fd).st_size
         self._failed_rotations = 0  # times the next segment could not be created
+        # One message at a time, whichever thread appends (the excepthook's "failed"
+        # beside a dump on another thread). The main thread appends only inside
+        # _lifecycle.critical(), so SIGTERM's handler never re-enters an append there.
+        self._lock = threading.Lock()
 
     def _open(self, number: int) -> int:
         path = segment_path(self.directory, number)
@@ -203,6 +208,10 @@ class InboxWriter:
     def append(self, kind: str, body: str, blobs: str) -> int:
         """Append one message; its sequence number. It is in the kernel (and with
         ``fsync`` on the disk) when this returns."""
+        with self._lock:
+            return self._append(kind, body, blobs)
+
+    def _append(self, kind: str, body: str, blobs: str) -> int:
         if self._size >= SEGMENT_BYTES * (1 + self._failed_rotations):
             self._rotate()
         seq = self.seq + 1

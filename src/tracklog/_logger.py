@@ -497,20 +497,20 @@ class Logger(sb3.Logger):
         ``close()`` should follow; run-holding outputs then end their run as failed.
         Called by ``__exit__`` and by tracklog's excepthook; rarely needed by hand.
         """
-        # Under the call lock, like dump(): the excepthook runs on the main thread while
-        # training may dump on another, and the queue numbers one message at a time.
-        with self._call_lock:
-            if self._closed or self._failed_reason is not None:
-                return  # the first reason (SIGTERM before the SystemExit it causes) stands
-            self._failed_reason = reason
-            calls: list[tuple[object, Callable[[], None]]] = []
-            for output in self.output_formats:
-                if isinstance(output, OutputFormat) and not isinstance(output, RemoteOutput):
-                    calls.append((output, functools.partial(output.mark_failed, reason)))
-            if self._outbox is not None and self._remote:
-                calls.append((self._outbox, functools.partial(self._outbox.put_failed, reason)))
-            with _lifecycle.critical():
-                self._isolation.run(calls)
+        # Not under the call lock: SIGTERM's handler calls this wherever the main thread
+        # is, maybe holding a lock a dump() on another thread waits for. (The queue
+        # numbers messages under a lock of its own.)
+        if self._closed or self._failed_reason is not None:
+            return  # the first reason (SIGTERM before the SystemExit it causes) stands
+        self._failed_reason = reason
+        calls: list[tuple[object, Callable[[], None]]] = []
+        for output in self.output_formats:
+            if isinstance(output, OutputFormat) and not isinstance(output, RemoteOutput):
+                calls.append((output, functools.partial(output.mark_failed, reason)))
+        if self._outbox is not None and self._remote:
+            calls.append((self._outbox, functools.partial(self._outbox.put_failed, reason)))
+        with _lifecycle.critical():
+            self._isolation.run(calls)
 
     def close(self) -> None:
         """Flush and close every output format once; later calls do nothing.

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tracklog._codec import encode_row
+from tracklog._lifecycle import critical
 from tracklog._queue import FORMAT, MEDIA, Lock, Queue, find_queues, remove, replay_command
 from tracklog._registry import backend, split_secrets
 from tracklog._row import Row
@@ -275,7 +276,9 @@ class Outbox:
         """Wait until everything queued so far is delivered; False at ``deadline``."""
         if not self._started:
             return True
-        done = self._wait(self.queue.append("flush"), deadline)
+        with critical():  # SIGTERM's "failed" is appended after it, never inside it
+            flushed = self.queue.append("flush")
+        done = self._wait(flushed, deadline)
         if done:  # and what delivering it reported (a conversion's warning, say)
             service().hear(self.directory, _hear_within(deadline))
         return done

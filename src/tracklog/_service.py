@@ -60,6 +60,9 @@ class Service:
         self._pid = os.getpid()
         # Queues of loggers that were dropped without close(): forgotten at the next call.
         self._dropped: list[str] = []
+        # Queues of loggers whose close() timed out: sent once more to a process that
+        # replaces a dead one (one given up on is left for replay, not retried forever).
+        self._resumable: dict[str, bytes] = {}
 
     def open(self, queue: Path, secrets: dict[str, dict[str, Any]], listener: Listener) -> None:
         """Have the delivery process deliver ``queue`` (starting the process if needed)."""
@@ -107,9 +110,10 @@ class Service:
             self._forget(key, 0.0)
 
     def _forget(self, key: str, wait: float, *, resume: bool = False) -> None:
-        if not resume:
-            with self._lock:
-                self._opens.pop(key, None)
+        with self._lock:
+            line = self._opens.pop(key, None)
+            if resume and line is not None:
+                self._resumable[key] = line
         self._round_trip(key, "closed", wait)  # later reports of it go to stderr
         with self._lock:
             self._listeners.pop(key, None)
@@ -142,7 +146,7 @@ class Service:
         if process.returncode is None and process.poll() is None:
             return
         with self._lock:
-            if self._process is not process or not self._opens:
+            if self._process is not process or not (self._opens or self._resumable):
                 return
             for listener in list(self._listeners.values()):
                 listener(
@@ -181,11 +185,12 @@ class Service:
         assert self._process.stdout is not None
         os.set_blocking(self._process.stdout.fileno(), False)
         self._partial = b""
-        for key, line in list(self._opens.items()):
-            if Path(key).is_dir():
+        resumable, self._resumable = self._resumable, {}
+        for key, line in resumable.items():
+            if Path(key).is_dir():  # not delivered and removed since
                 self._send(line)
-            else:  # a closed logger's queue, delivered and removed since
-                del self._opens[key]
+        for line in self._opens.values():
+            self._send(line)
 
     def _send(self, line: bytes) -> None:
         process = self._process
@@ -230,6 +235,7 @@ class Service:
         process = self._process
         self._process = None
         self._opens.clear()
+        self._resumable.clear()
         self._listeners.clear()
         self._lock = threading.Lock()
         if process is not None:

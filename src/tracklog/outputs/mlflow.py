@@ -846,6 +846,8 @@ class MLFlowOutputFormat(OutputFormat):
         """
         from mlflow.entities import Param
 
+        if not rows:
+            return
         self._ensure_run()
         # Rows are handed over in order: one remembered from before the first of these
         # was skipped after its last failure.
