@@ -344,8 +344,7 @@ class Outbox:
             self.queue.set_meta("closed", str(time.time()))
             self.queue.append("close")
             forget_later(self.directory)
-        self._lock.release()
-        self.queue.close()
+        self._close_files()
         if not self._started:
             remove(self.directory)
 
@@ -367,6 +366,9 @@ class Outbox:
         self.poll()
         if self._started:
             service().forget(self.directory, wait=hear, resume=resume)
+        self._close_files()
+
+    def _close_files(self) -> None:
         self._lock.release()
         self.queue.close()
 

@@ -581,7 +581,6 @@ class _Prepared:
     images_done: int = 0
     #: Files of ``checkpoints[0]`` uploaded (the list shrinks as each one is done).
     checkpoint_files_done: int = 0
-    #: Everything of the row is sent.
     extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
 
