@@ -79,5 +79,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 @pytest.fixture(scope="session")
 def mlflow_sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite tracking store for the session: creating its tables takes seconds."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"
+    """One sqlite tracking store for the session: creating its tables takes seconds.
+
+    The tables are created here, before any test. Otherwise a test whose ``close()``
+    returns while the delivery process is still creating them, and which then reads
+    with its own MlflowClient, runs MLflow's migrations twice at once on a new file
+    ("table _alembic_tmp_experiments already exists"), which MLflow does not support.
+    """
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
