@@ -535,6 +535,57 @@ class GcClock:
         gc.callbacks.remove(self._callback)
 
 
+class CpuAccount:
+    """Where the machine's CPU went while the timed dumps ran: this process (the np.dot
+    load and both loggers), the delivery process with W&B's wandb-core under it, and
+    the mlflow server (the seed's own calls, made in between, counted apart)."""
+
+    def __init__(self, server: MlflowServer) -> None:
+        assert server.process is not None
+        self._server = server.process.pid
+        self._spent: dict[str, float] = {}
+        self._seed = 0.0
+        self._wall = 0.0
+
+    def _now(self) -> dict[str, float]:
+        times = psutil.Process().cpu_times()
+        delivery = delivery_pid()
+        return {
+            "this process": times.user + times.system,
+            "delivery process and wandb-core": 0.0 if delivery is None else tree_cpu(delivery),
+            "mlflow server": tree_cpu(self._server),
+        }
+
+    def start(self) -> None:
+        self._spent = self._now()
+        self._wall = time.perf_counter()
+
+    def stop(self) -> None:
+        self._wall = time.perf_counter() - self._wall
+        self._spent = {name: cpu - self._spent[name] for name, cpu in self._now().items()}
+
+    @contextlib.contextmanager
+    def seed(self) -> Iterator[None]:
+        before = tree_cpu(self._server)
+        yield
+        self._seed += tree_cpu(self._server) - before
+
+    def describe(self, dumps: int) -> str:
+        self._spent["mlflow server"] -= self._seed
+        cores = psutil.cpu_count() or 1
+        parts = ", ".join(
+            f"{name} {cpu:.1f} CPU-s ({cpu / dumps * 1e3:.2f} ms per dump)"
+            for name, cpu in self._spent.items()
+        )
+        seed = (
+            f"; the seed's calls took the server {self._seed:.1f} CPU-s more" if self._seed else ""
+        )
+        return (
+            f"CPU while the timed dumps ran ({self._wall:.1f} s on {cores} cores, "
+            f"{self._wall * cores:.1f} core-s): {parts}{seed}"
+        )
+
+
 @dataclass(frozen=True)
 class Sample:
     """One dump on the training thread. ``wall``, ``cpu``, ``waiting`` and ``gc`` cover
@@ -643,10 +694,13 @@ def part_ab(bench: Bench, parts: set[str], dumps: int, seed_dumps: int, profile:
     seed_steps: list[int] = []
     clock, collector = ThreadClock(), GcClock()
     run_dir = bench.tmp / "ab-tracklog"
+    account = CpuAccount(bench.server)
     with quiet_stdout():
         ours = build(run_dir, seven_outputs(bench.url, "ab-tracklog"))
         sb3 = sb3_logger.configure(str(bench.tmp / "ab-sb3"), ["stdout", "log", "csv"])
         for step in range(warmup + dumps):
+            if step == warmup:
+                account.start()
             sides: list[tuple[sb3_logger.Logger, list[Sample]]] = [(ours, ours_samples)]
             if with_sb3:
                 sides.append((sb3, sb3_samples))
@@ -664,11 +718,13 @@ def part_ab(bench: Bench, parts: set[str], dumps: int, seed_dumps: int, profile:
                 and len(seed_times) < seed_dumps
             ):
                 work(matrix)
-                start = time.perf_counter()
-                for i, key in enumerate(KEYS):  # the seed's MLFlowOutputFormat.write
-                    client.log_metric(seed_run, key, value(step, i), step=step)
-                seed_times.append(time.perf_counter() - start)
+                with account.seed():
+                    start = time.perf_counter()
+                    for i, key in enumerate(KEYS):  # the seed's MLFlowOutputFormat.write
+                        client.log_metric(seed_run, key, value(step, i), step=step)
+                    seed_times.append(time.perf_counter() - start)
                 seed_steps.append(step)
+        account.stop()
         profiled = profile_dumps(ours, matrix, warmup + dumps, profile) if profile else ""
         total = warmup + dumps + profile
         run_id = published(ours, "mlflow")
@@ -685,6 +741,7 @@ def part_ab(bench: Bench, parts: set[str], dumps: int, seed_dumps: int, profile:
         f"{MATRIX_SIZE} np.dot (BLAS: {blas_threads()}) before each; tracklog close() "
         f"{close_time:.2f} s; load {load()}"
     )
+    print(account.describe(dumps))
     describe("tracklog, seven outputs", ours_samples)
     walls = [sample.wall for sample in ours_samples]
     our_median = statistics.median(walls)
