@@ -8,6 +8,7 @@ plugin for what its HPARAMS tab would show; nothing is read from tracklog's memo
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import os
@@ -231,6 +232,23 @@ def test_scalars_round_trip_as_float32(dumps: list[tuple[int, dict[str, Number]]
             with tb_logger(run_dir) as logger:
                 windows = log_dumps(logger, dumps)
         assert_scalars(read_events(run_dir / "tensorboard"), dumps, windows)
+
+
+@given(records=st.lists(st.binary(max_size=3000), max_size=5))
+@example(records=[b"", bytes(range(256)) * 4])
+def test_event_records_are_byte_for_byte_tensorboards_own(records: list[bytes]) -> None:
+    """The output frames records as TensorBoard's RecordWriter does, with the checksums
+    from google-crc32c instead of TensorBoard's pure-Python CRC-32C: same bytes."""
+    from tracklog.outputs.tensorboard import _RecordWriter, _tensorboard
+
+    writer_module = importlib.import_module("tensorboard.summary.writer.record_writer")
+    theirs, ours = io.BytesIO(), io.BytesIO()
+    their_writer = writer_module.RecordWriter(theirs)
+    our_writer = _RecordWriter(ours, _tensorboard().crc32c)
+    for record in records:
+        their_writer.write(record)
+        our_writer.write(record)
+    assert ours.getvalue() == theirs.getvalue()
 
 
 def test_steps_going_backwards_and_repeating_are_all_kept(run_dir: Path) -> None:

@@ -2,9 +2,10 @@
 
 The events are TensorBoard's own: its protobufs (``tensorboard.compat.proto``), its
 summary builders (the text plugin's metadata, ``tensor_util``, the hparams plugin's
-``summary_v2.hparams_pb`` and ``metadata``) and its ``RecordWriter`` (TFRecord framing
-and checksums), called synchronously so that a row is in the file when its write
-returns (``EventFileWriter`` would add a thread and a timed flush).
+``summary_v2.hparams_pb`` and ``metadata``) and the framing of its ``RecordWriter``,
+called synchronously so that a row is in the file when its write returns
+(``EventFileWriter`` would add a thread and a timed flush). Only the records' checksums
+are not TensorBoard's: see :class:`_RecordWriter`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import importlib
 import itertools
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Protocol, assert_never
+from typing import IO, Final, Protocol, assert_never
 
 from tracklog._row import Row
 from tracklog.convert.tensorboard import (
@@ -54,19 +56,46 @@ class _Summary(_Message, Protocol):
 _Build = Callable[..., _Message]
 
 
-class _RecordWriter(Protocol):
-    """``tensorboard.summary.writer.record_writer.RecordWriter``."""
+_LENGTH: Final = struct.Struct("<Q")
+_CHECKSUM: Final = struct.Struct("<I")
 
-    def write(self, data: bytes) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+
+class _RecordWriter:
+    """``tensorboard.summary.writer.record_writer.RecordWriter``, with its checksums
+    computed in C by google-crc32c.
+
+    TensorBoard computes a record's masked CRC-32C in pure Python, one table look-up
+    per byte: 210 µs for a row of 50 scalars (1.25 KB), three times what building the
+    row's event costs, and the largest share of this output's CPU in the delivery
+    process. google-crc32c computes the same checksum in 0.3 µs. ``write`` is
+    TensorBoard's framing, line for line (length, its masked checksum, the data, the
+    data's masked checksum); a test compares the bytes with TensorBoard's own writer.
+    """
+
+    def __init__(self, file: IO[bytes], crc32c: Callable[[bytes], int]) -> None:
+        self._file = file
+        self._crc32c = crc32c
+
+    def _masked(self, data: bytes) -> bytes:
+        crc = self._crc32c(data)  # masked as TFRecord does (and TensorBoard's masked_crc32c)
+        return _CHECKSUM.pack((((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    def write(self, data: bytes) -> None:
+        header = _LENGTH.pack(len(data))
+        self._file.write(header + self._masked(header) + data + self._masked(data))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass(frozen=True, slots=True)
 class _TensorBoard:
     """The parts of TensorBoard this output writes with."""
 
-    record_writer: Callable[[IO[bytes]], _RecordWriter]
+    crc32c: Callable[[bytes], int]
     event: _Build
     source_metadata: _Build
     session_log: _Build
@@ -100,13 +129,14 @@ def _import(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as error:
         raise ImportError(
-            "the tensorboard output (type: tensorboard) needs the 'tensorboard' package; "
-            "install it with: pip install 'tracklog[tensorboard]'"
+            "the tensorboard output (type: tensorboard) needs the "
+            f"{name.split('.')[0].replace('_', '-')!r} package; install it with: "
+            "pip install 'tracklog[tensorboard]'"
         ) from error
 
 
 def _tensorboard() -> _TensorBoard:
-    record_writer = _import("tensorboard.summary.writer.record_writer")
+    crc32c = _import("google_crc32c")
     event = _import("tensorboard.compat.proto.event_pb2")
     summary = _import("tensorboard.compat.proto.summary_pb2")
     types = _import("tensorboard.compat.proto.types_pb2")
@@ -117,7 +147,7 @@ def _tensorboard() -> _TensorBoard:
     plugin_data = _import("tensorboard.plugins.hparams.plugin_data_pb2")
     api = _import("tensorboard.plugins.hparams.api_pb2")
     return _TensorBoard(
-        record_writer=record_writer.RecordWriter,
+        crc32c=crc32c.value,
         event=event.Event,
         source_metadata=event.SourceMetadata,
         session_log=event.SessionLog,
@@ -215,7 +245,7 @@ class TensorBoardOutputFormat(OutputFormat):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path, file = _create_event_file(self.folder)
-        self._writer = self._tb.record_writer(file)
+        self._writer = _RecordWriter(file, self._tb.crc32c)
         # Worker side: the session's hyperparameters and when it started, whether the
         # experiment (the metric columns) is written, the tags recorded as scalars, and
         # metric_dict points waiting for close() to see whether their tag ever was.
