@@ -1147,6 +1147,38 @@ def test_an_unknown_run_id_is_reported_once_at_a_later_call(
     assert [row.step for row in read_jsonl(run_dir / "progress.jsonl")] == list(range(step))
 
 
+def test_a_store_left_half_created_is_reported_at_a_later_call_not_retried_for_ever(
+    run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow's migrations of a new SQLite store, interrupted (a second process ran them
+    at the same time), leave a table behind that fails every later attempt the same way.
+    The output says so and gives up (its rows stay for replay); it used to retry in
+    silence for as long as training ran."""
+    caplog.set_level(logging.INFO, logger="tracklog")
+    database = tmp_path / "store" / "mlflow.db"
+    database.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute("CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)")
+        db.commit()
+    mlflow = mlflow_output(f"sqlite:///{database}", new_experiment())
+    logger = build(run_dir, {"type": "jsonl"}, mlflow, delivery={"close_timeout": 3})
+    step = 0
+    deadline = time.monotonic() + 60
+    while not cannot_start(caplog):
+        assert time.monotonic() < deadline, "the half-created store was never reported"
+        logger.record("x", float(step))
+        logger.dump(step)
+        step += 1
+        time.sleep(0.02)
+    assert logger.flush(timeout=30)  # an output that gave up is not waited for
+    logger.close()
+    (record,) = cannot_start(caplog)
+    assert "_alembic_tmp_experiments already exists" in record.getMessage()
+    assert [row.step for row in read_jsonl(run_dir / "progress.jsonl")] == list(range(step))
+    (queue,) = find_queues(run_dir)  # kept for a replay once the store is mended
+    assert tracklog._queue.Queue(queue).pending(["1-mlflow"]) == step + 2  # flush, close
+
+
 def test_strict_raises_an_unknown_run_id_once_as_a_delivery_error(
     run_dir: Path, mlflow_sqlite_uri: str
 ) -> None:
