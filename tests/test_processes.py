@@ -1115,6 +1115,22 @@ def cannot_start(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     ]
 
 
+def dump_until_it_cannot_start(
+    logger: tracklog.Logger, caplog: pytest.LogCaptureFixture, what: str
+) -> int:
+    """Dump steps 0, 1, ... until the MLflow output reports that it cannot start (the
+    delivery process tried meanwhile); return the number of steps dumped."""
+    step = 0
+    deadline = time.monotonic() + 60
+    while not cannot_start(caplog):
+        assert time.monotonic() < deadline, f"{what} was never reported"
+        logger.record("x", float(step))
+        logger.dump(step)
+        step += 1
+        time.sleep(0.02)
+    return step
+
+
 def test_an_unknown_run_id_is_reported_once_at_a_later_call(
     run_dir: Path, mlflow_sqlite_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1123,14 +1139,7 @@ def test_an_unknown_run_id_is_reported_once_at_a_later_call(
     mlflow = mlflow_output(mlflow_sqlite_uri, new_experiment(), run_id=missing)
     logger = build(run_dir, {"type": "jsonl"}, mlflow, delivery={"close_timeout": 3})
     assert not cannot_start(caplog)  # build_logger did not wait for MLflow
-    step = 0
-    deadline = time.monotonic() + 60
-    while not cannot_start(caplog):
-        assert time.monotonic() < deadline, "the unknown run_id was never reported"
-        logger.record("x", float(step))
-        logger.dump(step)
-        step += 1
-        time.sleep(0.02)
+    step = dump_until_it_cannot_start(logger, caplog, "the unknown run_id")
     for _ in range(5):
         logger.record("x", float(step))
         logger.dump(step)
@@ -1162,14 +1171,7 @@ def test_a_store_left_half_created_is_reported_at_a_later_call_not_retried_for_e
         db.commit()
     mlflow = mlflow_output(f"sqlite:///{database}", new_experiment())
     logger = build(run_dir, {"type": "jsonl"}, mlflow, delivery={"close_timeout": 3})
-    step = 0
-    deadline = time.monotonic() + 60
-    while not cannot_start(caplog):
-        assert time.monotonic() < deadline, "the half-created store was never reported"
-        logger.record("x", float(step))
-        logger.dump(step)
-        step += 1
-        time.sleep(0.02)
+    step = dump_until_it_cannot_start(logger, caplog, "the half-created store")
     assert logger.flush(timeout=30)  # an output that gave up is not waited for
     logger.close()
     (record,) = cannot_start(caplog)
