@@ -268,6 +268,34 @@ def test_a_symlinked_next_segment_is_refused_and_every_row_still_arrives(
     assert victim.read_text() == "precious"
 
 
+def test_segments_keep_their_size_once_a_rotation_succeeds_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation that failed (a link in the way) is tried again a segment's worth
+    later; once one succeeds, segments are cut at ``SEGMENT_BYTES`` again, not at
+    twice that for the rest of the run."""
+    monkeypatch.setattr(_inbox, "SEGMENT_BYTES", 100)
+    writer = new_queue(tmp_path, "queue-0")
+    link = _inbox.segment_path(writer.directory, 1)
+    link.symlink_to(tmp_path / "elsewhere")
+    body = "x" * 60
+    for _ in range(3):  # the third finds segment 0 full: its rotation fails
+        writer.append("line", body)
+    link.unlink()
+    for _ in range(8):
+        writer.append("line", body)
+    writer.close()
+    record = len(_inbox.encode(1, "line", body, ""))
+    numbers = _inbox.segments(writer.directory)
+    assert numbers[:2] == [0, 1]
+    for number in numbers[1:-1]:  # each cut at the first record past 100 bytes
+        size = _inbox.segment_path(writer.directory, number).stat().st_size
+        assert size < 100 + record, (number, size)
+    read, problems = read_all(writer.directory)
+    assert [m.body for m in read] == [body] * 11
+    assert not problems
+
+
 def test_a_fifo_in_place_of_the_next_segment_never_blocks_a_reader(tmp_path: Path) -> None:
     writer = new_queue(tmp_path, "queue-0")
     writer.append("line", "before")

@@ -247,6 +247,7 @@ class InboxWriter:
             return
         os.close(self._fd)
         self._fd, self._segment, self._size = fd, self._segment + 1, 0
+        self._failed_rotations = 0
 
     def close(self) -> None:
         if self._fd >= 0:
