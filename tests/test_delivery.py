@@ -759,6 +759,69 @@ def test_replay_of_a_queue_kept_for_one_output_leaves_the_runs_the_others_ended_
     assert only_run(client, experiment).info.status == "FINISHED"
 
 
+KILLED_AFTER_THE_CLOSE_IS_ACKED = """
+import os, signal, sys
+from tracklog import _queue, cli
+
+acknowledge = _queue.Queue.ack
+
+
+def ack(queue, consumer, seq, **marks):
+    acknowledge(queue, consumer, seq, **marks)
+    if [message.kind for message in queue.read(seq - 1, 1)] == ["close"]:
+        os.kill(os.getpid(), signal.SIGKILL)  # right after the ack's transaction
+
+
+_queue.Queue.ack = ack
+sys.exit(cli.main(["replay", sys.argv[1], "--timeout", "60"]))
+"""
+
+
+def test_a_replay_killed_right_after_it_delivered_the_close_leaves_the_run_finished(
+    server: MlflowServer, run_dir: Path
+) -> None:
+    """A delivery killed just after it acknowledged an output's close (the run ended
+    FINISHED) must leave that output marked closed: the next replay must not start it
+    again and end its run KILLED. The kill is injected at that point (the only fake)."""
+    experiment = new_experiment()
+    with hung(server):  # the trainer's delivery process gives up: the queue stays
+        logger = tracklog.build_logger(
+            {
+                "run_dir": str(run_dir),
+                "outputs": [mlflow_output(server.url, experiment)],
+                "delivery": {**FAST, "close_timeout": 1, "deadline": 1},
+            }
+        )
+        for step in range(3):
+            logger.record("loss", _loss(step))
+            logger.dump(step)
+        logger.close()
+        (queue,) = find_queues(run_dir)
+        kept, delivering = Queue(queue), tracklog._queue.Lock(queue / "delivery.lock")
+        wait_until(
+            lambda: bool(kept.state("0-mlflow").get("gave_up")) and not delivering.held_elsewhere(),
+            60,
+            "the delivery process to give up",
+        )
+        kept.close()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_THE_CLOSE_IS_ACKED, str(queue)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    client = MlflowClient(server.url)
+    assert only_run(client, experiment).info.status == "FINISHED"
+    status, _, err = replay_in_process(queue)
+    assert status == 0, err
+    run = only_run(client, experiment)
+    assert run.info.status == "FINISHED", err
+    assert points(client, run.info.run_id, "loss") == [(s, _loss(s)) for s in range(3)]
+    assert not queue.exists()  # delivered: the replay removed it
+
+
 @pytest.mark.parametrize("ending", ["died", "closed"])
 def test_replay_uploads_each_info_line_once(outage: Outage, ending: str) -> None:
     item = outage.replayed[ending]

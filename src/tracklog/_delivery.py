@@ -332,7 +332,7 @@ class Delivery:
             if worker.target is not None and not self._build(worker):
                 return
             self._loop(worker)
-            if worker.closed and not worker.gave_up:
+            if worker.closed and not worker.gave_up:  # also ended without a close message
                 self.queue.set_state(worker.consumer, {"closed": "1"})
         except BaseException as error:  # a bug: say so; the queue keeps what is left
             self._give_up(worker)
@@ -435,7 +435,8 @@ class Delivery:
                     self._give_up(worker)
                     return
                 worker.cursor = group[-1].seq
-                self.queue.ack(worker.consumer, worker.cursor)
+                # The close's ack marks the output closed too, in the same transaction.
+                self.queue.ack(worker.consumer, worker.cursor, closed=worker.closed)
 
     def _ingest_all(self, worker: _Worker) -> bool:
         """Move everything the gone trainer left in the inbox. An error (a full disk) is
@@ -475,6 +476,7 @@ class Delivery:
             self._deliver(worker, [Message(0, "failed", "died")])
         if self._deliver(worker, [Message(0, "close", "")]):
             worker.cursor = self.queue.last_seq()
+            self.queue.ack(worker.consumer, worker.cursor, closed=True)  # ended, at once
         else:
             self._give_up(worker)
 

@@ -35,7 +35,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -178,6 +178,7 @@ class Queue:
         self.fsync = fsync
         _wal(self._db, fsync=fsync)
         self._acks: sqlite3.Connection | None = None
+        self._acking = threading.Lock()  # one transaction at a time on _acks (the workers')
         self._mover: sqlite3.Connection | None = None  # ingest()'s own connection
         self._writer: InboxWriter | None = None
         self._ingesting = threading.Lock()
@@ -510,8 +511,27 @@ class Queue:
     def acks(self) -> dict[str, int]:
         return {str(name): int(seq) for name, seq in self._ack_db.execute("SELECT * FROM acks")}
 
-    def ack(self, consumer: str, seq: int) -> None:
-        self._ack_db.execute("INSERT OR REPLACE INTO acks VALUES (?, ?)", (consumer, seq))
+    @contextlib.contextmanager
+    def _ack_transaction(self) -> Generator[sqlite3.Connection]:
+        with self._acking:
+            db = self._ack_db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def ack(self, consumer: str, seq: int, *, closed: bool = False) -> None:
+        """Record that ``consumer`` has every message up to ``seq``. ``closed``: the last
+        of them was its close, and the output is marked closed in the same transaction.
+        Written apart, a delivery killed between the two left the close acked but the
+        output not marked: the next replay started it again and ended its run KILLED."""
+        with self._ack_transaction() as db:
+            db.execute("INSERT OR REPLACE INTO acks VALUES (?, ?)", (consumer, seq))
+            if closed:
+                db.execute("INSERT OR REPLACE INTO state VALUES (?, 'closed', '1')", (consumer,))
 
     def state(self, consumer: str) -> dict[str, str]:
         rows = self._ack_db.execute(
@@ -520,11 +540,9 @@ class Queue:
         return {str(key): str(value) for key, value in rows}
 
     def set_state(self, consumer: str, values: dict[str, str]) -> None:
-        with self._ack_db:
+        with self._ack_transaction() as db:
             for key, value in values.items():
-                self._ack_db.execute(
-                    "INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (consumer, key, value)
-                )
+                db.execute("INSERT OR REPLACE INTO state VALUES (?, ?, ?)", (consumer, key, value))
 
     # Locks -----------------------------------------------------------------------------
     def trainer_lock(self) -> Lock:
