@@ -725,10 +725,14 @@ def test_replay_of_a_queue_kept_for_one_output_leaves_the_runs_the_others_ended_
         logger.dump(step)
     logger.close()
     client = MlflowClient(mlflow_sqlite_uri)
+
+    def finished() -> bool:  # close() did not wait for it: the run may not exist yet
+        found = client.get_experiment_by_name(experiment)
+        runs = [] if found is None else client.search_runs([found.experiment_id])
+        return [run.info.status for run in runs] == ["FINISHED"]
+
     wait_until(
-        lambda: (
-            only_run(client, experiment).info.status == "FINISHED" and bool(find_queues(run_dir))
-        ),
+        lambda: finished() and bool(find_queues(run_dir)),
         60,
         "the first output's run FINISHED, the queue kept for the second",
     )

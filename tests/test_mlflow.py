@@ -1064,16 +1064,27 @@ def test_no_experiment_means_mlflows_default(sqlite: Store, run_dir: Path) -> No
     assert sqlite.client.get_run(run_id).info.experiment_id == "0"
 
 
+@pytest.mark.parametrize("how", ["run_id", "resume"])
 def test_a_resumed_session_does_not_overwrite_earlier_media(
-    sqlite: Store, run_dir: Path, tmp_path: Path
+    sqlite: Store, run_dir: Path, tmp_path: Path, how: str
 ) -> None:
-    with mlflow_logger(run_dir, sqlite) as logger:
+    def session() -> tracklog.Logger:
+        if how == "run_id":
+            return mlflow_logger(run_dir, sqlite, run_id=run_id)
+        output = {"type": "mlflow", "tracking_uri": sqlite.uri, "experiment": EXPERIMENT}
+        return tracklog.build_logger(
+            {"run_dir": str(run_dir), "resume": "auto", "outputs": [output]}
+        )
+
+    run_id = None
+    with session() if how == "resume" else mlflow_logger(run_dir, sqlite) as logger:
         logger.record("clip", tracklog.Video(grey_clip([1, 2]), fps=4))
         logger.dump(100)
         run_id = run_id_of(logger)
-    with mlflow_logger(run_dir, sqlite, run_id=run_id) as logger:  # resumed from step 100
+    with session() as logger:  # resumed from step 100
         logger.record("clip", tracklog.Video(grey_clip([1, 2, 3]), fps=4))
         logger.dump(100)
+        assert run_id_of(logger) == run_id
     mp4s = artifact_files(sqlite, run_id, "videos")
     assert mp4s == ["videos/clip/step_100-1.mp4", "videos/clip/step_100.mp4"]
     lengths = [len(decode_mp4(fetch(sqlite, run_id, path, tmp_path))[0]) for path in mp4s]

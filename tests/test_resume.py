@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ from hypothesis import strategies as st
 
 import tracklog
 from tests.crashing import Dump, Plan, Trainer, as_float32, child_env
+from tests.servers import MlflowServer
 from tests.tensorboard_readback import read_events, scalars
+from tracklog import cli
 from tracklog.readers import read_jsonl, read_wandb_offline
 
 #: The first process dumps steps 1-10 and dies; the checkpoint it restarts from was
@@ -42,6 +45,18 @@ def _loss(step: int, process: int) -> float:
 
 def _dumps(steps: range, process: int) -> list[Dump]:
     return [{"step": step, "scalars": {"loss": _loss(step, process)}} for step in steps]
+
+
+def _restart_and_close(plan: Plan, tmp_path: Path) -> None:
+    """The restarted process: resumes, dumps ``plan``'s rows, closes, and its delivery
+    process is gone when this returns."""
+    second = Trainer(replace(plan, then="close", resume="auto"), tmp_path / "second")
+    try:
+        second.wait_until_ready()
+        assert second.finish() == 0, second.stderr
+        second.wait_for_delivery_exit()
+    finally:
+        second.cleanup()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -64,18 +79,7 @@ def test_a_run_killed_and_restarted_from_its_checkpoint_is_one_run_in_every_back
         first.wait_for_delivery_exit()
     finally:
         first.cleanup()
-    second = Trainer(
-        Plan(
-            run_dir, mlflow_sqlite_uri, experiment, _dumps(SECOND, 2), then="close", resume="auto"
-        ),
-        tmp_path / "second",
-    )
-    try:
-        second.wait_until_ready()
-        assert second.finish() == 0, second.stderr
-        second.wait_for_delivery_exit()
-    finally:
-        second.cleanup()
+    _restart_and_close(Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(SECOND, 2)), tmp_path)
 
     everything = [(s, _loss(s, 1)) for s in FIRST] + [(s, _loss(s, 2)) for s in SECOND]
     # MLflow: one run, FINISHED by the second process; the steps both processes logged
@@ -451,3 +455,55 @@ def test_resuming_into_another_mlflow_experiment_says_a_new_run_starts(
         assert experiment is not None
         (run,) = client.search_runs([experiment.experiment_id])
         assert run.data.metrics["a"] == value
+
+
+def _noted(steps: range, process: int) -> list[Dump]:
+    return [
+        {"step": step, "scalars": {"loss": _loss(step, process)}, "text": f"p{process} {step}"}
+        for step in steps
+    ]
+
+
+def test_a_dead_jobs_queue_replayed_after_the_restart_leaves_the_run_to_the_restart(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    """A job killed whole (trainer and delivery process: SLURM's SIGKILL) while MLflow did
+    not answer leaves a queue; its restart resumes the run and ends it FINISHED; then the
+    dead job's queue is replayed. Its rows go into the same run, but the run's status
+    and text files stay the restart's: the replay used to end the run KILLED and put the
+    dead job's copy of text/notes.txt over the restart's."""
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    experiment = f"resume-replay-{os.getpid()}-{time.monotonic_ns()}"
+    first = Trainer(
+        Plan(run_dir, mlflow_server.url, experiment, _noted(FIRST, 1), warm=True, resume="auto"),
+        tmp_path / "first",
+    )
+    try:
+        first.wait_until_ready()  # warm: its MLflow run exists
+        mlflow_server.pause()
+        try:
+            first.wait_for_dumps(len(FIRST))
+            assert first.delivery is not None
+            first.delivery.kill()
+            first.signal(signal.SIGKILL)
+            first.finish()
+            first.wait_for_delivery_exit()
+        finally:
+            mlflow_server.resume()
+    finally:
+        first.cleanup()
+    (left,) = (run_dir / "spool").iterdir()
+    _restart_and_close(Plan(run_dir, mlflow_server.url, experiment, _noted(SECOND, 2)), tmp_path)
+    assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
+    client = MlflowClient(mlflow_server.url)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    (run,) = client.search_runs([found.experiment_id])  # one run: the replay found it
+    assert run.info.status == "FINISHED"
+    loss = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "loss"))
+    assert loss == sorted([(s, _loss(s, 1)) for s in FIRST] + [(s, _loss(s, 2)) for s in SECOND])
+    notes = Path(client.download_artifacts(run.info.run_id, "text/notes.txt", str(tmp_path)))
+    lines = notes.read_text(encoding="utf-8").splitlines()
+    assert [line for line in lines if " p2 " in line] == [f"[step {s}] p2 {s}" for s in SECOND]

@@ -376,6 +376,7 @@ class Delivery:
             summary_metrics=tuple(self.header.get("summary_metrics", ())),
             trainer_pid=self.header.get("trainer", {}).get("pid"),
             system_metrics=self.header.get("system_metrics"),
+            session=str(self.header.get("session", "")),
         )
         delay = self.settings.retry_initial
         while True:

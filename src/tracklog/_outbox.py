@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -227,6 +228,10 @@ class Outbox:
             "system_metrics": settings.system_metrics,
             "system_jsonl": _system_jsonl(settings),
             "trainer": {"pid": os.getpid(), "host": socket.gethostname()},
+            # This logger's session of the run: when it started, then a random part.
+            # A later session that resumes a run takes it over (MLflow's tracklog.session
+            # tag): only the latest one ends the run and writes its train.log.
+            "session": f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}",
         }
         root.mkdir(parents=True, exist_ok=True)
         self.directory = _free(root)

@@ -76,6 +76,9 @@ class RemoteContext:
     #: The trainer's pid, and seconds between system samples (None: no sampling).
     trainer_pid: int | None = None
     system_metrics: float | None = None
+    #: The queue's session of the run ("<start ns>-<random>", so later sorts after
+    #: earlier); "" for a queue written before sessions were recorded.
+    session: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,7 @@ def _mlflow(settings: Any, context: RemoteContext) -> OutputFormat:
         artifact_root=context.identity.get("artifact_root"),
         replaying=context.again,
         resuming=context.resumed,
+        session=context.session,
     )
 
 

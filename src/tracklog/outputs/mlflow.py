@@ -508,6 +508,10 @@ def _tracking_client_class() -> Callable[[_Connection], Any]:
 
 
 # MLflow error codes (their names) that mean "the server is down, overloaded or slow".
+#: The run's latest session ("<start ns>-<random>"): set by the logger that created or
+#: last resumed the run; an earlier session's delivery leaves the status to it.
+_SESSION_TAG: Final = "tracklog.session"
+
 _RETRYABLE_CODES = frozenset(
     {
         "TEMPORARILY_UNAVAILABLE",
@@ -634,6 +638,7 @@ class MLFlowOutputFormat(OutputFormat):
         artifact_root: str | None = None,
         replaying: bool = False,
         resuming: bool = False,
+        session: str = "",
     ) -> None:
         self.settings = settings
         #: Where kept checkpoints are (their queued paths are relative to it).
@@ -668,6 +673,10 @@ class MLFlowOutputFormat(OutputFormat):
         self._replaying = replaying
         #: A process continuing an earlier one's run (``resume``): found by run_key.
         self._resuming = resuming
+        #: This logger's session of the run (see ``_taken_over``); "" for none.
+        self._session = session
+        self._later_session: str | None = None  # the session that took the run over
+        self._said_taken_over = False
         self._run_id: str | None = None
         try:
             self._ensure_run()
@@ -741,12 +750,16 @@ class MLFlowOutputFormat(OutputFormat):
             settings_json = self._settings_json
             if settings_json is not None and len(settings_json) <= _MAX_TAG_LENGTH:
                 tags["tracklog.settings"] = settings_json  # too long: only the artifact
+            if self._session:
+                tags[_SESSION_TAG] = self._session
             if self.settings.run_id is not None:
                 self._run_id = self._resume(self.settings.run_id, tags)
             else:
                 experiment = self._experiment_id()
-                look = self._create_attempted or self._resuming
-                found = self._find_run(experiment) if look else None
+                # Always looked for: this output's create_run whose reply was lost, the
+                # run a resume continues, and the run a later session created before
+                # this queue's replay (a job killed whole, then restarted) are found.
+                found = self._find_run(experiment)
                 if found is not None and self._resuming:
                     found = self._resume(found, tags)
                 elif found is None:
@@ -754,8 +767,9 @@ class MLFlowOutputFormat(OutputFormat):
                         warnings.warn(
                             f"resume: the MLflow run this run_dir continues (tag "
                             f"tracklog.run_key = {self.run_key}) is not in experiment "
-                            f"{self.settings.experiment or 'Default'} (deleted, or the "
-                            "experiment setting changed); a new run is started",
+                            f"{self.settings.experiment or 'Default'} (never created: the "
+                            "earlier process was killed before MLflow answered; or deleted, "
+                            "or the experiment setting changed); a new run is started",
                             stacklevel=4,
                         )
                     self._create_attempted = True
@@ -779,6 +793,12 @@ class MLFlowOutputFormat(OutputFormat):
     def _resume(self, run_id: str, tags: dict[str, str]) -> str:
         run = self.client.get_run(run_id)
         run_id = str(run.info.run_id)
+        later = run.data.tags.get(_SESSION_TAG)
+        if self._session and later is not None and later > self._session:
+            # A later session (a restart after a SIGKILL) resumed the run while this
+            # queue waited: this one's rows go in, but the run stays that session's.
+            self._later_session = later
+            return run_id
         # A run continued through `resume` is this run's own: after a SIGKILL nobody
         # ended it, so RUNNING is expected.
         if run.info.status == "RUNNING" and not (self._replaying or self._resuming):
@@ -846,7 +866,8 @@ class MLFlowOutputFormat(OutputFormat):
         try:
             self._ensure_run()  # the server was down all along: the run still gets made
             self._upload_text(force=True)
-            self.client.set_terminated(self.run_id, status=self._status)
+            if not self._taken_over():
+                self.client.set_terminated(self.run_id, status=self._status)
         except Exception as error:
             if not is_transient(error):
                 self._closed = True
@@ -1027,8 +1048,10 @@ class MLFlowOutputFormat(OutputFormat):
         of one key at one step must not overwrite each other, also across a resume)."""
         relative, n = PurePosixPath(path), 0
         folder = relative.parent.as_posix()
-        if self.settings.run_id is not None and folder not in self._listed:
-            # A resumed run: an earlier session may have written this folder.
+        earlier = self.settings.run_id is not None or self._resuming
+        if earlier and folder not in self._listed:
+            # A resumed run (by run_id or by resume): an earlier session may have
+            # written this folder.
             self._listed.add(folder)
             listed = self._artifact_calls.list_artifacts(
                 self.run_id, None if folder == "." else folder
@@ -1039,6 +1062,31 @@ class MLFlowOutputFormat(OutputFormat):
             path = relative.with_name(f"{relative.stem}-{n}{relative.suffix}").as_posix()
         self._uploaded.add(path)
         return path
+
+    def _taken_over(self) -> bool:
+        """Whether a later session of this run (a process that resumed it after this
+        one was killed) has taken the run over. Its ``tracklog.session`` tag then names
+        that session: this queue's rows still go in, but the run's status and its
+        ``train.log`` and text files are left to that session, which uploads its own
+        (it continued them from what this one had uploaded; the rest of this one's
+        lines are in run_dir/train.log). Said once; once taken over, always."""
+        if not self._session:
+            return False  # a queue from before sessions: as before
+        if self._later_session is None:
+            run = self.client.get_run(self.run_id)
+            current = run.data.tags.get(_SESSION_TAG)
+            if current is None or current <= self._session:
+                return False
+            self._later_session = current
+        if not self._said_taken_over:
+            self._said_taken_over = True
+            warnings.warn(
+                f"MLflow run {self.run_id} was resumed by a later process (session "
+                f"{self._later_session}): its status, train.log and text files are left "
+                "to that process; the rows of this one are delivered",
+                stacklevel=2,
+            )
+        return True
 
     def _upload_fixed(self, path: str, data: bytes) -> None:
         """Upload ``data`` as the artifact ``path`` (replacing a file of that name)."""
@@ -1069,6 +1117,9 @@ class MLFlowOutputFormat(OutputFormat):
         if not force and now - self._last_upload < self.settings.artifact_upload_interval:
             return
         self._last_upload = now
+        if self._taken_over():
+            self._dirty.clear()  # the later session's train.log is not replaced
+            return
         for path in sorted(self._dirty):
             relative = PurePosixPath(path)
             parent = relative.parent.as_posix()
