@@ -678,6 +678,53 @@ def test_replay_after_a_close_timeout_ends_the_run_finished(outage: Outage) -> N
     assert only_run(outage.client, item.experiment).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("damage", ["zeroed first page", "symlinked acks"])
+def test_a_queue_replay_cannot_read_is_reported_by_name_without_a_traceback(
+    run_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    """A damaged queue.db (its first page zeroed on disk) or an acks.db replaced by a
+    symlink: replay says which queue and why and exits 1, without a traceback; the
+    queue's files stay as they were."""
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [
+                {"type": "jsonl"},
+                {
+                    "type": "mlflow",
+                    "tracking_uri": "http://127.0.0.1:9",  # nothing listens on port 9
+                    "request_retries": 0,
+                    "request_timeout": 1,
+                },
+            ],
+            "delivery": {**FAST, "close_timeout": 1, "deadline": 1},
+        }
+    )
+    logger.record("loss", 1.0)
+    logger.dump(0)
+    logger.close()
+    (queue,) = find_queues(run_dir)
+    kept, delivering = Queue(queue), tracklog._queue.Lock(queue / "delivery.lock")
+    wait_until(
+        lambda: bool(kept.state("1-mlflow").get("gave_up")) and not delivering.held_elsewhere(),
+        60,
+        "the delivery process to give up",
+    )
+    kept.close()
+    if damage == "zeroed first page":
+        with open(queue / "queue.db", "r+b") as database:
+            database.write(bytes(4096))
+    else:
+        (queue / "acks.db").unlink()
+        (queue / "acks.db").symlink_to(tmp_path / "elsewhere.db")
+    before = sorted(path.name for path in queue.iterdir())
+    status, _, err = replay_in_process(queue, timeout=2)
+    assert status == 1
+    assert "Traceback" not in err
+    assert f"tracklog replay: {queue}: cannot read the queue (" in err, err
+    assert sorted(path.name for path in queue.iterdir()) == before
+
+
 def test_replay_refuses_a_queue_whose_trainer_still_lives(outage: Outage) -> None:
     item = outage.replayed["died"]
     assert item.busy is not None

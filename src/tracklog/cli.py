@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -411,6 +412,17 @@ def _replay(arguments: argparse.Namespace) -> int:
             )
         except QueueBusyError as error:
             print(f"tracklog replay: {error}", file=sys.stderr)
+            status = 1
+            continue
+        except (OSError, sqlite3.Error) as error:
+            # A damaged queue.db or acks.db, a file refused (a symlink), a disk error:
+            # said as such, and the other queues are still replayed.
+            print(
+                f"tracklog replay: {directory}: cannot read the queue "
+                f"({type(error).__name__}: {error}); its replay stopped there, and the "
+                "queue's files are left as they are",
+                file=sys.stderr,
+            )
             status = 1
             continue
         if result.complete and result.delivered == 0:
