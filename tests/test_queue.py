@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -1418,6 +1419,41 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], check=True)  # still in use: detach
+
+
+def test_rows_the_full_disk_refused_are_queued_in_order_once_it_has_room(
+    small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer's side of a full disk: each refused row raises (the logger reports
+    it), waits in memory behind the earlier ones, and is queued, in order and once,
+    by the first append after the disk has room. (Such rows used to be dropped.)"""
+    from tracklog._outbox import Outbox
+    from tracklog.settings import LoggerSettings
+
+    settings = LoggerSettings.model_validate(
+        {"run_dir": str(tmp_path / "run"), "delivery": {"spool_dir": str(small_disk / "spool")}}
+    )
+    outbox = Outbox(settings, [], media=False, files=False, strict=False)  # no delivery
+    try:
+        for step in range(3):
+            outbox.put_row(big_histogram_row(step), {}, {})
+        filler = _fill(small_disk)
+        with caplog.at_level(logging.ERROR, logger="tracklog"):
+            for step in range(3, 8):
+                with pytest.raises(OSError, match=r"No space left|requested and .* written"):
+                    outbox.put_row(big_histogram_row(step), {}, {})
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("cannot take rows (is its disk full?)" in m for m in said) == 1, said
+        filler.unlink()
+        for step in range(8, 10):
+            outbox.put_row(big_histogram_row(step), {}, {})
+        directory = outbox.directory
+        rows = [decode_row(message.body, directory / BLOBS) for message in read_fresh(directory)]
+        assert [decoded.row.step for decoded in rows] == list(range(10))
+        for decoded in rows:
+            assert_same_row(decoded, big_histogram_row(decoded.row.step), {}, {})
+    finally:
+        outbox.drop()
 
 
 def _fill(disk: Path) -> Path:

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +31,7 @@ from tracklog._service import forget_later, service
 from tracklog._summary import summary_metrics, wandb_summaries
 from tracklog.outputs._base import OutputFormat
 from tracklog.settings import LoggerSettings, OutputSettings
+from tracklog.values import Figure, Histogram, Image, Video
 
 __all__ = [
     "DeliveryError",
@@ -43,6 +45,10 @@ __all__ = [
 _log = logging.getLogger("tracklog")
 
 _WAIT_STEP: Final = 0.005
+#: Rows the queue could not take (a full disk) are kept in memory, in order, and
+#: appended before the next row once it can; beyond this many bytes of them, the oldest
+#: are dropped (and said).
+_HELD_BYTES: Final = 256 << 20
 #: How often dump() looks for reports and a dead delivery process (seconds).
 _POLL_EVERY: Final = 0.05
 #: How long flush()/close() wait to hear what the delivery process reported before them
@@ -241,6 +247,9 @@ class Outbox:
             raise RunDirBusyError(f"{self.directory} is locked by another process")
         self.queue.set_meta("owner", json.dumps(header["trainer"]))
         self._secrets = secrets
+        self._held: deque[tuple[Row, Mapping[str, tuple[str, ...]], Mapping[str, tuple[str, str]]]]
+        self._held = deque()
+        self._held_bytes = 0
         self._started = False
         self._next_poll = 0.0
         self._closed = False
@@ -257,14 +266,83 @@ class Outbox:
     ) -> None:
         if media and not self._started:
             self._start()
-        body, blobs = encode_row(row, excluded, media, self.queue.blobs)
-        if blobs and self.queue.fsync:
-            _fsync_files(self.queue.blobs, blobs)
-        self.queue.append("row", body, " ".join(blobs))
+        try:
+            self._put_held()
+            self._append_row(row, excluded, media)
+        except OSError:
+            # A full disk: the row waits in memory, behind any earlier one, for the next
+            # dump (or flush or close) to append it; this dump still reports the error.
+            self._hold(row, excluded, media)
+            raise
         now = time.monotonic()
         if now >= self._next_poll:  # a pipe read and a waitpid: not at every dump
             self._next_poll = now + _POLL_EVERY
             self.poll()
+
+    def _append_row(
+        self,
+        row: Row,
+        excluded: Mapping[str, tuple[str, ...]],
+        media: Mapping[str, tuple[str, str]],
+    ) -> None:
+        body, blobs = encode_row(row, excluded, media, self.queue.blobs)
+        if blobs and self.queue.fsync:
+            _fsync_files(self.queue.blobs, blobs)
+        self.queue.append("row", body, " ".join(blobs))
+
+    def _put_held(self) -> None:
+        """Append the rows held back, oldest first; raise if the queue still cannot."""
+        while self._held:
+            held = self._held[0]
+            self._append_row(*held)
+            self._held.popleft()
+            self._held_bytes -= _row_bytes(held[0])
+            if not self._held:
+                _log.warning("tracklog: the rows held back are queued now (%s)", self.directory)
+
+    def _hold(
+        self,
+        row: Row,
+        excluded: Mapping[str, tuple[str, ...]],
+        media: Mapping[str, tuple[str, str]],
+    ) -> None:
+        if not self._held:
+            _log.error(
+                "tracklog: the queue in %s cannot take rows (is its disk full?): they are "
+                "kept in memory, up to %d MiB, and queued once it can",
+                self.directory,
+                _HELD_BYTES >> 20,
+            )
+        self._held.append((row, excluded, media))
+        self._held_bytes += _row_bytes(row)
+        dropped = 0
+        while self._held_bytes > _HELD_BYTES and len(self._held) > 1:
+            self._held_bytes -= _row_bytes(self._held.popleft()[0])
+            dropped += 1
+        if dropped:
+            _log.error(
+                "tracklog: %d row(s) dropped for MLflow, W&B and TensorBoard: the queue in "
+                "%s has not taken rows for %d MiB of them",
+                dropped,
+                self.directory,
+                _HELD_BYTES >> 20,
+            )
+
+    def _flush_held(self) -> bool:
+        """Before a flush or close: append what is held; False (said) if it cannot."""
+        if not self._held:
+            return True
+        try:
+            self._put_held()
+        except OSError as error:
+            _log.error(
+                "tracklog: %d row(s) held back could not be queued in %s (%s)",
+                len(self._held),
+                self.directory,
+                error,
+            )
+            return False
+        return True
 
     def put_line(self, line: str) -> None:
         self.queue.append("line", line)
@@ -281,6 +359,8 @@ class Outbox:
         """Wait until everything queued so far is delivered; False at ``deadline``."""
         if not self._started:
             return True
+        if not self._flush_held():
+            return False
         with critical():  # SIGTERM's "failed" is appended after it, never inside it
             flushed = self.queue.append("flush")
         done = self._wait(flushed, deadline)
@@ -297,6 +377,13 @@ class Outbox:
             self._release()
             remove(self.directory)
             return True
+        if not self._flush_held():
+            _log.error(
+                "tracklog: %d row(s) are lost for MLflow, W&B and TensorBoard: the queue "
+                "could not take them before close()",
+                len(self._held),
+            )
+            self._held.clear()
         self.queue.set_meta("closed", str(time.time()))  # the delivery deadline starts
         done = self._wait(self.queue.append("close"), deadline)
         # An output that gave up (it could not start) keeps its rows for replay: the
@@ -454,3 +541,22 @@ def refuse_busy(root: Path, run_dir: Path, *, resuming: bool = False) -> None:
             f"run_dir {run_dir} is in use by another tracklog logger in process {pid}"
             f"{mine}; give each run its own run_dir"
         )
+
+
+def _row_bytes(row: Row) -> int:
+    """About what ``row`` holds in memory: its arrays, and a little per value."""
+    total = 0
+    for value in row.values.values():
+        total += 100
+        match value:
+            case Histogram():
+                total += value.values.nbytes
+            case Image():
+                total += value.image.nbytes
+            case Video():
+                total += value.frames.nbytes
+            case Figure():
+                total += len(value.png)
+            case _:
+                pass
+    return total

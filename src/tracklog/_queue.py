@@ -518,10 +518,11 @@ class Queue:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a COMMIT that failed (a full disk) too
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     def ack(self, consumer: str, seq: int, *, closed: bool = False) -> None:
         """Record that ``consumer`` has every message up to ``seq``. ``closed``: the last
