@@ -266,6 +266,22 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
+def queue_given_up(run_dir: Path, consumer: str) -> Path:
+    """``run_dir``'s queue, once the delivery process gave up on ``consumer`` and let go
+    of it (the queue is kept for a replay)."""
+    (queue,) = find_queues(run_dir)
+    kept, delivering = Queue(queue), tracklog._queue.Lock(queue / "delivery.lock")
+    try:
+        wait_until(
+            lambda: bool(kept.state(consumer).get("gave_up")) and not delivering.held_elsewhere(),
+            60,
+            f"the delivery process to give up on {consumer}",
+        )
+    finally:
+        kept.close()
+    return queue
+
+
 # The training script of the replay scenario: MLflow is down from the start. It prints
 # its delivery process's pid, dumps, then dies (SIGKILL by the test) or closes with a
 # one-second close_timeout; its delivery process gives up one second later (deadline)
@@ -703,14 +719,7 @@ def test_a_queue_replay_cannot_read_is_reported_by_name_without_a_traceback(
     logger.record("loss", 1.0)
     logger.dump(0)
     logger.close()
-    (queue,) = find_queues(run_dir)
-    kept, delivering = Queue(queue), tracklog._queue.Lock(queue / "delivery.lock")
-    wait_until(
-        lambda: bool(kept.state("1-mlflow").get("gave_up")) and not delivering.held_elsewhere(),
-        60,
-        "the delivery process to give up",
-    )
-    kept.close()
+    queue = queue_given_up(run_dir, "1-mlflow")
     if damage == "zeroed first page":
         with open(queue / "queue.db", "r+b") as database:
             database.write(bytes(4096))
@@ -847,14 +856,7 @@ def test_a_replay_killed_right_after_it_delivered_the_close_leaves_the_run_finis
             logger.record("loss", _loss(step))
             logger.dump(step)
         logger.close()
-        (queue,) = find_queues(run_dir)
-        kept, delivering = Queue(queue), tracklog._queue.Lock(queue / "delivery.lock")
-        wait_until(
-            lambda: bool(kept.state("0-mlflow").get("gave_up")) and not delivering.held_elsewhere(),
-            60,
-            "the delivery process to give up",
-        )
-        kept.close()
+        queue = queue_given_up(run_dir, "0-mlflow")
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_AFTER_THE_CLOSE_IS_ACKED, str(queue)],
         capture_output=True,

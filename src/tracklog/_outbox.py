@@ -49,6 +49,8 @@ _WAIT_STEP: Final = 0.005
 #: appended before the next row once it can; beyond this many bytes of them, the oldest
 #: are dropped (and said).
 _HELD_BYTES: Final = 256 << 20
+#: A row with its exclusions and media jobs, as ``put_row`` takes them.
+_Entry = tuple[Row, Mapping[str, tuple[str, ...]], Mapping[str, tuple[str, str]]]
 #: How often dump() looks for reports and a dead delivery process (seconds).
 _POLL_EVERY: Final = 0.05
 #: How long flush()/close() wait to hear what the delivery process reported before them
@@ -247,8 +249,7 @@ class Outbox:
             raise RunDirBusyError(f"{self.directory} is locked by another process")
         self.queue.set_meta("owner", json.dumps(header["trainer"]))
         self._secrets = secrets
-        self._held: deque[tuple[Row, Mapping[str, tuple[str, ...]], Mapping[str, tuple[str, str]]]]
-        self._held = deque()
+        self._held: deque[_Entry] = deque()
         self._held_bytes = 0
         self._started = False
         self._next_poll = 0.0

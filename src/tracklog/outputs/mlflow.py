@@ -507,11 +507,11 @@ def _tracking_client_class() -> Callable[[_Connection], Any]:
     return Tracking
 
 
-# MLflow error codes (their names) that mean "the server is down, overloaded or slow".
 #: The run's latest session ("<start ns>-<random>"): set by the logger that created or
 #: last resumed the run; an earlier session's delivery leaves the status to it.
 _SESSION_TAG: Final = "tracklog.session"
 
+# MLflow error codes (their names) that mean "the server is down, overloaded or slow".
 _RETRYABLE_CODES = frozenset(
     {
         "TEMPORARILY_UNAVAILABLE",
@@ -669,7 +669,6 @@ class MLFlowOutputFormat(OutputFormat):
         self._settings_uploaded = settings_json is None
         #: Tags the run, so a create_run whose reply was lost is found, not repeated.
         self.run_key = run_key or uuid.uuid4().hex
-        self._create_attempted = replaying
         self._replaying = replaying
         #: A process continuing an earlier one's run (``resume``): found by run_key.
         self._resuming = resuming
@@ -772,7 +771,6 @@ class MLFlowOutputFormat(OutputFormat):
                             "or the experiment setting changed); a new run is started",
                             stacklevel=4,
                         )
-                    self._create_attempted = True
                     run = self.client.create_run(
                         experiment, run_name=self.settings.run_name, tags=tags
                     )
