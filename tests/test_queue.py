@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -1400,14 +1401,17 @@ def test_find_queues_finds_a_queue_a_folder_of_queues_and_a_run_dirs_spool(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB tmpfs (needs root and mount(8); skipped otherwise)."""
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real tmpfs, 1 MiB unless the test is marked ``disk_size("8m")`` (needs root
+    and mount(8); skipped otherwise)."""
+    marker = request.node.get_closest_marker("disk_size")
+    size = str(marker.args[0]) if marker is not None else "1m"
     mount = tmp_path / "disk"
     mount.mkdir()
     if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("a tmpfs needs root on Linux")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
         check=False,
@@ -1454,6 +1458,95 @@ def test_rows_the_full_disk_refused_are_queued_in_order_once_it_has_room(
             assert_same_row(decoded, big_histogram_row(decoded.row.step), {}, {})
     finally:
         outbox.drop()
+
+
+@pytest.mark.parametrize("when", ["at start", "at an ack"])
+def test_delivery_waits_out_a_full_disk_and_goes_on_once_it_has_room(
+    small_disk: Path, tmp_path: Path, when: str
+) -> None:
+    """The delivery side of a full disk (the queue's disk; the output's is elsewhere):
+    recording its progress in acks.db fails with SQLITE_FULL. That used to stop the
+    output's worker for good ("the delivery worker stopped"): nothing more reached the
+    output until a replay by hand. Now it waits, says so once, and goes on."""
+    from tests.tensorboard_readback import read_events
+    from tracklog._delivery import Delivery
+    from tracklog.settings import DeliverySettings
+
+    run_dir = tmp_path / "run"  # TensorBoard's files: not on the small disk
+    consumer = "0-tensorboard"
+    # linger: the worker holds the rows it read for 1 s before it writes and acks them
+    delivery = DeliverySettings(linger=1.0, retry_initial=0.05, retry_max=0.2)
+    header = {
+        "format": FORMAT,
+        "run_dir": str(run_dir),
+        "delivery": delivery.model_dump(mode="json"),
+        "outputs": [{"consumer": consumer, "index": 0, "settings": {"type": "tensorboard"}}],
+        "identity": {consumer: {}},
+    }
+    writer = Queue.create(small_disk / "queue-0", header)
+    scalar = {"a": Scalar(1.0)}
+    steps = range(3) if when == "at start" else range(6)
+    for step in steps[:3]:
+        append_row(writer, Row(step=step, timestamp=1.7e9, seq=step, values=scalar))
+    assert len(read_fresh(writer.directory)) == 3  # in queue.db, whose WAL is gone again
+    said: list[str] = []
+    trainer_gone = threading.Event()
+    filler = _fill(small_disk) if when == "at start" else None
+    reader = Queue(writer.directory)
+    worker = threading.Thread(
+        target=lambda: said.append(
+            str(
+                Delivery(
+                    reader,
+                    secrets=None,
+                    trainer_gone=trainer_gone.is_set,
+                    report=lambda level, message, warning=False: said.append(message),
+                ).run()
+            )
+        )
+    )
+    worker.start()
+    try:
+        if filler is None:  # the first rows are acked; the next ones read, then the disk fills
+            _wait_until(lambda: _acked(writer.directory, consumer) == 3)  # seq 1, 2, 3
+            for step in steps[3:]:
+                append_row(writer, Row(step=step, timestamp=1.7e9, seq=step, values=scalar))
+            _wait_until(lambda: len(read_fresh(writer.directory)) == 6)  # moved, to be acked
+            filler = _fill(small_disk)
+        _wait_until(lambda: any("cannot write to" in message for message in said))
+        time.sleep(0.5)  # retried meanwhile
+        assert not any("worker stopped" in message for message in said), said
+        filler.unlink()
+        _wait_until(lambda: _acked(writer.directory, consumer) == len(steps), said)
+        writer.append("close")
+        writer.close()
+        trainer_gone.set()
+        worker.join(30)
+        assert not worker.is_alive()
+    finally:
+        trainer_gone.set()
+        worker.join(30)
+    assert said[-1] == "True", said  # everything delivered (and the queue removed)
+    assert sum("cannot write to" in message for message in said) == 1, said
+    assert sum("takes writes again" in message for message in said) == 1, said
+    assert not (small_disk / "queue-0").exists()
+    events = read_events(run_dir / "tensorboard")
+    assert sorted(event.step for event in events.Scalars("a")) == list(steps)
+
+
+def _acked(directory: Path, consumer: str) -> int:
+    fresh = Queue(directory)
+    try:
+        return fresh.acked(consumer)
+    finally:
+        fresh.close()
+
+
+def _wait_until(condition: Callable[[], bool], said: object = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out; said {said}"
+        time.sleep(0.02)
 
 
 def _fill(disk: Path) -> Path:

@@ -17,6 +17,8 @@ batch. So an output that is slow or down holds back only itself.
   (``PartlyWritten``): those are never sent again, and only the failing row is skipped
   (or, for a transient error, retried with the rest).
 - A record that does not parse is reported with its position and skipped.
+- Writing the queue's own progress (an ack) on a full disk is retried the same way:
+  the output waits, and goes on where it was once the disk has room.
 - If the trainer died without ``close()``, the run is ended KILLED (FAILED when the
   queue holds the exception training died of) once everything is delivered.
 
@@ -26,6 +28,7 @@ The queue is removed once every output has everything and the trainer is gone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -42,7 +45,15 @@ from typing import Any, Final, Protocol
 
 from tracklog import _encode
 from tracklog._codec import CodecError, Decoded, decode_row, open_nofollow
-from tracklog._queue import KINDS, MEDIA, Message, Queue, remove, replay_command
+from tracklog._queue import (
+    KINDS,
+    MEDIA,
+    Message,
+    Queue,
+    remove,
+    replay_command,
+    storage_transient,
+)
 from tracklog._registry import RemoteContext, backend, parse_output
 from tracklog._row import Row
 from tracklog._system import SystemSampler
@@ -168,6 +179,7 @@ class Delivery:
         self._arrived = threading.Condition()
         self._arrivals = 0  # how often the watcher told the workers to look
         self._watching = True
+        self._storage_outage = False  # said once: the queue's disk refuses writes
         #: monotonic time after which transient errors are no longer retried
         self._deadline = deadline
         self.workers = [
@@ -211,7 +223,6 @@ class Delivery:
 
     def _run_workers(self) -> None:
         for worker in self.workers:
-            worker.cursor = self.queue.acked(worker.consumer)
             worker.thread = threading.Thread(
                 target=self._work, args=(worker,), name=f"tracklog-{worker.consumer}", daemon=True
             )
@@ -323,8 +334,19 @@ class Delivery:
     # One output ------------------------------------------------------------------------
     def _work(self, worker: _Worker) -> None:
         current.report = self._report
+
+        ended = False
+
+        def resume() -> None:  # where an earlier delivery left this output
+            nonlocal ended
+            worker.cursor = self.queue.acked(worker.consumer)
+            ended = bool(self.queue.state(worker.consumer).get("closed"))
+
         try:
-            if self.queue.state(worker.consumer).get("closed"):
+            if not self._store(worker, resume):
+                self._give_up(worker)
+                return
+            if ended:
                 # Ended by an earlier delivery (the queue stayed for another output):
                 # its run keeps the status it ended with; nothing is sent again.
                 worker.closed = True
@@ -333,7 +355,8 @@ class Delivery:
                 return
             self._loop(worker)
             if worker.closed and not worker.gave_up:  # also ended without a close message
-                self.queue.set_state(worker.consumer, {"closed": "1"})
+                closed = functools.partial(self.queue.set_state, worker.consumer, {"closed": "1"})
+                self._store(worker, closed)
         except BaseException as error:  # a bug: say so; the queue keeps what is left
             self._give_up(worker)
             self._report(
@@ -363,7 +386,11 @@ class Delivery:
                 return False
         published = self.queue.state(target.consumer)
         again = published.pop("built", None) is not None
-        self.queue.set_state(target.consumer, {"built": "1"})
+        if not self._store(
+            worker, functools.partial(self.queue.set_state, target.consumer, {"built": "1"})
+        ):
+            self._give_up(worker)
+            return False
         context = RemoteContext(
             run_dir=self.run_dir,
             settings_json=str(self.header.get("settings_json", "{}")),
@@ -404,7 +431,10 @@ class Delivery:
         """Stop this output; what it has not acked stays in the queue for replay, and
         the trainer's flush() and close() no longer wait for it."""
         worker.gave_up = True
-        self.queue.set_state(worker.consumer, {"gave_up": "1"})
+        try:
+            self.queue.set_state(worker.consumer, {"gave_up": "1"})
+        except (OSError, sqlite3.Error) as error:  # a full disk: close() waits its timeout
+            _log.debug("tracklog: cannot mark %s given up: %s", worker.consumer, error)
 
     def _publish(self, worker: _Worker) -> None:
         assert worker.target is not None
@@ -413,7 +443,7 @@ class Delivery:
             published = backend(worker.target.settings).publish(worker.output)
         except Exception:  # not known yet (MLflow down at start): published later
             return
-        self.queue.set_state(worker.consumer, published)
+        self._store(worker, functools.partial(self.queue.set_state, worker.consumer, published))
 
     def _loop(self, worker: _Worker) -> None:
         while not worker.closed:
@@ -437,7 +467,12 @@ class Delivery:
                     return
                 worker.cursor = group[-1].seq
                 # The close's ack marks the output closed too, in the same transaction.
-                self.queue.ack(worker.consumer, worker.cursor, closed=worker.closed)
+                ack = functools.partial(
+                    self.queue.ack, worker.consumer, worker.cursor, closed=worker.closed
+                )
+                if not self._store(worker, ack):
+                    self._give_up(worker)
+                    return
 
     def _ingest_all(self, worker: _Worker) -> bool:
         """Move everything the gone trainer left in the inbox. An error (a full disk) is
@@ -461,6 +496,44 @@ class Delivery:
                 self._wait(delay)
                 delay = min(delay * 2, self.settings.retry_max)
 
+    def _store(self, worker: _Worker, write: Callable[[], None]) -> bool:
+        """Write (or first read) the queue's own progress: an ack, a state. A full disk
+        or an I/O error is retried like a backend's transient error, up to the deadline:
+        the output waits, then goes on where it was. False: given up (not written)."""
+        delay = self.settings.retry_initial
+        while True:
+            try:
+                write()
+            except (OSError, sqlite3.Error) as error:
+                if not storage_transient(error):
+                    raise
+                if self._past_deadline():
+                    self._report(
+                        logging.ERROR,
+                        f"tracklog {worker.label}: cannot write to {self.queue.directory} "
+                        f"({error}) at the delivery deadline; what it has not recorded as "
+                        f"delivered stays there for:\n    {replay_command(self.queue.directory)}",
+                    )
+                    return False
+                with self._lock:
+                    said, self._storage_outage = self._storage_outage, True
+                if not said:
+                    self._report(
+                        logging.WARNING,
+                        f"tracklog: cannot write to {self.queue.directory} ({error}); "
+                        "delivery waits and tries again (nothing is lost); training goes on",
+                    )
+                self._wait(delay)
+                delay = min(delay * 2, self.settings.retry_max)
+                continue
+            with self._lock:
+                said, self._storage_outage = self._storage_outage, False
+            if said:
+                self._report(
+                    logging.WARNING, f"tracklog: {self.queue.directory} takes writes again"
+                )
+            return True
+
     def _report_problems(self) -> None:
         """Say what moving the inbox skipped (damaged bytes), once each."""
         while self.queue.problems:
@@ -477,9 +550,10 @@ class Delivery:
             self._deliver(worker, [Message(0, "failed", "died")])
         if self._deliver(worker, [Message(0, "close", "")]):
             worker.cursor = self.queue.last_seq()
-            self.queue.ack(worker.consumer, worker.cursor, closed=True)  # ended, at once
-        else:
-            self._give_up(worker)
+            ended = functools.partial(self.queue.ack, worker.consumer, worker.cursor, closed=True)
+            if self._store(worker, ended):  # ended, at once
+                return
+        self._give_up(worker)
 
     def _linger(self, worker: _Worker, messages: list[Message]) -> list[Message]:
         """Wait up to ``linger`` for more rows, so a backend gets one request for many."""
@@ -518,7 +592,10 @@ class Delivery:
                 if isinstance(caught, PartlyWritten):  # the messages before are delivered
                     error, written = caught.error, caught.written
                     worker.cursor = group[written - 1].seq  # never sent again, by anyone
-                    self.queue.ack(worker.consumer, worker.cursor)
+                    if not self._store(
+                        worker, functools.partial(self.queue.ack, worker.consumer, worker.cursor)
+                    ):
+                        return False
                     group = group[written:]
                 if worker.output is None or not worker.output.is_transient(error):
                     if written == 0 and len(group) > 1:  # which one failed: one at a time

@@ -53,6 +53,8 @@ __all__ = [
     "is_queue",
     "remove",
     "replay_command",
+    "sqlite_transient",
+    "storage_transient",
 ]
 
 Kind = Literal["row", "line", "failed", "flush", "close"]
@@ -73,6 +75,33 @@ MEDIA: Final = "media"
 
 def replay_command(directory: object) -> str:
     return f"python -m tracklog replay {directory}"
+
+
+#: SQLite's primary result codes that pass: another connection holds the database, an
+#: I/O error, a full disk, a file that cannot be opened now (too many open files). Any
+#: other, such as SQLITE_ERROR's "no such table" or SQLITE_CORRUPT, fails the same way
+#: at every retry: it is reported, not retried.
+_SQLITE_TRANSIENT: Final = frozenset(
+    {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN"}
+    | {"SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_INTERRUPT"}
+)
+#: The same for a file written directly: a full disk or quota, an I/O error.
+_OS_TRANSIENT: Final = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EMFILE))
+
+
+def sqlite_transient(error: sqlite3.Error) -> bool:
+    """Whether SQLite's result code says "retry later" (see ``_SQLITE_TRANSIENT``)."""
+    name = getattr(error, "sqlite_errorname", None)  # SQLITE_IOERR_WRITE, SQLITE_BUSY, ...
+    if not isinstance(name, str):
+        return True  # not SQLite's own result: as for any other database's OperationalError
+    return "_".join(name.split("_")[:2]) in _SQLITE_TRANSIENT
+
+
+def storage_transient(error: BaseException) -> bool:
+    """Whether writing the queue's own files failed for a while only (a full disk)."""
+    if isinstance(error, sqlite3.Error):
+        return sqlite_transient(error)
+    return isinstance(error, OSError) and error.errno in _OS_TRANSIENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +144,18 @@ def _wal(connection: sqlite3.Connection, *, fsync: bool) -> None:
     # NORMAL: a commit is in the WAL (the OS has it; a killed process loses nothing) but
     # not fsynced; FULL also survives power loss, at an fsync per dump.
     connection.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+
+
+def _open_wal(path: Path, *, fsync: bool) -> sqlite3.Connection:
+    """A connection to an existing database, in WAL mode. If WAL mode cannot be set
+    (a full disk: its -shm file), the connection is closed, not kept half set up."""
+    connection = _connect(path, create=False)
+    try:
+        _wal(connection, fsync=fsync)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 class Lock:
@@ -172,11 +213,16 @@ class Queue:
     def __init__(self, directory: Path, *, fsync: bool = False) -> None:
         self.directory = directory
         self.blobs = directory / BLOBS
-        self._db = _connect(directory / _QUEUE, create=False)
-        if not fsync:  # whoever delivers moves rows as durably as the trainer wrote them
-            fsync = _fsync_of(self._db)
+        db = _connect(directory / _QUEUE, create=False)
+        try:
+            if not fsync:  # whoever delivers moves rows as durably as the trainer wrote them
+                fsync = _fsync_of(db)
+            _wal(db, fsync=fsync)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
         self.fsync = fsync
-        _wal(self._db, fsync=fsync)
         self._acks: sqlite3.Connection | None = None
         self._acking = threading.Lock()  # one transaction at a time on _acks (the workers')
         self._mover: sqlite3.Connection | None = None  # ingest()'s own connection
@@ -305,8 +351,7 @@ class Queue:
         """ingest()'s own connection: no other thread's statement runs inside its
         transactions (the delivery process's threads share ``_db``)."""
         if self._mover is None:
-            self._mover = _connect(self.directory / _QUEUE, create=False)
-            _wal(self._mover, fsync=self.fsync)
+            self._mover = _open_wal(self.directory / _QUEUE, fsync=self.fsync)
         return self._mover
 
     def ingest(self, *, final: bool = False) -> int:
@@ -498,8 +543,7 @@ class Queue:
     @property
     def _ack_db(self) -> sqlite3.Connection:
         if self._acks is None:
-            self._acks = _connect(self.directory / _ACKS, create=False)
-            _wal(self._acks, fsync=self.fsync)
+            self._acks = _open_wal(self.directory / _ACKS, fsync=self.fsync)
         return self._acks
 
     def acked(self, consumer: str) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, assert_never, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tracklog._checkpoints import checkpoint_file, superseded
+from tracklog._queue import sqlite_transient
 from tracklog._row import Row
 from tracklog.convert.mlflow import (
     ArtifactFile,
@@ -524,31 +525,15 @@ _RETRYABLE_CODES = frozenset(
 )
 
 
-#: SQLite's primary result codes that pass: another connection holds the database, an
-#: I/O error, a full disk, a file that cannot be opened now (too many open files). Any
-#: other, such as SQLITE_ERROR's "no such table" or "table _alembic_tmp_experiments
-#: already exists" (MLflow's migrations of a new store interrupted by a second process
-#: running them), fails the same way at every retry: it is reported, not retried.
-_SQLITE_TRANSIENT: Final = frozenset(
-    {"SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN"}
-    | {"SQLITE_NOMEM", "SQLITE_PROTOCOL", "SQLITE_INTERRUPT"}
-)
-
-
-def _sqlite_transient(error: sqlite3.Error) -> bool:
-    name = getattr(error, "sqlite_errorname", None)  # SQLITE_IOERR_WRITE, SQLITE_BUSY, ...
-    if not isinstance(name, str):
-        return True  # not SQLite's own result: as for any other database's OperationalError
-    return "_".join(name.split("_")[:2]) in _SQLITE_TRANSIENT
-
-
 def is_transient(error: BaseException) -> bool:
     """Whether ``error`` from an MLflow call means "retry later" rather than "wrong input".
 
     Transient: the server unreachable or timing out (also after MLflow's own retries),
     HTTP 5xx and 429, and a database that is locked or gone. Not transient: a rejected
     request (4xx: invalid name, unknown run, permission denied), and a SQLite store that
-    is not a whole MLflow database (a missing table: see ``_SQLITE_TRANSIENT``).
+    is not a whole MLflow database: a missing table, or "table _alembic_tmp_experiments
+    already exists" (MLflow's migrations of a new store interrupted by a second process
+    running them) fail the same way at every retry (see ``sqlite_transient``).
     """
     import requests
     from mlflow.exceptions import MlflowException, RestException
@@ -568,10 +553,10 @@ def is_transient(error: BaseException) -> bool:
         kind = type(current)
         if kind.__name__ in ("OperationalError", "DisconnectionError"):
             # SQLAlchemy's (or the driver's own): a server gone, a database locked; for
-            # SQLite, only what its result code says passes (see _SQLITE_TRANSIENT).
+            # SQLite, only what its result code says passes (sqlite_transient).
             database_error = getattr(current, "orig", current)
             if isinstance(database_error, sqlite3.Error):
-                return _sqlite_transient(database_error)
+                return sqlite_transient(database_error)
             return True
         if kind.__name__ == "TimeoutError" and kind.__module__.startswith("sqlalchemy"):
             return True  # SQLAlchemy: no free connection in the pool (many runs at once)
