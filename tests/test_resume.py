@@ -464,6 +464,44 @@ def _noted(steps: range, process: int) -> list[Dump]:
     ]
 
 
+def test_a_dead_jobs_rows_replayed_after_the_restart_stay_hidden_behind_its_restart_in_tensorboard(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    """A job killed whole while its delivery process was stopped leaves rows that never
+    reached TensorBoard; its restart marks its restart at step 7 (SessionLog.START) and
+    closes; then the dead job's queue is replayed. TensorBoard shows the dead job's
+    points before the checkpoint and the restart's from there on, as when nothing was
+    left to replay. The replayed rows used to land in a file read after the restart's
+    marker, so the dead job's steps 7-10 showed beside the restart's."""
+    run_dir = tmp_path / "run"
+    experiment = f"resume-tensorboard-{os.getpid()}-{time.monotonic_ns()}"
+    first = Trainer(
+        Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(FIRST, 1), warm=True, resume="auto"),
+        tmp_path / "first",
+    )
+    try:
+        first.wait_until_ready()
+        assert first.delivery is not None
+        first.delivery.suspend()  # SIGSTOP: nothing more is delivered
+        first.wait_for_dumps(len(FIRST))
+        first.delivery.kill()
+        first.signal(signal.SIGKILL)
+        first.finish()
+        first.wait_for_delivery_exit()
+    finally:
+        first.cleanup()
+    (left,) = (run_dir / "spool").iterdir()
+    _restart_and_close(Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(SECOND, 2)), tmp_path)
+    assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
+    assert not left.exists()
+
+    tensorboard = scalars(read_events(run_dir / "tensorboard"), "loss")
+    shown = [(s, _loss(s, 1)) for s in range(1, CHECKPOINT + 1)] + [
+        (s, _loss(s, 2)) for s in SECOND
+    ]
+    assert tensorboard == [(step, as_float32(value)) for step, value in shown]
+
+
 def test_a_dead_jobs_queue_replayed_after_the_restart_leaves_the_run_to_the_restart(
     tmp_path: Path, mlflow_server: MlflowServer
 ) -> None:

@@ -80,6 +80,12 @@ class RemoteContext:
     #: earlier); "" for a queue written before sessions were recorded.
     session: str = ""
 
+    @property
+    def session_started(self) -> float | None:
+        """When the session started (seconds since the epoch); None if not recorded."""
+        started, _, _ = self.session.partition("-")
+        return int(started) / 1e9 if started.isdigit() else None
+
 
 @dataclass(frozen=True, slots=True)
 class RunNaming:
@@ -169,6 +175,7 @@ def _tensorboard(settings: Any, context: RemoteContext) -> OutputFormat:
         context.run_dir / settings.path,
         resuming=resuming,
         summary_metrics=context.summary_metrics,
+        session_started=context.session_started,
     )
 
 

@@ -183,13 +183,21 @@ def _tensorboard() -> _TensorBoard:
 _file_numbers = itertools.count()
 
 
-def _create_event_file(folder: Path) -> tuple[Path, IO[bytes]]:
-    """A new event file, named as ``EventFileWriter`` names them (TensorBoard looks for
-    ``tfevents``); the counter keeps two writers of one process, in one second, apart."""
+def _create_event_file(folder: Path, session_started: float | None) -> tuple[Path, IO[bytes]]:
+    """A new event file. TensorBoard reads a folder's event files in the order of their
+    names (it looks for ``tfevents``), so the name starts with when the logger's session
+    started, then when the file was created: the rows of a session are read after the
+    sessions before it, whenever they were written. A dead session's queue replayed
+    after its restart has already marked its restart (``SessionLog.START``) is then read
+    before that marker, which hides its steps from the restart's on, as TensorBoard
+    does for the rows that session wrote itself. (Named by the time the file was
+    created, as ``EventFileWriter`` names them, it was read after the marker and
+    showed the dead session's points beside the restart's.)"""
+    started = int(session_started if session_started is not None else time.time())
     while True:
         path = folder / (
-            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-            f"{os.getpid()}.{next(_file_numbers)}"
+            f"events.out.tfevents.{started:010d}.{time.time_ns():020d}."
+            f"{socket.gethostname()}.{os.getpid()}.{next(_file_numbers)}"
         )
         try:
             return path, open(path, "xb")  # held until close()
@@ -220,7 +228,8 @@ class TensorBoardOutputFormat(OutputFormat):
 
     The rows come from the logger's queue, so a killed trainer loses none of them; a
     killed delivery process starts a new event file, which TensorBoard reads as one run
-    with the folder's other files.
+    with the folder's other files. ``session_started`` (when the logger that queued the
+    rows started) orders the files: see ``_create_event_file``.
 
     ``resuming`` (a process continuing an earlier one's run, ``resume: auto``): the
     first row with a positive step (a ``dump()`` at step 0 of settings or hparams
@@ -238,13 +247,14 @@ class TensorBoardOutputFormat(OutputFormat):
         *,
         resuming: bool = False,
         summary_metrics: Sequence[str] = (),
+        session_started: float | None = None,
     ) -> None:
         self._tb = _tensorboard()
         self._summary_metrics = tuple(summary_metrics)
         self._restart_pending = resuming
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path, file = _create_event_file(self.folder)
+        self.path, file = _create_event_file(self.folder, session_started)
         self._writer = _RecordWriter(file, self._tb.crc32c)
         # Worker side: the session's hyperparameters and when it started, whether the
         # experiment (the metric columns) is written, the tags recorded as scalars, and
