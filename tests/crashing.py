@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,7 @@ __all__ = [
     "loop_values",
     "mlflow_stored",
     "read_back",
+    "wandb_steps",
 ]
 
 TRAINER_SCRIPT = r"""
@@ -327,6 +329,24 @@ class Trainer:
             time.sleep(0.05)
         return time.monotonic() - started
 
+    def die_undelivered(self, dumps: int) -> Path:
+        """The job killed whole with nothing delivered since ``ready``: the delivery
+        process stopped (SIGSTOP) at once, then, after ``dumps`` dumps, it and the
+        trainer SIGKILLed. The queue they leave for a replay."""
+        try:
+            self.wait_until_ready()
+            assert self.delivery is not None
+            self.delivery.suspend()
+            self.wait_for_dumps(dumps)
+            self.delivery.kill()
+            self.signal(signal.SIGKILL)
+            self.finish()
+            self.wait_for_delivery_exit()
+        finally:
+            self.cleanup()
+        (left,) = (Path(self.plan.run_dir) / "spool").iterdir()
+        return left
+
     def cleanup(self) -> None:
         """Kill whatever is left: the trainer, its delivery process, its forked child."""
         if self.process.poll() is None:
@@ -460,6 +480,19 @@ def read_back(plan: Plan, keys: Sequence[str]) -> DeliveredRows:
         jsonl=[(row.step, row.values) for row in jsonl],
         jsonl_timestamps=[row.timestamp for row in jsonl],
     )
+
+
+def wandb_steps(run_dir: Path, key: str = "loss") -> list[int]:
+    """The global_step of every W&B row holding ``key``, in all of the run's offline
+    files under ``run_dir`` (one per delivery that went on with the run)."""
+    runs = [read_wandb_offline(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    assert len({run.run_id for run in runs}) == 1
+    return [
+        row.global_step
+        for run in runs
+        for row in run.rows
+        if key in row.values and row.global_step is not None
+    ]
 
 
 def duplicates(steps: Sequence[int]) -> list[int]:

@@ -30,6 +30,8 @@ import random
 import shutil
 import signal
 import string
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,13 +52,16 @@ from tests.crashing import (
     Trainer,
     alive,
     as_float32,
+    child_env,
     duplicates,
     loop_values,
     mlflow_stored,
     read_back,
+    wandb_steps,
 )
 from tests.rundirs import fresh_run_dir
 from tests.strategies import SCALAR_KEYS
+from tracklog import cli
 
 # Seconds the delivery process may take to start the runs, deliver and exit after its
 # trainer died (it takes 2-10 s: it may still be importing MLflow and W&B).
@@ -451,3 +456,97 @@ def test_a_forked_child_that_outlives_its_trainer_does_not_hold_delivery_back(
     result = outcome(ended, f"fast{FORKS}")  # it exited: wait_for_delivery_exit passed
     assert result.trainer.child is not None
     assert result.child_outlived, "the forked child did not outlive the delivery process"
+
+
+# A job killed whole: the delivery process and W&B's service with the trainer ------------
+def test_a_job_killed_whole_while_it_dumps_loses_no_row_in_wandb(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    """SLURM's end of a job: SIGKILL to the trainer, its delivery process and W&B's
+    service at once, while rows stream. W&B's service writes its file every 0.1 s, and
+    the queue's ack of a W&B row used to come as soon as W&B's SDK took it: the rows
+    acked but not written yet (8-18 of them at 500 dumps/s) were lost, and no replay
+    sent them again. Now a W&B row is acked once the file has it."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(
+        Plan(
+            run_dir,
+            mlflow_sqlite_uri,
+            f"wandb-killed-{uuid.uuid4().hex}",
+            loop=True,
+            pause=0.002,  # some 300 dumps/s: W&B keeps up, so rows stream through it
+            warm=True,
+        ),
+        tmp_path / "trainer",
+    )
+    try:
+        trainer.wait_until_ready()
+        assert trainer.delivery is not None
+        trainer.wait_for_dumps(600)
+        whole = [trainer.delivery, *trainer.delivery.children(recursive=True)]
+        assert any(process.name() == "wandb-core" for process in whole)
+        for process in whole:
+            process.kill()
+        trainer.signal(signal.SIGKILL)
+        trainer.finish()
+        trainer.wait_for_delivery_exit()
+    finally:
+        trainer.cleanup()
+    printed = trainer.printed
+    (left,) = (run_dir / "spool").iterdir()
+    assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
+    logged = wandb_steps(run_dir)
+    assert not duplicates(logged), duplicates(logged)
+    missing = sorted(set(printed) - set(logged))
+    assert not missing, f"{len(missing)} of {len(printed)} rows lost: {missing[:20]}"
+
+
+# A replay killed whole right before its W&B ack --------------------------------------------
+KILLED_BEFORE_THE_WANDB_ACK = """
+import os, signal, sys
+import psutil
+from tracklog import _queue, cli
+
+acknowledge = _queue.Queue.ack
+
+
+def ack(queue, consumer, seq, **marks):
+    if consumer.endswith("-wandb"):  # its rows are in W&B's file: kill before the ack
+        for child in psutil.Process().children(recursive=True):  # W&B's service
+            child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+    acknowledge(queue, consumer, seq, **marks)
+
+
+_queue.Queue.ack = ack
+sys.exit(cli.main(["replay", sys.argv[1], "--timeout", "60"]))
+"""
+
+
+def test_a_replay_killed_whole_before_its_wandb_ack_leaves_each_row_in_wandb_once(
+    tmp_path: Path, mlflow_sqlite_uri: str
+) -> None:
+    """A replay (W&B's service with it) killed once W&B's file had a batch and before
+    the queue's ack of it; then a second replay. That one used to log the batch again
+    (W&B keeps both); it now skips the rows the run's earlier file ends with. The kill
+    is injected at the ack (the only fake)."""
+    run_dir = tmp_path / "run"
+    steps = range(30)
+    dumps: list[Dump] = [{"step": step, "scalars": {"loss": float(step)}} for step in steps]
+    trainer = Trainer(
+        Plan(run_dir, mlflow_sqlite_uri, f"wandb-ack-{uuid.uuid4().hex}", dumps, warm=True),
+        tmp_path / "trainer",
+    )
+    left = trainer.die_undelivered(len(steps))  # warm: the W&B run exists
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_THE_WANDB_ACK, str(left)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env=child_env(),
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
+    logged = wandb_steps(run_dir)
+    assert sorted(logged) == list(steps), duplicates(logged)

@@ -479,18 +479,7 @@ def test_a_dead_jobs_rows_replayed_after_the_restart_stay_hidden_behind_its_rest
         Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(FIRST, 1), warm=True, resume="auto"),
         tmp_path / "first",
     )
-    try:
-        first.wait_until_ready()
-        assert first.delivery is not None
-        first.delivery.suspend()  # SIGSTOP: nothing more is delivered
-        first.wait_for_dumps(len(FIRST))
-        first.delivery.kill()
-        first.signal(signal.SIGKILL)
-        first.finish()
-        first.wait_for_delivery_exit()
-    finally:
-        first.cleanup()
-    (left,) = (run_dir / "spool").iterdir()
+    left = first.die_undelivered(len(FIRST))
     _restart_and_close(Plan(run_dir, mlflow_sqlite_uri, experiment, _dumps(SECOND, 2)), tmp_path)
     assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
     assert not left.exists()

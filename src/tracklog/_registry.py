@@ -249,6 +249,7 @@ def _wandb(settings: Any, context: RemoteContext) -> OutputFormat:
         summaries=context.summaries,
         stats=(context.trainer_pid, context.system_metrics),
         late=context.again,
+        durable=True,  # a row is acked in the queue once the run's file has it
     )
 
 

@@ -284,12 +284,16 @@ class WandbLogTail:
     Each :meth:`read` returns the protobuf payloads completed since the previous one
     and remembers where it stopped: a record not written to its end yet (W&B writes
     the file in pieces) is returned by a later read, once it is whole.
+
+    ``start``: begin at the block holding this byte (the last records of a long file),
+    from the first record that begins there.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, start: int = 0) -> None:
         self.path = path
-        self._position = 0  # where the next unread chunk starts
+        self._position = start - start % _BLOCK  # where the next unread chunk starts
         self._pending = b""  # the first pieces of a record split across blocks
+        self._resync = self._position > 0  # skip the pieces of a record begun before
 
     def read(self) -> list[bytes]:
         with open(self.path, "rb") as file:
@@ -303,7 +307,7 @@ class WandbLogTail:
                 raise ValueError(f"{self.path}: not a W&B transaction log (header {data[:7]!r})")
             offset = 7
         records: list[bytes] = []
-        pending = self._pending  # kept only if the whole read succeeds
+        pending, resync = self._pending, self._resync  # kept only if the whole read succeeds
         while offset + 7 <= len(data):
             room = _BLOCK - (base + offset) % _BLOCK
             if room < 7:
@@ -323,6 +327,10 @@ class WandbLogTail:
                     break  # only zeros follow: the last record, not written to its end
                 raise ValueError(f"{self.path}: record at byte {base + offset} fails its checksum")
             offset += 7 + length
+            if resync:
+                if kind not in (_FULL, _FIRST):
+                    continue  # the rest of a record that began before ``start``
+                resync = False
             if kind == _FULL:
                 records.append(chunk)
             elif kind == _FIRST:
@@ -332,7 +340,7 @@ class WandbLogTail:
             elif kind == _LAST:
                 records.append(pending + chunk)
                 pending = b""
-        self._position, self._pending = base + offset, pending
+        self._position, self._pending, self._resync = base + offset, pending, resync
         return records
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
+import json
 import shutil
 import tempfile
 import threading
@@ -30,7 +33,7 @@ from tracklog.convert.wandb import (
     to_wandb,
     wandb_names,
 )
-from tracklog.outputs._base import OutputFormat
+from tracklog.outputs._base import OutputFormat, write_each
 from tracklog.readers import WandbLogTail
 from tracklog.settings import WandbOutput
 
@@ -46,10 +49,16 @@ if TYPE_CHECKING:
 __all__ = ["WandBOutputFormat"]
 
 #: Seconds between W&B's writes of a running run's ``.wandb`` file (its default, 15 s,
-#: left rows unreadable that long); a write costs W&B's service next to nothing.
-WRITE_INTERVAL = 0.1
+#: left rows unreadable that long). The delivery process acks a W&B batch once it is
+#: in the file, so this bounds W&B's rows per second (64 per wait): 0.1 s let it take
+#: some 630 rows/s, 0.02 s 770-1300 (1400 when rows were acked unwritten). An idle
+#: run's service uses 1.9% of a core at 0.02 s, 0.6% at 0.1 s (measured here).
+WRITE_INTERVAL = 0.02
 #: The longest ``flush()`` waits for W&B's service to write what it was given.
 FLUSH_TIMEOUT = 10.0
+#: How much of the end of the run's earlier files a continuing delivery reads for the
+#: rows they hold (the one it continues sent at most one unacked batch: 64 rows).
+_RECENT_BYTES = 4 << 20
 
 
 class WandBOutputFormat(OutputFormat):
@@ -74,6 +83,7 @@ class WandBOutputFormat(OutputFormat):
         summaries: Mapping[str, str] | None = None,
         stats: tuple[int | None, float | None] = (None, None),
         late: bool = False,
+        durable: bool = False,
     ) -> None:
         import wandb
         from wandb.sdk.lib import runid
@@ -81,6 +91,8 @@ class WandBOutputFormat(OutputFormat):
         self.settings = settings
         #: This delivery continues an earlier one's queue (see ``_model_version``).
         self._late = late
+        #: write_row/write_rows return once their rows are in the run's file (offline).
+        self._durable = durable and settings.mode == "offline"
         self._run_dir_setting = run_dir.absolute()
         self._names = wandb_names()
         self._exit_code = 0
@@ -132,6 +144,11 @@ class WandBOutputFormat(OutputFormat):
         self._written = 0  # history rows seen in the .wandb file (offline)
         self._exited = False  # the exit record is in the .wandb file (offline)
         self._tail: WandbLogTail | None = None  # what of that file was read so far
+        #: (global_step, _timestamp) of the rows at the end of the run's earlier files,
+        #: when this delivery continues a queue (see ``_delivered_before``).
+        self._before: set[tuple[int, float]] = (
+            self._delivered_before(directory) if late and self._durable else set()
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -139,6 +156,21 @@ class WandBOutputFormat(OutputFormat):
         return Path(self.run.dir).parent
 
     def write_row(self, row: Row) -> None:
+        self.write_rows([row])
+
+    def write_rows(self, rows: list[Row]) -> None:
+        """Log each row; ``durable`` (the delivery process): then wait until W&B's
+        service has written them to the ``.wandb`` file, so the queue's ack of a row
+        means the file has it. W&B's service holds a row up to ``WRITE_INTERVAL``
+        before it writes it; a job killed whole (trainer, delivery process and W&B's
+        service, as SLURM does) lost the rows acked meanwhile, 8-18 at 500 dumps/s."""
+        try:
+            write_each(rows, self._log_row)
+        finally:
+            if self._durable:
+                self.flush()
+
+    def _log_row(self, row: Row) -> None:
         history: dict[str, Any] = {}
         versions: list[tuple[Any, list[str]]] = []
         for key, value in row.values.items():
@@ -162,7 +194,7 @@ class WandBOutputFormat(OutputFormat):
                         versions.append(self._model_version(item, row.step))
                     case _:
                         assert_never(item)
-        if history:
+        if history and (row.step, row.timestamp) not in self._before:
             history[STEP_KEY] = row.step
             history["_timestamp"] = row.timestamp  # when dumped, not when delivered
             self.run.log(history)
@@ -171,6 +203,39 @@ class WandBOutputFormat(OutputFormat):
             staged.unlink()
         for artifact, aliases in versions:
             self.run.log_artifact(artifact, aliases=aliases)
+
+    def _delivered_before(self, directory: Path) -> set[tuple[int, float]]:
+        """The rows at the end of this run's earlier offline files, as (global_step,
+        _timestamp). A delivery killed after W&B's service wrote a batch but before
+        the queue's ack (up to 64 rows) left them there; the delivery that continues
+        the queue would log them again. Each dump has its own timestamp, so a row
+        logged again in a later session (a resume) is not taken for one of these."""
+        record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+        found: set[tuple[int, float]] = set()
+        for log in directory.glob(f"wandb/offline-run-*/run-{self.run.id}.wandb"):
+            if log.parent == self.run_dir:
+                continue  # this delivery's own file
+            try:
+                start = max(0, log.stat().st_size - _RECENT_BYTES)
+                payloads = WandbLogTail(log, start=start).read()
+            except (OSError, ValueError):  # unreadable: its rows may be logged again
+                continue
+            for payload in payloads:
+                record = record_class()
+                try:
+                    record.ParseFromString(payload)
+                except Exception:  # protobuf's DecodeError: not W&B's record
+                    continue
+                if record.WhichOneof("record_type") != "history":
+                    continue
+                items = {  # W&B's service writes a key as nested_key, of one part here
+                    item.key or ".".join(item.nested_key): item.value_json
+                    for item in record.history.item
+                }
+                with contextlib.suppress(KeyError, ValueError, TypeError):
+                    step, timestamp = json.loads(items[STEP_KEY]), json.loads(items["_timestamp"])
+                    found.add((int(step), float(timestamp)))
+        return found
 
     def _model_version(self, model: ModelArtifact, step: int) -> tuple[Any, list[str]]:
         """A kept checkpoint as a new version of the run's model artifact for its key,
@@ -221,7 +286,8 @@ class WandBOutputFormat(OutputFormat):
     def flush(self) -> None:
         """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
         reader right after ``logger.flush()`` sees it (W&B's service writes the file
-        every ``WRITE_INTERVAL`` seconds); at most ``FLUSH_TIMEOUT`` seconds."""
+        every ``WRITE_INTERVAL`` seconds); at most ``FLUSH_TIMEOUT`` seconds (then the
+        rows are left to W&B's service: an output never hangs delivery)."""
         if self.settings.mode != "offline":
             return
         deadline = time.monotonic() + FLUSH_TIMEOUT
@@ -238,8 +304,6 @@ class WandBOutputFormat(OutputFormat):
             if not log.exists():
                 return
             self._tail = WandbLogTail(log)
-        import importlib
-
         record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
         try:
             payloads = self._tail.read()
