@@ -713,7 +713,9 @@ def test_a_queue_replay_cannot_read_is_reported_by_name_without_a_traceback(
                     "request_timeout": 1,
                 },
             ],
-            "delivery": {**FAST, "close_timeout": 1, "deadline": 1},
+            # close() waits for the give-up, so the queue is not one a replacement of
+            # this process's delivery process (another test's) would go on with
+            "delivery": {**FAST, "close_timeout": 60, "deadline": 1},
         }
     )
     logger.record("loss", 1.0)
