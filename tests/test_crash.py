@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -550,3 +551,48 @@ def test_a_replay_killed_whole_before_its_wandb_ack_leaves_each_row_in_wandb_onc
     assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
     logged = wandb_steps(run_dir)
     assert sorted(logged) == list(steps), duplicates(logged)
+
+
+# W&B's service killed while the trainer and its delivery process live -----------------------
+def test_wandb_service_killed_under_a_live_run_is_restarted_and_loses_no_row(
+    tmp_path: Path,
+) -> None:
+    """The OOM killer takes W&B's service (`wandb-core`), a child of the delivery
+    process. Every later W&B row used to be skipped, one error each, as if the row
+    were bad. Now the output starts a new service, continues the same run in a new
+    offline folder, and sends the failed batch again: each row once."""
+    import tracklog
+    from tracklog._service import service
+
+    run_dir = tmp_path / "run"
+    logger = tracklog.build_logger(
+        {
+            "run_dir": str(run_dir),
+            "outputs": [{"type": "wandb", "project": "crash-tests", "mode": "offline"}],
+            "delivery": {"retry_initial": 0.1, "retry_max": 0.5},
+        }
+    )
+    try:
+        for step in range(20):
+            logger.record("loss", float(step))
+            logger.dump(step)
+        assert logger.flush(timeout=60)
+        pid = service().pid
+        assert pid is not None
+        (core,) = [
+            p for p in psutil.Process(pid).children(recursive=True) if p.name() == "wandb-core"
+        ]
+        core.kill()
+        deadline = time.monotonic() + 10
+        while alive(core):  # not our child: its parent reaps it
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for step in range(20, 40):
+            logger.record("loss", float(step))
+            logger.dump(step)
+        assert logger.flush(timeout=60)
+    finally:
+        logger.close()
+    logged = wandb_steps(run_dir)
+    assert sorted(logged) == list(range(40)), duplicates(logged)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2

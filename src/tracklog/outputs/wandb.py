@@ -33,7 +33,7 @@ from tracklog.convert.wandb import (
     to_wandb,
     wandb_names,
 )
-from tracklog.outputs._base import OutputFormat, write_each
+from tracklog.outputs._base import OutputFormat, PartlyWritten, write_each
 from tracklog.readers import WandbLogTail
 from tracklog.settings import WandbOutput
 
@@ -56,6 +56,10 @@ __all__ = ["WandBOutputFormat"]
 WRITE_INTERVAL = 0.02
 #: The longest ``flush()`` waits for W&B's service to write what it was given.
 FLUSH_TIMEOUT = 10.0
+#: W&B's service is one per process: restarted once for all of its W&B outputs when
+#: it died (each output knows the generation its run was started under).
+_service_lock = threading.Lock()
+_service_generation: int = 0
 #: How much of the end of the run's earlier files a continuing delivery reads for the
 #: rows they hold (the one it continues sent at most one unacked batch: 64 rows).
 _RECENT_BYTES = 4 << 20
@@ -118,7 +122,7 @@ class WandBOutputFormat(OutputFormat):
             silent=True,
             **options,
         )
-        self.run: Run = wandb.init(
+        self._init: dict[str, Any] = dict(
             project=settings.project,
             entity=settings.entity,
             group=settings.group,
@@ -134,12 +138,12 @@ class WandBOutputFormat(OutputFormat):
             settings=init_settings,
             reinit="create_new",  # several loggers (or runs) in one process
         )
+        self._summaries = dict(summaries or {})
+        self._directory = directory
+        self._generation: int = _service_generation
+        self._lost = False  # W&B's service died under this run (see _restart)
+        self.run: Run = self._start_run()
         self._artifact_names = ArtifactNames(self.run.id)
-        self.run.define_metric(STEP_KEY)
-        self.run.define_metric("*", step_metric=STEP_KEY)
-        for key, summary in (summaries or {}).items():
-            # The logger's declared summaries ("min,max"), for W&B's runs table.
-            self.run.define_metric(key, step_metric=STEP_KEY, summary=summary)
         self._logged = 0  # history rows handed to W&B
         self._written = 0  # history rows seen in the .wandb file (offline)
         self._exited = False  # the exit record is in the .wandb file (offline)
@@ -149,6 +153,51 @@ class WandBOutputFormat(OutputFormat):
         self._before: set[tuple[int, float]] = (
             self._delivered_before(directory) if late and self._durable else set()
         )
+
+    def _start_run(self) -> Run:
+        import wandb
+
+        run = wandb.init(**self._init)
+        run.define_metric(STEP_KEY)
+        run.define_metric("*", step_metric=STEP_KEY)
+        for key, summary in self._summaries.items():
+            # The logger's declared summaries ("min,max"), for W&B's runs table.
+            run.define_metric(key, step_metric=STEP_KEY, summary=summary)
+        return run
+
+    def _restart(self) -> None:
+        """W&B's service died (the OOM killer, a crash): a call on the run raised
+        ``ConnectionError``. Start a new service and continue the same run in a new
+        offline folder, skipping the rows the dead service had written (the batch
+        that failed is sent again, and only what its file lacks is logged)."""
+        import wandb
+
+        global _service_generation
+        with _service_lock:  # one new service for all of this process's W&B outputs
+            if _service_generation == self._generation:
+                with contextlib.suppress(Exception):  # its connection is broken
+                    wandb.teardown()
+                _service_generation += 1
+            self._generation = _service_generation
+        self._init["resume"] = "allow"
+        self.run = self._start_run()
+        self._lost = False
+        self._logged = self._written = 0
+        self._exited = False
+        self._tail = None
+        self._before = self._delivered_before(self._directory) if self._durable else set()
+
+    def is_transient(self, error: Exception) -> bool:
+        """W&B's service gone (``ConnectionError`` from its socket): the run is
+        continued with a new service, and the rows are sent again."""
+        return isinstance(error, ConnectionError)
+
+    def _lose(self, error: BaseException) -> None:
+        cause = error.error if isinstance(error, PartlyWritten) else error
+        if isinstance(cause, ConnectionError):
+            self._lost = True
+            # The whole batch again: rows taken before the failure may not be written.
+            raise cause from error
 
     @property
     def run_dir(self) -> Path:
@@ -164,10 +213,15 @@ class WandBOutputFormat(OutputFormat):
         means the file has it. W&B's service holds a row up to ``WRITE_INTERVAL``
         before it writes it; a job killed whole (trainer, delivery process and W&B's
         service, as SLURM does) lost the rows acked meanwhile, 8-18 at 500 dumps/s."""
+        if self._lost:
+            self._restart()
         try:
             write_each(rows, self._log_row)
+        except Exception as error:
+            self._lose(error)
+            raise
         finally:
-            if self._durable:
+            if self._durable and not self._lost:
                 self.flush()
 
     def _log_row(self, row: Row) -> None:
@@ -323,11 +377,17 @@ class WandBOutputFormat(OutputFormat):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        if self._lost:
+            self._restart()
         try:
             self._finish()
-        finally:
+        except Exception as error:
+            self._lose(error)  # retried: the run is finished by a new service
+            self._closed = True
             shutil.rmtree(self._staging, ignore_errors=True)
+            raise
+        self._closed = True
+        shutil.rmtree(self._staging, ignore_errors=True)
 
     def _finish(self) -> None:
         """``run.finish()``, but never waiting longer than ``finish_timeout`` seconds.
