@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -63,6 +62,7 @@ from tests.crashing import (
 from tests.rundirs import fresh_run_dir
 from tests.strategies import SCALAR_KEYS
 from tracklog import cli
+from tracklog.readers import read_wandb_offline
 
 # Seconds the delivery process may take to start the runs, deliver and exit after its
 # trainer died (it takes 2-10 s: it may still be importing MLflow and W&B).
@@ -554,45 +554,65 @@ def test_a_replay_killed_whole_before_its_wandb_ack_leaves_each_row_in_wandb_onc
 
 
 # W&B's service killed while the trainer and its delivery process live -----------------------
+SERVICE_KILLED_TRAINER = """
+import sys, time
+import psutil, wandb
+import tracklog
+from tracklog._service import service
+
+run_dir, elsewhere = sys.argv[1], sys.argv[2]
+# The training script's own W&B run, as many have: W&B then tells child processes
+# where its service is (WANDB_SERVICE).
+own = wandb.init(project="own", mode="offline", dir=elsewhere, reinit="create_new",
+                 settings=wandb.Settings(silent=True, console="off"))
+logger = tracklog.build_logger({
+    "run_dir": run_dir,
+    "outputs": [{"type": "wandb", "project": "crash-tests", "mode": "offline"}],
+    "delivery": {"retry_initial": 0.1, "retry_max": 0.5},
+})
+for step in range(20):
+    logger.record("loss", float(step))
+    logger.dump(step)
+assert logger.flush(timeout=60)
+children = psutil.Process(service().pid).children(recursive=True)
+(core,) = [child for child in children if child.name() == "wandb-core"]  # its own
+core.kill()  # the OOM killer's choice
+deadline = time.monotonic() + 10
+while core.is_running() and core.status() != psutil.STATUS_ZOMBIE:
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+for step in range(20, 40):
+    logger.record("loss", float(step))
+    logger.dump(step)
+logger.info("after the service died")
+assert logger.flush(timeout=60)
+logger.close()
+own.finish()
+"""
+
+
 def test_wandb_service_killed_under_a_live_run_is_restarted_and_loses_no_row(
     tmp_path: Path,
 ) -> None:
     """The OOM killer takes W&B's service (`wandb-core`), a child of the delivery
-    process. Every later W&B row used to be skipped, one error each, as if the row
-    were bad. Now the output starts a new service, continues the same run in a new
-    offline folder, and sends the failed batch again: each row once."""
-    import tracklog
-    from tracklog._service import service
+    process, while training goes on. Every later W&B row used to be skipped, one error
+    each, as if the row were bad. Now the output starts a new service, continues the
+    same run in a new offline folder, and sends the failed batch again: each row once.
 
+    The trainer runs a W&B run of its own, and the delivery process used to inherit
+    WANDB_SERVICE and send its rows through the trainer's service instead of its own."""
     run_dir = tmp_path / "run"
-    logger = tracklog.build_logger(
-        {
-            "run_dir": str(run_dir),
-            "outputs": [{"type": "wandb", "project": "crash-tests", "mode": "offline"}],
-            "delivery": {"retry_initial": 0.1, "retry_max": 0.5},
-        }
+    trainer = subprocess.run(
+        [sys.executable, "-c", SERVICE_KILLED_TRAINER, str(run_dir), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env=child_env(),
     )
-    try:
-        for step in range(20):
-            logger.record("loss", float(step))
-            logger.dump(step)
-        assert logger.flush(timeout=60)
-        pid = service().pid
-        assert pid is not None
-        (core,) = [
-            p for p in psutil.Process(pid).children(recursive=True) if p.name() == "wandb-core"
-        ]
-        core.kill()
-        deadline = time.monotonic() + 10
-        while alive(core):  # not our child: its parent reaps it
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        for step in range(20, 40):
-            logger.record("loss", float(step))
-            logger.dump(step)
-        assert logger.flush(timeout=60)
-    finally:
-        logger.close()
+    assert trainer.returncode == 0, trainer.stderr[-3000:]
     logged = wandb_steps(run_dir)
     assert sorted(logged) == list(range(40)), duplicates(logged)
-    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    assert any("after the service died" in read_wandb_offline(f).console for f in folders)

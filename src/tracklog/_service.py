@@ -176,6 +176,7 @@ class Service:
                 stderr=None,  # the trainer's stderr: what W&B or MLflow print themselves
                 start_new_session=True,  # Ctrl-C in the terminal is the trainer's to handle
                 close_fds=True,
+                env=_delivery_env(),
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -279,6 +280,16 @@ def service() -> Service:
         if _service is None or _service._pid != os.getpid():  # pyright: ignore[reportPrivateUsage]
             _service = Service()
         return _service
+
+
+#: Where W&B tells a process's children to find its service: a trainer that runs W&B
+#: itself (wandb.init in the training script) has it set. The delivery process owns its
+#: own service, or its rows would go through the trainer's, which dies with it.
+_WANDB_SERVICE: Final = "WANDB_SERVICE"
+
+
+def _delivery_env() -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if name != _WANDB_SERVICE}
 
 
 def forget_later(queue: Path) -> None:

@@ -334,8 +334,14 @@ class WandBOutputFormat(OutputFormat):
                 assert_never(media)
 
     def write_line(self, line: str) -> None:
-        # The hook wandb's own console capture feeds: the line lands in output.log.
-        self.run._console_raw_callback("stdout", line + "\n")  # pyright: ignore[reportPrivateUsage]  # no public API
+        if self._lost:
+            self._restart()
+        try:
+            # The hook wandb's own console capture feeds: the line lands in output.log.
+            self.run._console_raw_callback("stdout", line + "\n")  # pyright: ignore[reportPrivateUsage]  # no public API
+        except Exception as error:
+            self._lose(error)
+            raise
 
     def flush(self) -> None:
         """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
