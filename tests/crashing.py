@@ -62,6 +62,7 @@ __all__ = [
     "loop_values",
     "mlflow_stored",
     "read_back",
+    "run_script",
     "wandb_steps",
 ]
 
@@ -357,6 +358,21 @@ class Trainer:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
         self._stderr.close()
+
+
+def run_script(
+    script: str, *args: object, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (Python source) in a new interpreter with ``args``, as a child
+    with :func:`child_env`'s environment; its output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=child_env(),
+    )
 
 
 def alive(process: psutil.Process) -> bool:

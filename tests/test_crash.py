@@ -30,8 +30,6 @@ import random
 import shutil
 import signal
 import string
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -52,11 +50,11 @@ from tests.crashing import (
     Trainer,
     alive,
     as_float32,
-    child_env,
     duplicates,
     loop_values,
     mlflow_stored,
     read_back,
+    run_script,
     wandb_steps,
 )
 from tests.rundirs import fresh_run_dir
@@ -539,14 +537,7 @@ def test_a_replay_killed_whole_before_its_wandb_ack_leaves_each_row_in_wandb_onc
         tmp_path / "trainer",
     )
     left = trainer.die_undelivered(len(steps))  # warm: the W&B run exists
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_BEFORE_THE_WANDB_ACK, str(left)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env=child_env(),
-    )
+    killed = run_script(KILLED_BEFORE_THE_WANDB_ACK, left)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert cli.main(["replay", str(left), "--timeout", "120"]) == 0
     logged = wandb_steps(run_dir)
@@ -602,14 +593,7 @@ def test_wandb_service_killed_under_a_live_run_is_restarted_and_loses_no_row(
     The trainer runs a W&B run of its own, and the delivery process used to inherit
     WANDB_SERVICE and send its rows through the trainer's service instead of its own."""
     run_dir = tmp_path / "run"
-    trainer = subprocess.run(
-        [sys.executable, "-c", SERVICE_KILLED_TRAINER, str(run_dir), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env=child_env(),
-    )
+    trainer = run_script(SERVICE_KILLED_TRAINER, run_dir, tmp_path)
     assert trainer.returncode == 0, trainer.stderr[-3000:]
     logged = wandb_steps(run_dir)
     assert sorted(logged) == list(range(40)), duplicates(logged)

@@ -41,6 +41,7 @@ from mlflow.entities import Run
 import tracklog
 import tracklog._queue
 import tracklog._service
+from tests.crashing import run_script
 from tests.faultproxy import FaultProxy
 from tests.samples import random_pixels
 from tests.servers import MlflowServer
@@ -859,13 +860,7 @@ def test_a_replay_killed_right_after_it_delivered_the_close_leaves_the_run_finis
             logger.dump(step)
         logger.close()
         queue = queue_given_up(run_dir, "0-mlflow")
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_THE_CLOSE_IS_ACKED, str(queue)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    killed = run_script(KILLED_AFTER_THE_CLOSE_IS_ACKED, queue, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     client = MlflowClient(server.url)
     assert only_run(client, experiment).info.status == "FINISHED"

@@ -344,7 +344,6 @@ class Delivery:
 
         try:
             if not self._store(worker, resume):
-                self._give_up(worker)
                 return
             if ended:
                 # Ended by an earlier delivery (the queue stayed for another output):
@@ -389,7 +388,6 @@ class Delivery:
         if not self._store(
             worker, functools.partial(self.queue.set_state, target.consumer, {"built": "1"})
         ):
-            self._give_up(worker)
             return False
         context = RemoteContext(
             run_dir=self.run_dir,
@@ -450,7 +448,8 @@ class Delivery:
             self._write_system(worker)
             seen = self._arrivals
             gone = self._trainer_gone()  # before reading: rows written before it count
-            if gone and not self._ingest_all(worker):  # a record it left unfinished: dropped
+            # All the gone trainer left in the inbox (a record it left unfinished: dropped).
+            if gone and not self._store(worker, functools.partial(self.queue.ingest, final=True)):
                 return
             messages = self.queue.read(worker.cursor, _BATCH)
             self._report_problems()
@@ -471,48 +470,27 @@ class Delivery:
                     self.queue.ack, worker.consumer, worker.cursor, closed=worker.closed
                 )
                 if not self._store(worker, ack):
-                    self._give_up(worker)
                     return
 
-    def _ingest_all(self, worker: _Worker) -> bool:
-        """Move everything the gone trainer left in the inbox. An error (a full disk) is
-        retried like a backend's transient one, up to the deadline; then this output
-        gives up, and the inbox stays for ``tracklog replay``."""
+    def _store(self, worker: _Worker, call: Callable[[], object]) -> bool:
+        """Use the queue's own files: record progress (an ack, a state), read where an
+        earlier delivery left off, move the gone trainer's inbox. A full disk, a locked
+        database or an I/O error is retried like a backend's transient error, up to the
+        deadline: the output waits, then goes on where it was. Any other error, or the
+        deadline: said, and this output gives up (False); what it has not recorded as
+        delivered stays in the queue for ``tracklog replay``."""
         delay = self.settings.retry_initial
         while True:
             try:
-                self.queue.ingest(final=True)
-                return True
+                call()
             except (OSError, sqlite3.Error) as error:
-                if self._past_deadline():
+                if not storage_transient(error) or self._past_deadline():
                     self._give_up(worker)
-                    self._report(
-                        logging.ERROR,
-                        f"tracklog {worker.label}: cannot read the queue's inbox ({error}); "
-                        f"what it holds stays in {self.queue.directory} for:\n    "
-                        f"{replay_command(self.queue.directory)}",
-                    )
-                    return False
-                self._wait(delay)
-                delay = min(delay * 2, self.settings.retry_max)
-
-    def _store(self, worker: _Worker, write: Callable[[], None]) -> bool:
-        """Write (or first read) the queue's own progress: an ack, a state. A full disk
-        or an I/O error is retried like a backend's transient error, up to the deadline:
-        the output waits, then goes on where it was. False: given up (not written)."""
-        delay = self.settings.retry_initial
-        while True:
-            try:
-                write()
-            except (OSError, sqlite3.Error) as error:
-                if not storage_transient(error):
-                    raise
-                if self._past_deadline():
                     self._report(
                         logging.ERROR,
                         f"tracklog {worker.label}: cannot write to {self.queue.directory} "
-                        f"({error}) at the delivery deadline; what it has not recorded as "
-                        f"delivered stays there for:\n    {replay_command(self.queue.directory)}",
+                        f"({error}); what it has not recorded as delivered stays there "
+                        f"for:\n    {replay_command(self.queue.directory)}",
                     )
                     return False
                 with self._lock:
@@ -551,9 +529,9 @@ class Delivery:
         if self._deliver(worker, [Message(0, "close", "")]):
             worker.cursor = self.queue.last_seq()
             ended = functools.partial(self.queue.ack, worker.consumer, worker.cursor, closed=True)
-            if self._store(worker, ended):  # ended, at once
-                return
-        self._give_up(worker)
+            self._store(worker, ended)  # ended, at once
+        else:
+            self._give_up(worker)
 
     def _linger(self, worker: _Worker, messages: list[Message]) -> list[Message]:
         """Wait up to ``linger`` for more rows, so a backend gets one request for many."""

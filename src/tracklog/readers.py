@@ -34,6 +34,7 @@ __all__ = [
     "read_csv",
     "read_jsonl",
     "read_wandb_offline",
+    "wandb_history",
     "wandb_records",
 ]
 
@@ -362,6 +363,35 @@ def _decode_items(items: Sequence[_Item]) -> dict[str, object]:
     return values
 
 
+def _history_row(record: _Record, index: int) -> WandbRow:
+    values = _decode_items(record.history.item)
+    step = values.pop("_step", None)
+    global_step = values.get("global_step")
+    timestamp = values.pop("_timestamp", None)
+    values.pop("_runtime", None)
+    return WandbRow(
+        step=step if isinstance(step, int) else index,
+        global_step=global_step if isinstance(global_step, int) else None,
+        timestamp=float(timestamp) if isinstance(timestamp, int | float) else None,
+        values=values,
+    )
+
+
+def wandb_history(path: Path, *, start: int = 0) -> list[WandbRow]:
+    """The history rows of a ``.wandb`` file, from the first record that begins in the
+    block holding byte ``start`` (see :class:`WandbLogTail`)."""
+    import importlib
+
+    record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
+    rows: list[WandbRow] = []
+    for payload in WandbLogTail(path, start=start).read():
+        record: _Record = record_class()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(_history_row(record, len(rows)))
+    return rows
+
+
 def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
     """Read a W&B run back from its transaction log, as ``wandb sync`` would upload it.
 
@@ -385,19 +415,7 @@ def read_wandb_offline(path: str | os.PathLike[str]) -> WandbRun:
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            values = _decode_items(record.history.item)
-            step = values.pop("_step", None)
-            global_step = values.get("global_step")
-            timestamp = values.pop("_timestamp", None)
-            values.pop("_runtime", None)
-            rows.append(
-                WandbRow(
-                    step=step if isinstance(step, int) else len(rows),
-                    global_step=global_step if isinstance(global_step, int) else None,
-                    timestamp=float(timestamp) if isinstance(timestamp, int | float) else None,
-                    values=values,
-                )
-            )
+            rows.append(_history_row(record, len(rows)))
         elif kind == "run":
             run_id, project = record.run.run_id, record.run.project
             group, name, tags = (

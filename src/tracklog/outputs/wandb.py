@@ -5,14 +5,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import json
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
@@ -34,7 +33,7 @@ from tracklog.convert.wandb import (
     wandb_names,
 )
 from tracklog.outputs._base import OutputFormat, PartlyWritten, write_each
-from tracklog.readers import WandbLogTail
+from tracklog.readers import WandbLogTail, wandb_history
 from tracklog.settings import WandbOutput
 
 if TYPE_CHECKING:
@@ -192,12 +191,21 @@ class WandBOutputFormat(OutputFormat):
         continued with a new service, and the rows are sent again."""
         return isinstance(error, ConnectionError)
 
-    def _lose(self, error: BaseException) -> None:
-        cause = error.error if isinstance(error, PartlyWritten) else error
-        if isinstance(cause, ConnectionError):
-            self._lost = True
-            # The whole batch again: rows taken before the failure may not be written.
-            raise cause from error
+    @contextlib.contextmanager
+    def _service(self) -> Generator[None]:
+        """A call on W&B's service: restart it first if it died under an earlier call;
+        if it dies in this one, raise the ``ConnectionError`` (transient) for the whole
+        call, even when rows went before it: they may never have been written."""
+        if self._lost:
+            self._restart()
+        try:
+            yield
+        except Exception as error:
+            cause = error.error if isinstance(error, PartlyWritten) else error
+            if isinstance(cause, ConnectionError):
+                self._lost = True
+                raise cause from error
+            raise
 
     @property
     def run_dir(self) -> Path:
@@ -213,13 +221,9 @@ class WandBOutputFormat(OutputFormat):
         means the file has it. W&B's service holds a row up to ``WRITE_INTERVAL``
         before it writes it; a job killed whole (trainer, delivery process and W&B's
         service, as SLURM does) lost the rows acked meanwhile, 8-18 at 500 dumps/s."""
-        if self._lost:
-            self._restart()
         try:
-            write_each(rows, self._log_row)
-        except Exception as error:
-            self._lose(error)
-            raise
+            with self._service():
+                write_each(rows, self._log_row)
         finally:
             if self._durable and not self._lost:
                 self.flush()
@@ -264,31 +268,19 @@ class WandBOutputFormat(OutputFormat):
         the queue's ack (up to 64 rows) left them there; the delivery that continues
         the queue would log them again. Each dump has its own timestamp, so a row
         logged again in a later session (a resume) is not taken for one of these."""
-        record_class = importlib.import_module("wandb.proto.wandb_internal_pb2").Record
         found: set[tuple[int, float]] = set()
         for log in directory.glob(f"wandb/offline-run-*/run-{self.run.id}.wandb"):
             if log.parent == self.run_dir:
                 continue  # this delivery's own file
             try:
-                start = max(0, log.stat().st_size - _RECENT_BYTES)
-                payloads = WandbLogTail(log, start=start).read()
-            except (OSError, ValueError):  # unreadable: its rows may be logged again
+                rows = wandb_history(log, start=max(0, log.stat().st_size - _RECENT_BYTES))
+            except Exception:  # unreadable (OSError, a damaged record): logged again
                 continue
-            for payload in payloads:
-                record = record_class()
-                try:
-                    record.ParseFromString(payload)
-                except Exception:  # protobuf's DecodeError: not W&B's record
-                    continue
-                if record.WhichOneof("record_type") != "history":
-                    continue
-                items = {  # W&B's service writes a key as nested_key, of one part here
-                    item.key or ".".join(item.nested_key): item.value_json
-                    for item in record.history.item
-                }
-                with contextlib.suppress(KeyError, ValueError, TypeError):
-                    step, timestamp = json.loads(items[STEP_KEY]), json.loads(items["_timestamp"])
-                    found.add((int(step), float(timestamp)))
+            found.update(
+                (row.global_step, row.timestamp)
+                for row in rows
+                if row.global_step is not None and row.timestamp is not None
+            )
         return found
 
     def _model_version(self, model: ModelArtifact, step: int) -> tuple[Any, list[str]]:
@@ -334,14 +326,9 @@ class WandBOutputFormat(OutputFormat):
                 assert_never(media)
 
     def write_line(self, line: str) -> None:
-        if self._lost:
-            self._restart()
-        try:
+        with self._service():
             # The hook wandb's own console capture feeds: the line lands in output.log.
             self.run._console_raw_callback("stdout", line + "\n")  # pyright: ignore[reportPrivateUsage]  # no public API
-        except Exception as error:
-            self._lose(error)
-            raise
 
     def flush(self) -> None:
         """Offline, wait until every row logged so far is in the ``.wandb`` file, so a
@@ -383,17 +370,13 @@ class WandBOutputFormat(OutputFormat):
     def close(self) -> None:
         if self._closed:
             return
-        if self._lost:
-            self._restart()
         try:
-            self._finish()
-        except Exception as error:
-            self._lose(error)  # retried: the run is finished by a new service
-            self._closed = True
-            shutil.rmtree(self._staging, ignore_errors=True)
-            raise
-        self._closed = True
-        shutil.rmtree(self._staging, ignore_errors=True)
+            with self._service():
+                self._finish()
+        finally:
+            if not self._lost:  # else retried: a new service finishes the run
+                self._closed = True
+                shutil.rmtree(self._staging, ignore_errors=True)
 
     def _finish(self) -> None:
         """``run.finish()``, but never waiting longer than ``finish_timeout`` seconds.
